@@ -1,0 +1,5 @@
+import sys
+
+from sourcelm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,426 @@
+"""One typed config tree for the whole project.
+
+A run is described by a `Config`: a model section whose field names are exactly those of Hugging
+Face's `DeepseekV3Config` (so `config.json` round-trips without a mapping table), and sections for
+data, optimisation, schedule, load balancing, checkpointing, logging and parallelism.
+
+Configs come from a preset name or a TOML file, are amended with `section.key=value` overrides, and
+are validated at load time: every error names the field and says how to fix it. The resolved config
+is saved as JSON next to everything the run produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the field and the fix."""
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    # Field names and meanings follow transformers' DeepseekV3Config.
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    intermediate_size: int = 768  # dense-layer FFN width
+    moe_intermediate_size: int = 128  # one routed expert's width; shared = this * n_shared_experts
+    num_hidden_layers: int = 4  # main layers; the MTP layers are not counted
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4  # MLA: always equal to num_attention_heads
+    q_lora_rank: int | None = 96  # None: a plain q_proj, no query compression
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 4
+    n_group: int = 4
+    topk_group: int = 2
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 1
+    num_nextn_predict_layers: int = 1  # MTP depth D
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "yarn", "factor": ..., ...} or None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    initializer_range: float = 0.006  # the report's init std (HF's default 0.02 is not what V3 used)
+    # --- sourcelm-only fields (not written to config.json) ---
+    balance_loss_alpha: float = 1e-4  # α of the sequence-wise balance loss (report §2.1.2)
+    mtp_loss_weight: float = 0.3  # λ; the trainer overrides it on its schedule
+    attn_impl: str = "sdpa"  # "sdpa" (fast path) or "eager" (reference)
+    moe_impl: str = "grouped"  # "grouped" (sorted tokens + grouped matmul) or "loop" (reference)
+
+    # Fields HF's DeepseekV3Config does not have; kept out of config.json.
+    LOCAL_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "balance_loss_alpha", "mtp_loss_weight", "attn_impl", "moe_impl",
+    )
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer index counts main layers then MTP layers; only the first k main layers are dense."""
+        return layer >= self.first_k_dense_replace
+
+    def validate(self, prefix: str = "model") -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+            "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
+            "topk_group", "max_position_embeddings",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name} = {getattr(self, name)} must be positive; set it to a value > 0")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"{prefix}.q_lora_rank = {self.q_lora_rank}: use a positive rank, or omit it for a plain q_proj")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} = {getattr(self, name)} must be >= 0")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"{prefix}.qk_rope_head_dim = {self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ConfigError(
+                f"{prefix}.num_key_value_heads = {self.num_key_value_heads}: MLA has one key/value per head; "
+                f"set it to num_attention_heads = {self.num_attention_heads}")
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(
+                f"{prefix}.n_routed_experts = {self.n_routed_experts} is not divisible by {prefix}.n_group = "
+                f"{self.n_group}; choose n_group among {_divisors(self.n_routed_experts)}")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"{prefix}.topk_group = {self.topk_group} > {prefix}.n_group = {self.n_group}; "
+                              f"keep at most n_group groups")
+        per_group = self.n_routed_experts // self.n_group
+        if self.topk_group * per_group < self.num_experts_per_tok:
+            raise ConfigError(
+                f"{prefix}.num_experts_per_tok = {self.num_experts_per_tok} exceeds the {self.topk_group * per_group} "
+                f"experts in the {self.topk_group} kept groups; raise {prefix}.topk_group or lower num_experts_per_tok")
+        if self.num_experts_per_tok % self.topk_group:
+            raise ConfigError(
+                f"{prefix}.num_experts_per_tok = {self.num_experts_per_tok} must be divisible by {prefix}.topk_group = "
+                f"{self.topk_group}: a group's score sums its top num_experts_per_tok/topk_group experts")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ConfigError(f"{prefix}.first_k_dense_replace = {self.first_k_dense_replace} exceeds "
+                              f"num_hidden_layers = {self.num_hidden_layers}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"{prefix}.hidden_act = {self.hidden_act!r}: DeepSeek-V3 uses SwiGLU; set it to 'silu'")
+        if self.attention_bias:
+            raise ConfigError(f"{prefix}.attention_bias = true is not part of DeepSeek-V3; set it to false")
+        if self.tie_word_embeddings:
+            raise ConfigError(f"{prefix}.tie_word_embeddings = true: DeepSeek-V3 keeps embedding and head separate; set false")
+        _choice(prefix, "attn_impl", self.attn_impl, ("sdpa", "eager"))
+        _choice(prefix, "moe_impl", self.moe_impl, ("grouped", "loop"))
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ("yarn", "default", None):
+                raise ConfigError(f"{prefix}.rope_scaling.type = {kind!r}: only 'yarn' is supported (or omit rope_scaling)")
+            if kind == "yarn":
+                for key in ("factor", "original_max_position_embeddings"):
+                    if key not in self.rope_scaling:
+                        raise ConfigError(f"{prefix}.rope_scaling needs '{key}' for YaRN")
+
+    # ---- HF config.json ----
+    def to_hf_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.LOCAL_FIELDS}
+        d.update(
+            architectures=["DeepseekV3ForCausalLM"],
+            model_type="deepseek_v3",
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            moe_layer_freq=1,
+            ep_size=1,
+            head_dim=self.qk_rope_head_dim,
+            rope_interleave=True,
+            torch_dtype="float32",
+        )
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Reads an HF config.json dict (transformers 4 `rope_theta`/`rope_scaling` or 5 `rope_parameters`)."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(cls.LOCAL_FIELDS)
+        kw = {k: v for k, v in d.items() if k in names}
+        rope = d.get("rope_parameters")
+        if rope:  # transformers 5 folds theta and scaling into one dict
+            rope = dict(rope)
+            kw["rope_theta"] = float(rope.pop("rope_theta", kw.get("rope_theta", 10000.0)))
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                rope.pop("rope_type", None)
+                kw["rope_scaling"] = {"type": kind, **rope}
+            else:
+                kw["rope_scaling"] = None
+        elif kw.get("rope_scaling"):
+            rs = dict(kw["rope_scaling"])
+            kind = rs.pop("rope_type", rs.pop("type", "default"))
+            kw["rope_scaling"] = None if kind == "default" else {"type": kind, **rs}
+        if kw.get("num_key_value_heads") is None:
+            kw["num_key_value_heads"] = kw.get("num_attention_heads", cls.num_attention_heads)
+        for key in ("bos_token_id", "eos_token_id"):
+            if kw.get(key) is None:
+                kw.pop(key, None)
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+
+# ------------------------------------------------------------------------------------ training tree
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # token shard prefixes or dirs with a manifest
+    valid: list[str] = field(default_factory=list)
+    seq_len: int = 256
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.2e-4
+    min_lr: float = 2.2e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 100  # optimizer steps
+    global_batch: int = 8  # sequences per optimizer step
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    warmup_steps: int = 10
+    decay_start: float = 0.6  # fraction of the run at which cosine decay begins
+    decay_end: float = 0.9  # fraction at which it ends; then a constant tail at min_lr
+    batch_ramp_steps: int = 0  # 0: no ramp; else ramp global_batch from ramp_start_batch
+    ramp_start_batch: int = 0
+    mtp_weight: float = 0.3
+    mtp_weight_late: float = 0.1
+    mtp_switch: float = 0.7  # fraction of the run after which λ drops (10T / 14.8T in the report)
+    bias_update_speed: float = 1e-3  # γ
+    bias_freeze: float = 0.97  # fraction after which γ = 0 (14.3T / 14.8T in the report)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    keep: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    valid_every: int = 50
+    valid_batches: int = 4
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (master weights are always fp32)
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    compile: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # expert-parallel degree
+    ranks_per_node: int = 0  # 0: the real node size from the launcher
+    dispatcher: str = "two_hop"  # "flat" or "two_hop"
+    zero1: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        s = self.schedule
+        for name in ("steps", "global_batch", "micro_batch"):
+            if getattr(s, name) <= 0:
+                raise ConfigError(f"schedule.{name} = {getattr(s, name)} must be positive")
+        if s.global_batch % s.micro_batch:
+            raise ConfigError(f"schedule.global_batch = {s.global_batch} is not a multiple of schedule.micro_batch = "
+                              f"{s.micro_batch}; choose micro_batch among {_divisors(s.global_batch)}")
+        if not 0 <= s.decay_start <= s.decay_end <= 1:
+            raise ConfigError("schedule.decay_start and decay_end must satisfy 0 <= decay_start <= decay_end <= 1")
+        if self.data.seq_len <= 0 or self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(f"data.seq_len = {self.data.seq_len} must be in 1..model.max_position_embeddings "
+                              f"({self.model.max_position_embeddings})")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas = {self.optim.betas}: give two values in [0, 1), e.g. [0.9, 0.95]")
+        _choice("train", "dtype", self.train.dtype, ("float32", "bfloat16"))
+        _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
+        if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:
+            raise ConfigError(f"parallel.ep = {self.parallel.ep} must divide model.n_routed_experts = "
+                              f"{self.model.n_routed_experts}; choose among {_divisors(self.model.n_routed_experts)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------ load / merge
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _choice(section: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name} = {value!r}: choose one of {', '.join(map(repr, allowed))}")
+
+
+def _check_type(path: str, value: Any, hint: Any) -> Any:
+    """Returns `value` converted to the annotated type, or raises a ConfigError naming `path`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(path, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path} = {value!r} has the wrong type; expected {hint}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} = {value!r} must be a list")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} = {value!r} must be a table")
+        return value
+    if hint is Any:
+        return value
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path} = {value!r} has type {type(value).__name__}; expected {hint.__name__}")
+    return value
+
+
+def _apply(obj: Any, data: dict, path: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{where}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}' is a section; write it as a [{where}] table")
+            _apply(current, value, where)
+        else:
+            setattr(obj, key, _check_type(where, value, hints[key]))
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value in TOML syntax (`3`, `1e-4`, `true`, `[1, 2]`, `"s"`); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(value.strip())
+    return tree
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Builds a validated Config from a preset name, a TOML path or a dict, then applies overrides."""
+    cfg = Config()
+    if isinstance(source, dict):
+        _apply(cfg, source, "")
+    elif source is not None:
+        path = Path(source)
+        if not path.exists():
+            preset = PRESET_DIR / f"{source}.toml"
+            if not preset.exists():
+                raise ConfigError(f"no config file or preset named {str(source)!r}; presets: {', '.join(preset_names())}")
+            path = preset
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        _apply(cfg, data, "")
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of Config.to_dict (used when a checkpoint's saved config is reloaded)."""
+    return load_config(d)
+
+
+def load_model_config(source: str | Path | dict, overrides: list[str] | None = None) -> ModelConfig:
+    """A model config from a preset/TOML (its [model] section) or from an HF config.json path or dict."""
+    if isinstance(source, dict):
+        return ModelConfig.from_hf_dict(source)
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").exists():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.exists():
+        return ModelConfig.from_hf_dict(json.loads(path.read_text()))
+    return load_config(source, overrides).model
