@@ -1,0 +1,1 @@
+"""Data curation: readers, HTML extraction, filters, dedup, PII, the pipeline and its executors."""
