@@ -212,6 +212,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     steps: int = 100  # optimizer steps
+    unit: str = "steps"  # positions below are fractions of the run in "steps" or "tokens"
     global_batch: int = 8  # sequences per optimizer step
     micro_batch: int = 8  # sequences per forward/backward on one rank
     warmup_steps: int = 10
@@ -284,6 +285,11 @@ class Config:
                               f"({self.model.max_position_embeddings})")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas = {self.optim.betas}: give two values in [0, 1), e.g. [0.9, 0.95]")
+        _choice("schedule", "unit", s.unit, ("steps", "tokens"))
+        if s.warmup_steps < 0 or s.warmup_steps > s.steps:
+            raise ConfigError(f"schedule.warmup_steps = {s.warmup_steps} must be in 0..schedule.steps ({s.steps})")
+        if s.batch_ramp_steps and not 0 < s.ramp_start_batch <= s.global_batch:
+            raise ConfigError("schedule.ramp_start_batch must be in 1..global_batch when batch_ramp_steps > 0")
         _choice("train", "dtype", self.train.dtype, ("float32", "bfloat16"))
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
         if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:
