@@ -1,0 +1,1 @@
+"""Tokenizer training, the token shard format and the deterministic loader the trainer reads."""
