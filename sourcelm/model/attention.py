@@ -1,0 +1,85 @@
+"""Multi-head Latent Attention (report §2.1.1, eq. 1-11), the training (non-absorbed) form.
+
+Keys and values come from a compressed latent c^KV (kv_lora_rank) normalised by `kv_a_layernorm`,
+expanded per head by `kv_b_proj` (per head: qk_nope_head_dim key rows, then v_head_dim value rows).
+The positional part of the key, k^R (qk_rope_head_dim), is computed once from h and shared by all
+heads. Queries come from a compressed latent c^Q (q_lora_rank) or, when `q_lora_rank` is None,
+from a plain `q_proj`; per head qk_nope_head_dim rows then qk_rope_head_dim rows.
+
+Module and parameter names are those of the HF checkpoint (`q_a_proj`, `kv_a_proj_with_mqa`, ...),
+so the state dict maps 1:1. The absorbed-weight form used with the compressed cache lives in
+`sourcelm.infer.mla_cache`; it reads these same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sourcelm.config import ModelConfig
+from sourcelm.model.norm_rope import RMSNorm, apply_rope, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.scale = softmax_scale(cfg)
+        self.impl = cfg.attn_impl
+        h = cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H] -> q [B, T, heads, qk_dim] (rope part not yet rotated)."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:-1], self.n_heads, self.qk_dim)
+
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (normalised c^KV [B, T, kv_lora_rank], unrotated k^R [B, T, rope_dim])."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), k_rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H]; cos/sin [T, rope_dim/2] for positions 0..T-1. Causal self-attention."""
+        b, t, _ = x.shape
+        q = self.queries(x).transpose(1, 2)  # [B, heads, T, qk]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
+
+        c_kv, k_rope = self.latents(x)
+        k_rope = apply_rope(k_rope, cos, sin)  # [B, T, rope], shared by all heads
+        kv = self.kv_b_proj(c_kv).view(b, t, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, None].expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
+
+        if self.impl == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = eager_causal_attention(q, k, v, self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
+
+
+def eager_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The plain reference: softmax(q k^T * scale + causal mask) v, softmax in fp32."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.float().softmax(-1).to(q.dtype), v)

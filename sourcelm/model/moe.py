@@ -1,0 +1,241 @@
+"""DeepSeekMoE: the sigmoid router with auxiliary-loss-free bias, dropless routed experts, shared experts,
+and the complementary sequence-wise balance loss (report §2.1.2, eq. 12-20).
+
+Routing (`Router.forward`, fp32 throughout):
+  s = sigmoid(x W^T); s' = s + b (b = `e_score_correction_bias`, a buffer: selection only, never a gradient)
+  group score = sum of the top (K / topk_group) values of s' in the group; keep `topk_group` groups and
+  mask the others to -inf; top-K experts on s'; weights = s at those experts, divided by their sum when
+  `norm_topk_prob`, times `routed_scaling_factor`.
+  Agreement with transformers: its router (5.x) also masks with -inf but always sums the top 2 per
+  group; K / topk_group = 2 for DeepSeek-V3 (8 / 4) and for the presets, so the two agree there.
+  Some HF-derived copies mask with 0.0 instead; that differs only when a kept expert's s' < 0,
+  impossible while s' = s + b with b >= 0.
+
+Routed experts (`RoutedExperts`) keep their weights as 3-D parameters w1/w3 [E, I, H] (gate/up) and
+w2 [E, H, I] (down). The fast path sorts the token copies by expert and runs `expert_ffn` on the
+contiguous groups: one `torch._grouped_mm` per projection where this torch build supports it for the
+device and dtype, else a loop over the non-empty experts on slices of the sorted buffer. The plain
+reference (`moe_impl = "loop"`) loops over experts on the unsorted tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sourcelm.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)); used for dense layers and shared experts."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.per_group_top = cfg.num_experts_per_tok // cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` must not round the bias: its updates (γ = 1e-3) are below bf16 resolution.
+        super()._apply(fn, recurse)
+        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (topk_idx [N, K] int64, topk_weights [N, K] fp32, scores s [N, E] fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.no_grad():  # selection is discrete: no gradient flows through it
+            biased = scores + self.e_score_correction_bias.float()
+            if self.n_group > 1:
+                grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+                group_scores = grouped.topk(self.per_group_top, dim=-1).values.sum(-1)
+                keep = group_scores.topk(self.topk_group, dim=-1).indices
+                group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+                biased = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, self.n_experts)
+            topk_idx = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return topk_idx, weights * self.scaling, scores
+
+
+# ------------------------------------------------------------------------------------- expert compute
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (the grouped-matmul backward
+    rejects expanded gradients such as the one `y.sum().backward()` produces)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward here, checked once per (device type, dtype)
+    on a small problem against the plain loop; the choice is logged."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = False
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(32, 16, generator=g).to(device, dtype).requires_grad_()
+                w = torch.randn(2, 16, 16, generator=g).to(device, dtype).requires_grad_()
+                offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
+                y = torch._grouped_mm(x, w, offs=offs)
+                ref = torch.cat([x[:16] @ w[0], x[16:] @ w[1]])
+                y.backward(torch.ones_like(y))
+                ok = bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2)) and w.grad is not None
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+        log.info("routed experts on %s/%s: %s", device.type, dtype,
+                 "torch._grouped_mm" if ok else "loop over non-empty experts (grouped_mm unsupported here)")
+    return _GROUPED_MM_OK[key]
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    """Rows of x [N, in] grouped by expert (counts [E]) times w[e]^T ([E, out, in]) -> [N, out]."""
+    if offs is not None:
+        return torch._grouped_mm(_ContiguousGrad.apply(x), w.transpose(-2, -1), offs=offs)
+    out = []
+    for e, (rows, n) in enumerate(zip(x.split(counts.tolist()), counts.tolist())):
+        if n:
+            out.append(rows @ w[e].t())
+    return torch.cat(out) if out else x.new_zeros(0, w.shape[1])
+
+
+def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+               w3: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of every row with its own expert: rows of x_sorted [N, H] are grouped by expert in order,
+    counts [E] (int) rows each (sum(counts) == N); w1/w3 [E, I, H], w2 [E, H, I]. Returns [N, H].
+
+    The expert-parallel layer calls this on the rows it received for its local experts."""
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_zeros(0, w2.shape[1]) + 0 * (w1.sum() + w2.sum() + w3.sum())  # keep the graph
+    offs = None
+    if grouped_mm_supported(x_sorted.device, x_sorted.dtype):
+        offs = counts.cumsum(0).to(torch.int32)
+    h = F.silu(_grouped_linear(x_sorted, w1, counts, offs)) * _grouped_linear(x_sorted, w3, counts, offs)
+    return _grouped_linear(h, w2, counts, offs)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts of width I. Replaceable from outside (expert parallelism) by any module with
+    the same `forward` signature."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, i, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.n_experts = e
+        self.impl = cfg.moe_impl
+        self.w1 = nn.Parameter(torch.empty(e, i, h))  # gate_proj of each expert
+        self.w3 = nn.Parameter(torch.empty(e, i, h))  # up_proj
+        self.w2 = nn.Parameter(torch.empty(e, h, i))  # down_proj
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                overlap: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, H], topk_idx [N, K] int64, topk_weights [N, K] -> sum_k w_k * expert_{idx_k}(x), plus
+        `overlap()` when given (a distributed version runs it while its all-to-all is in flight)."""
+        if self.impl == "loop":
+            out = self._forward_loop(x, topk_idx, topk_weights)
+        else:
+            out = self._forward_grouped(x, topk_idx, topk_weights)
+        return out + overlap() if overlap is not None else out
+
+    def _forward_grouped(self, x, topk_idx, topk_weights):
+        n, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)
+        order = flat.argsort(stable=True)  # token copies grouped by expert, in token order within an expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        y_sorted = expert_ffn(x[order // k], counts, self.w1, self.w2, self.w3)
+        # Un-sort with a permutation (deterministic, unlike an atomic scatter-add), then weight and sum over k.
+        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(n, k, -1)
+        return torch.bmm(topk_weights.to(x.dtype).unsqueeze(1), y).squeeze(1)
+
+    def _forward_loop(self, x, topk_idx, topk_weights):
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            token, slot = torch.where(topk_idx == e)
+            if token.numel() == 0:
+                continue
+            xe = x[token]
+            ye = F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
+            out = out.index_add(0, token, ye * topk_weights[token, slot, None].to(x.dtype))
+        return out
+
+
+def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, top_k: int,
+                          token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Report eq. 17-20 without α, averaged over sequences. scores [B, T, E] (unbiased sigmoid s),
+    topk_idx [B, T, K] (the actual selection); masked-out positions (padding) are left out of both
+    f_i and P_i and out of T."""
+    b, t, _ = scores.shape
+    if token_mask is None:
+        valid = scores.new_ones(b, t)
+    else:
+        valid = token_mask.to(scores.dtype)
+    n_valid = valid.sum(1).clamp_min(1)  # [B]
+    with torch.no_grad():
+        hits = torch.zeros(b, t, n_experts, dtype=scores.dtype, device=scores.device)
+        hits.scatter_(2, topk_idx, 1.0)
+        f = (hits * valid[..., None]).sum(1) * (n_experts / (top_k * n_valid[:, None]))  # [B, E]
+    s_norm = scores / scores.sum(-1, keepdim=True)
+    p = (s_norm * valid[..., None]).sum(1) / n_valid[:, None]  # [B, E]
+    return (f * p).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, balance_alpha: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (output [B, T, H], expert token counts int64 [E] over unmasked positions,
+        α-weighted sequence-wise balance loss (a 0-dim tensor; 0 when α = 0))."""
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        topk_idx, topk_weights, scores = self.gate(flat)
+        overlap = (lambda: self.shared_experts(flat)) if self.shared_experts is not None else None
+        out = self.experts(flat, topk_idx, topk_weights, overlap=overlap)
+        with torch.no_grad():
+            idx = topk_idx if token_mask is None else topk_idx[token_mask.reshape(-1).bool()]
+            counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)
+        if balance_alpha:
+            balance = balance_alpha * sequence_balance_loss(
+                scores.view(b, t, -1), topk_idx.view(b, t, -1), self.n_experts, self.top_k, token_mask)
+        else:
+            balance = scores.new_zeros(())
+        return out.view(b, t, h), counts, balance

@@ -1,0 +1,172 @@
+"""The DeepSeek-V3 model: pre-norm decoder blocks (MLA + dense FFN or MoE), the output head, and
+Multi-Token Prediction (report §2.2, eq. 21-25).
+
+State-dict names are those of HF's `DeepseekV3ForCausalLM` (`model.embed_tokens.weight`,
+`model.layers.{i}...`, `model.norm.weight`, `lm_head.weight`), except that routed experts are 3-D
+tensors (`...mlp.experts.w1|w2|w3`, sliced per expert on export) and MTP depth k lives under
+`mtp.{k-1}.` (exported as `model.layers.{num_hidden_layers + k - 1}.`).
+
+MTP conventions:
+* depth k at position i combines h^{k-1}_i with the embedding of the token at i + k, as
+  `eh_proj(cat([enorm(emb), hnorm(h)]))` (embedding first, the released checkpoint's order), runs one
+  full block over the T - k positions, and predicts `labels[i + k]` through `shared_head.norm` and the
+  main `lm_head`. The embedding and head are the main model's own modules (shared, one gradient).
+* h^0 is the main model's final-normed hidden state (what serving engines feed their MTP layer);
+  depth k > 1 gets the raw block output of depth k - 1.
+* L_MTP^k = sum of CE over the valid targets / (number of valid main targets), the report's 1/T;
+  `mtp_loss` is the mean over depths and `loss = main + λ·mtp_loss + balance`.
+* The balance loss is the sum over all MoE layers, the MTP blocks' included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sourcelm.config import ModelConfig
+from sourcelm.model.attention import MLA
+from sourcelm.model.moe import MLP, MoE
+from sourcelm.model.norm_rope import RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V], main head
+    loss: torch.Tensor | None = None  # main + λ·MTP + balance
+    main_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None  # int64 [num MoE layers incl. MTP, E]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, token_mask=None, balance_alpha=0.0):
+        """Returns (h, expert counts or None, balance loss or None)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        x = self.post_attention_layernorm(h)
+        if not self.is_moe:
+            return h + self.mlp(x), None, None
+        y, counts, balance = self.mlp(x, token_mask, balance_alpha)
+        return h + y, counts, balance
+
+
+class MTPLayer(DecoderLayer):
+    """One MTP depth: the projections that merge the next token's embedding into the hidden state,
+    a full decoder block (its own names sit at this level, as in the checkpoint) and a final norm."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def merge(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        n = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(cfg, n + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg)
+
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        """(qualified name, MoE module) of every MoE layer: main layers in order, then the MTP blocks."""
+        out = [(f"model.layers.{i}.mlp", layer.mlp) for i, layer in enumerate(self.model.layers) if layer.is_moe]
+        out += [(f"mtp.{k}.mlp", layer.mlp) for k, layer in enumerate(self.mtp) if layer.is_moe]
+        return out
+
+    def hidden_states(self, input_ids, token_mask=None, balance_alpha=0.0):
+        """Main stack: (final-normed hidden [B, T, H], list of counts, list of balance losses)."""
+        t = input_ids.shape[1]
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(torch.arange(t, device=input_ids.device), h.dtype)
+        counts, balances = [], []
+        for layer in self.model.layers:
+            h, c, b = layer(h, cos, sin, token_mask, balance_alpha)
+            if c is not None:
+                counts.append(c)
+                balances.append(b)
+        return self.model.norm(h), counts, balances
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None, mtp_weight: float | None = None,
+                balance_alpha: float | None = None) -> ModelOutput:
+        """input_ids [B, T]; labels [B, T] with labels[t] the target of position t (-100: ignored);
+        token_mask [B, T] bool (False = padding, left out of expert counts and the balance loss).
+        Without labels only the main stack runs (no MTP, its count rows are zero, no losses)."""
+        cfg = self.config
+        alpha = cfg.balance_loss_alpha if balance_alpha is None else balance_alpha
+        lam = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
+        if labels is None:
+            alpha = 0.0
+        h, counts, balances = self.hidden_states(input_ids, token_mask, alpha)
+        logits = self.lm_head(h)
+        n_mtp_moe = sum(layer.is_moe for layer in self.mtp)
+        if labels is None:
+            counts += [torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=h.device)] * n_mtp_moe
+            return ModelOutput(logits=logits, expert_counts=_stack(counts, cfg, h.device))
+
+        n_targets = (labels != -100).sum().clamp_min(1)
+        main_loss = _ce_sum(logits, labels) / n_targets
+        mtp_losses = []
+        t = input_ids.shape[1]
+        prev = h
+        for k, layer in enumerate(self.mtp, start=1):
+            if t <= k:  # nothing to predict this far ahead in such a short window
+                mtp_losses.append(main_loss.new_zeros(()))
+                if layer.is_moe:
+                    counts.append(torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=h.device))
+                continue
+            emb = self.model.embed_tokens(input_ids[:, k:])
+            x = layer.merge(emb, prev[:, : t - k])
+            cos, sin = self.rotary(torch.arange(t - k, device=h.device), x.dtype)
+            mask_k = token_mask[:, k:] if token_mask is not None else None
+            x, c, b = layer(x, cos, sin, mask_k, alpha)
+            if c is not None:
+                counts.append(c)
+                balances.append(b)
+            mtp_logits = self.lm_head(layer.shared_head.norm(x))
+            mtp_losses.append(_ce_sum(mtp_logits, labels[:, k:]) / n_targets)
+            prev = x
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else main_loss.new_zeros(())
+        balance = torch.stack(balances).sum() if balances else main_loss.new_zeros(())
+        loss = main_loss + lam * mtp_loss + balance
+        return ModelOutput(logits=logits, loss=loss, main_loss=main_loss, mtp_loss=mtp_loss,
+                           balance_loss=balance, expert_counts=_stack(counts, cfg, h.device))
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def _stack(counts: list[torch.Tensor], cfg: ModelConfig, device) -> torch.Tensor:
+    if not counts:
+        return torch.zeros(0, cfg.n_routed_experts, dtype=torch.long, device=device)
+    return torch.stack(counts)
