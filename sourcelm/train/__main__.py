@@ -1,0 +1,18 @@
+"""`python -m sourcelm.train CONFIG [overrides] --run-dir DIR`: one rank of a torchrun job."""
+
+import argparse
+import sys
+
+from sourcelm.train.entry import train_main
+
+parser = argparse.ArgumentParser(prog="python -m sourcelm.train")
+parser.add_argument("config")
+parser.add_argument("overrides", nargs="*")
+parser.add_argument("--run-dir", required=True)
+parser.add_argument("--no-resume", action="store_true")
+parser.add_argument("--resume-from")
+parser.add_argument("--stop-after", type=int)
+parser.add_argument("--ranks-per-node", type=int, default=0)
+args = parser.parse_args()
+sys.exit(train_main(args.config, args.overrides, args.run_dir, resume=not args.no_resume,
+                    resume_from=args.resume_from, stop_after=args.stop_after, ranks_per_node=args.ranks_per_node))

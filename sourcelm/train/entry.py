@@ -1,0 +1,58 @@
+"""The process entry point of a training run, for one process or one rank of many.
+
+`sourcelm train` calls it directly (one process) or through the local launcher (several);
+`torchrun ... -m sourcelm.train CONFIG ...` calls it once per rank on a cluster. Whether the
+process is one rank of many is read from the environment torchrun sets (WORLD_SIZE, RANK, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+
+
+def make_context(cfg, ranks_per_node: int = 0):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from sourcelm.parallel.context import DistributedContext
+
+        return DistributedContext(cfg, ranks_per_node=ranks_per_node)
+    from sourcelm.train.context import SingleProcess
+
+    return SingleProcess()
+
+
+def train_main(config: str, overrides: list[str], run_dir: str, resume: bool = True, resume_from: str | None = None,
+               stop_after: int | None = None, ranks_per_node: int = 0) -> int:
+    from sourcelm.config import load_config
+    from sourcelm.train.loop import TooManyBadSteps, Trainer
+
+    cfg = load_config(config, overrides)
+    ctx = make_context(cfg, ranks_per_node)
+    run = Path(run_dir)
+    setup_logging(run, ctx.rank)
+    trainer = Trainer(cfg, run, ctx)
+    if resume_from:
+        trainer.resume(Path(resume_from))
+    elif resume:
+        trainer.resume()
+    try:
+        trainer.fit(stop_after=stop_after)
+    except TooManyBadSteps as e:
+        logging.getLogger("sourcelm.train").error("%s", e)
+        return 3
+    if ctx.is_main and trainer.state.step == cfg.schedule.steps:
+        from sourcelm.train.plot import plot_run
+
+        plot_run(run)
+    return 0

@@ -1,0 +1,279 @@
+"""The training loop: token windows in, checkpoints and metrics out.
+
+One optimizer step, as the report trains:
+  1. the global batch (size from the ramp) is cut into micro-batches; each rank runs its slice of
+     each micro-batch forward and backward with loss = main + λ·MTP + α·balance, scaled by
+     1 / (micro-batches × data-parallel ranks);
+  2. gradients are summed over ranks (see `context.py`), the expert counts over the whole global
+     batch likewise;
+  3. a non-finite loss or gradient norm skips the step (counted, logged; after
+     `train.max_bad_steps` in a row the run checkpoints and stops);
+  4. gradients are clipped to global norm 1.0, AdamW steps with the scheduled LR, and the load
+     balancer moves the expert biases with the scheduled γ.
+Everything that determines the next step — weights, moments, step and sample counters, biases,
+RNG — is in the checkpoint, so a resumed run continues bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sourcelm.config import Config
+from sourcelm.train import checkpoint as ckpt
+from sourcelm.train.balancer import LoadBalancer
+from sourcelm.train.context import SingleProcess
+from sourcelm.train.metrics import MetricsLogger, device_peak_flops
+from sourcelm.train.optim import FlatAdamW
+from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
+                                     samples_before)
+
+log = logging.getLogger("sourcelm.train")
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    bad_in_row: int = 0
+    skipped_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, ctx=None, progress: bool | None = None):
+        from sourcelm.model import build_model
+        from sourcelm.model.flops import model_size
+        from sourcelm.tokens.loader import TokenWindows
+
+        self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx or SingleProcess()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.show_progress = cfg.logging.progress if progress is None else progress
+        torch.manual_seed(cfg.seed)
+        self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed))
+        named = list(self.model.named_parameters())
+        self.expert_params = [(n, p) for n, p in named if self.ctx.is_expert_param(n)]
+        self.dense_params = [(n, p) for n, p in named if not self.ctx.is_expert_param(n)]
+        o = cfg.optim
+        self.dense_opt = FlatAdamW(self.dense_params, o.betas, o.eps, o.weight_decay,
+                                   group=self.ctx.zero_group if cfg.parallel.zero1 else None)
+        self.expert_opt = FlatAdamW(self.expert_params, o.betas, o.eps, o.weight_decay)
+        self.balancer = LoadBalancer(self.model.moe_layers())
+        self.train_data = TokenWindows(cfg.data.train, cfg.data.seq_len, cfg.data.seed, split="train")
+        self.valid_data = (TokenWindows(cfg.data.valid, cfg.data.seq_len, cfg.data.seed, split="valid")
+                           if cfg.data.valid else None)
+        self.quantum = cfg.schedule.micro_batch * self.ctx.dp_world
+        if cfg.schedule.global_batch % self.quantum:
+            from sourcelm.config import ConfigError
+            raise ConfigError(
+                f"schedule.global_batch = {cfg.schedule.global_batch} must be a multiple of schedule.micro_batch × "
+                f"data-parallel ranks = {self.quantum}; change schedule.micro_batch or the number of processes")
+        self.total_tokens = samples_before(cfg.schedule.steps, cfg.schedule, self.quantum) * cfg.data.seq_len
+        self.dtype = getattr(torch, cfg.train.dtype)
+        size = model_size(cfg.model)
+        self.flops_per_token = size["flops_per_token"]
+        self.state = TrainState()
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=self.ctx.is_main)
+        self.peak_flops, self.peak_source = self._peak()
+        self.inputs = [Path(p) / "manifest.json" for p in cfg.data.train]
+
+    def _peak(self) -> tuple[float, str]:
+        """The device peak, probed once per run directory and recorded (a resumed run reuses it)."""
+        path = self.run_dir / "peak_flops.json"
+        if path.exists():
+            d = json.loads(path.read_text())
+            return d["peak_flops"], d["source"]
+        peak, source = device_peak_flops(torch.device("cpu"), self.dtype)
+        if self.ctx.is_main:
+            path.write_text(json.dumps({"peak_flops": peak, "source": source}) + "\n")
+        return peak, source
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path | None:
+        s = self.state
+        model_state = self.ctx.full_model_state(self.model)
+        optim_state = self.ctx.full_optimizer_state(self.dense_opt.state_dict(), self.expert_opt.state_dict())
+        if not self.ctx.is_main:
+            self.ctx.barrier()
+            return None
+        previous = ckpt.list_checkpoints(self.ckpt_root)
+        path = ckpt.save_checkpoint(
+            self.ckpt_root, s.step, model_state, optim_state,
+            state={
+                "step": s.step, "consumed_samples": s.consumed_samples, "consumed_tokens": s.consumed_tokens,
+                "bad_in_row": s.bad_in_row, "skipped_steps": s.skipped_steps, "optimizer_step": self.dense_opt.step_count,
+                "loader": self.train_data.state(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
+                "layout": self.ctx.description,
+            },
+            keep=self.cfg.checkpoint.keep,
+            manifest_inputs=self.inputs + ([previous[-1] / "manifest.json"] if previous else []))
+        log.info("checkpoint %s", path)
+        self.ctx.barrier()
+        return path
+
+    def resume(self, path: Path | None = None) -> bool:
+        path = path or ckpt.newest_valid_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        model_t, optim_t, st = ckpt.load_checkpoint(path)
+        self.ctx.load_model_state(self.model, model_t)
+        optim_t = self.ctx.local_optimizer_state(optim_t)
+        self.dense_opt.load_state_dict(optim_t, st["optimizer_step"])
+        self.expert_opt.load_state_dict(optim_t, st["optimizer_step"])
+        self.train_data.load_state(st["loader"])
+        ckpt.set_rng_state(st["rng"])
+        self.state = TrainState(st["step"], st["consumed_samples"], st["consumed_tokens"], st["bad_in_row"],
+                                st["skipped_steps"])
+        log.info("resumed from %s (step %d, written by %s)", path, st["step"], st.get("layout", "?"))
+        return True
+
+    # ------------------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cpu", dtype=self.dtype)
+
+    def train_step(self) -> dict:
+        cfg, s, ctx = self.cfg, self.state, self.ctx
+        gb = global_batch_size(s.step, cfg.schedule, self.quantum)
+        prog = Progress(s.step, s.consumed_tokens, self.total_tokens)
+        lr, lam = learning_rate(prog, cfg.schedule, cfg.optim), mtp_weight(prog, cfg.schedule)
+        gamma = bias_update_speed(prog, cfg.schedule)
+        n_micro = gb // self.quantum
+        scale = 1.0 / (n_micro * ctx.dp_world)
+        parts = torch.zeros(4, dtype=torch.float64)  # loss, main, mtp, balance (sums of rank means)
+        for m in range(n_micro):
+            start = s.consumed_samples + m * self.quantum
+            batch = self.train_data.batch(start, self.quantum, ctx.dp_rank, ctx.dp_world)
+            with self._autocast():
+                out = self.model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=lam)
+            (out.loss * scale).backward()
+            self.balancer.accumulate(out.expert_counts)
+            parts += torch.stack([out.loss.detach(), out.main_loss.detach(),
+                                  out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros(()),
+                                  out.balance_loss.detach() if out.balance_loss is not None else torch.zeros(())
+                                  ]).double() * scale
+        dense = [p for _, p in self.dense_params]
+        experts = [p for _, p in self.expert_params]
+        ctx.reduce_gradients(dense, experts)
+        counts = ctx.sum_tensor(self.balancer.take())
+        parts = ctx.sum_tensor(parts)
+        grad_norm = float((self.dense_opt.grad_sq_sum() + ctx.expert_sq_sum(self.expert_opt.grad_sq_sum())).sqrt())
+        record = {"step": s.step + 1, "lr": lr, "mtp_weight": lam, "bias_update_speed": gamma, "global_batch": gb,
+                  "loss": float(parts[0]), "main_loss": float(parts[1]), "mtp_loss": float(parts[2]),
+                  "balance_loss": float(parts[3]), "grad_norm": grad_norm}
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            self.model.zero_grad(set_to_none=True)
+            s.bad_in_row += 1
+            s.skipped_steps += 1
+            record["skipped"] = True
+            log.warning("step %d: non-finite loss %.4g / grad norm %.4g; step skipped (%d in a row)",
+                        s.step + 1, record["loss"], grad_norm, s.bad_in_row)
+            if s.bad_in_row >= cfg.train.max_bad_steps:
+                path = self.save()
+                raise TooManyBadSteps(
+                    f"{s.bad_in_row} non-finite steps in a row at step {s.step + 1}; stopped. Checkpoint {path} holds "
+                    f"the last good weights. Lower optim.lr, check the data, or raise train.max_bad_steps.")
+        else:
+            s.bad_in_row = 0
+            clip = min(1.0, cfg.optim.grad_clip / (grad_norm + 1e-6)) if cfg.optim.grad_clip > 0 else 1.0
+            self.dense_opt.step(lr, clip)
+            self.expert_opt.step(lr, clip)
+            self.model.zero_grad(set_to_none=True)
+            record.update(self.balancer.update(counts, gamma))
+            record["expert_load"] = counts.tolist()
+        s.step += 1
+        s.consumed_samples += gb
+        s.consumed_tokens += gb * cfg.data.seq_len
+        record["consumed_tokens"] = s.consumed_tokens
+        record.update(ctx.stats())
+        return record
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if self.valid_data is None:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for b in range(self.cfg.logging.valid_batches):
+            batch = self.valid_data.batch(b * self.quantum, self.quantum, self.ctx.dp_rank, self.ctx.dp_world)
+            with self._autocast():
+                out = self.model(batch[:, :-1], labels=batch[:, 1:])
+            total += torch.tensor([float(out.main_loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64)
+        self.model.train()
+        total = self.ctx.sum_tensor(total)
+        return float(total[0] / total[1])
+
+    # ------------------------------------------------------------------------------ the run
+    def fit(self, stop_after: int | None = None) -> TrainState:
+        """Trains to `schedule.steps` (or `stop_after` more steps), checkpointing on the way."""
+        cfg, s = self.cfg, self.state
+        if self.ctx.is_main:
+            (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
+            log.info("training %s on %s; peak %.3g FLOP/s (%s)", "DeepSeek-V3", self.ctx.description,
+                     self.peak_flops, self.peak_source)
+            self.metrics.log({"kind": "meta", "peak_flops": self.peak_flops, "peak_source": self.peak_source,
+                              "flops_per_token": self.flops_per_token, "layout": self.ctx.description})
+        end = cfg.schedule.steps if stop_after is None else min(cfg.schedule.steps, s.step + stop_after)
+        bar = _ProgressBar(end, s.step, enabled=self.show_progress and self.ctx.is_main)
+        with bar:
+            while s.step < end:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                dt = time.perf_counter() - t0
+                tokens = record["global_batch"] * cfg.data.seq_len
+                record.update(step_time=dt, tokens_per_s=tokens / dt, model_flops_per_s=tokens * self.flops_per_token / dt)
+                record["mfu"] = record["model_flops_per_s"] / self.peak_flops
+                if cfg.logging.valid_every and (s.step % cfg.logging.valid_every == 0 or s.step == cfg.schedule.steps):
+                    record["valid_loss"] = self.validate()
+                if s.step % cfg.logging.every == 0 or s.step == end:
+                    self.metrics.log(record)
+                bar.update(s.step, record)
+                if s.step % cfg.checkpoint.every == 0 or s.step == cfg.schedule.steps:
+                    self.save()
+        self.metrics.close()
+        return s
+
+
+class _ProgressBar:
+    """A rich progress bar with loss, tokens/s and ETA (or nothing when disabled)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn())
+            self.task = self.progress.add_task("train", total=total, completed=done, info="")
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.stop()
+
+    def update(self, step: int, record: dict) -> None:
+        if self.enabled:
+            info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, completed=step, info=info)

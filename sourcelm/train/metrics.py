@@ -1,0 +1,93 @@
+"""Per-step metrics: `metrics.jsonl`, TensorBoard events, and the peak FLOP/s behind MFU.
+
+MFU = achieved model FLOP/s ÷ peak FLOP/s of the device. Model FLOPs per token come from
+`sourcelm.model.flops` (6·N_active for the matmuls plus the attention term; the formula is in that
+module). The peak is a table entry for known GPUs (dense bf16 tensor-core figures from the vendors'
+data sheets) and, on CPUs, a figure measured once by a matmul probe and recorded in the run's
+metrics, so the MFU of a CPU run is relative to what this machine's BLAS actually reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# dense (no sparsity) BF16 tensor-core peaks, FLOP/s
+GPU_PEAK_BF16 = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "H20": 148e12,
+    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "B200": 2250e12, "GB200": 2500e12,
+}
+
+
+def measure_cpu_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on this CPU with torch's current thread count."""
+    gen = torch.Generator().manual_seed(0)  # a private generator: probing must not move the global RNG
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
+    torch.mm(a, b)  # warm-up (thread pool, BLAS kernels)
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.mm(a, b)
+        n += 1
+    return 2 * size**3 * n / elapsed
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"datasheet bf16 dense peak for {key}"
+        return float("nan"), f"unknown GPU {name!r}: no peak in the table"
+    return measure_cpu_peak(dtype), f"measured: {str(dtype).removeprefix('torch.')} matmul probe, {torch.get_num_threads()} threads"
+
+
+class MetricsLogger:
+    """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a declared dependency; keep going without it
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.writer is not None and "step" in record:
+            kind = record.get("kind", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                    for i, v in enumerate(value):
+                        self.writer.add_scalar(f"{kind}/{key}/{i}", v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash: the rest is still good
+            continue
+    return records
