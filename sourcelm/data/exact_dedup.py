@@ -20,8 +20,8 @@ import os
 import re
 import time
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import xxhash
