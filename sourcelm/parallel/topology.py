@@ -1,0 +1,221 @@
+"""Process topology: world = nodes x ranks_per_node, and the process groups built on it.
+
+Ranks are numbered node-major: rank r sits on node r // ranks_per_node at local index
+r % ranks_per_node (DeepEP's convention, report §3.1). On one machine `ranks_per_node` splits the
+local processes into pretend nodes, so the cross-node code paths run and are tested on a laptop.
+
+Groups (every rank builds every group, in the same order, as torch.distributed requires):
+  ep             `ep` contiguous ranks sharing the routed experts of a layer (expert parallel)
+  dp             all ranks: data parallel for the non-expert parameters (ZeRO-1 shards over it)
+  expert_replica ranks holding the same experts (same position in different EP groups); expert
+                 gradients are reduced over it
+  intra_node     the ranks of this node
+  inter_node     the ranks at this local index on every node
+  ep_intra       the ranks of this EP group on this node (the NVLink hop of two-hop dispatch)
+  ep_inter       the ranks of this EP group at this local index, one per node (the IB hop)
+
+Inside an EP group, position p (`ep_rank`) holds global experts [p * E_local, (p + 1) * E_local); the
+group's nodes are numbered 0..ep_nodes-1 and position p lies on EP node p // ep_local.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from sourcelm.config import ConfigError
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The pure arithmetic of a layout (no process groups), validated at construction."""
+
+    world: int
+    ranks_per_node: int
+    ep: int
+    n_routed_experts: int
+    n_group: int = 1  # router groups; mapped onto the nodes an EP group spans
+    topk_group: int = 1
+
+    def __post_init__(self):
+        validate_layout(self.world, self.ranks_per_node, self.ep, self.n_routed_experts, self.n_group)
+
+    @property
+    def nodes(self) -> int:
+        return self.world // self.ranks_per_node
+
+    @property
+    def ep_local(self) -> int:
+        """Ranks of one EP group on one node."""
+        return min(self.ep, self.ranks_per_node)
+
+    @property
+    def ep_nodes(self) -> int:
+        """Nodes one EP group spans."""
+        return self.ep // self.ep_local
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.n_routed_experts // self.ep
+
+    @property
+    def max_nodes_per_token(self) -> int:
+        """M of node-limited routing: the router keeps topk_group groups, each inside one node
+        (n_group = 1 means plain top-k: a token may reach every node)."""
+        return self.ep_nodes if self.n_group == 1 else min(self.topk_group, self.ep_nodes)
+
+    def ep_node_of_expert(self, expert):
+        """EP-node index (0..ep_nodes-1) of a global expert id (int or int tensor)."""
+        return (expert // self.experts_per_rank) // self.ep_local
+
+
+def validate_layout(world: int, ranks_per_node: int, ep: int, n_routed_experts: int, n_group: int = 1) -> None:
+    """Raises ConfigError naming the field and the fix when the layout cannot work."""
+    if world <= 0:
+        raise ConfigError(f"world size {world} must be positive")
+    if ranks_per_node <= 0 or world % ranks_per_node:
+        raise ConfigError(
+            f"parallel.ranks_per_node = {ranks_per_node} must divide the world size {world}; "
+            f"choose among {_divisors(world)} (or launch a multiple of it)")
+    if ep <= 0 or n_routed_experts % ep:
+        raise ConfigError(
+            f"parallel.ep = {ep} must divide model.n_routed_experts = {n_routed_experts}; "
+            f"choose among {_divisors(n_routed_experts)}")
+    if world % ep:
+        raise ConfigError(
+            f"parallel.ep = {ep} must divide the world size {world}; choose among "
+            f"{[d for d in _divisors(world) if n_routed_experts % d == 0]} or launch a multiple of {ep} processes")
+    if ep % ranks_per_node and ranks_per_node % ep:
+        raise ConfigError(
+            f"parallel.ep = {ep} and parallel.ranks_per_node = {ranks_per_node}: an EP group must fill whole "
+            f"nodes or fit inside one; make ep a multiple or a divisor of ranks_per_node")
+    ep_nodes = ep // min(ep, ranks_per_node)
+    if n_group > 1 and n_group % ep_nodes:  # n_group = 1: plain top-k, no node limit to keep
+        raise ConfigError(
+            f"model.n_group = {n_group} must be a multiple of the {ep_nodes} nodes an EP group spans "
+            f"(ep = {ep}, ranks_per_node = {ranks_per_node}) so that every router group lies inside one node "
+            f"and topk_group bounds the nodes per token; set model.n_group to a multiple of {ep_nodes} or "
+            f"change parallel.ep / parallel.ranks_per_node")
+
+
+def resolve_ranks_per_node(ranks_per_node: int, world: int) -> int:
+    """0 means the real node size, from the launcher's LOCAL_WORLD_SIZE (all ranks if it is unset)."""
+    if ranks_per_node:
+        return ranks_per_node
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def _new_groups(partition: list[list[int]], rank: int):
+    """Creates one group per block of `partition` (on every rank, same order); returns this rank's."""
+    mine = None
+    for ranks in partition:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = (group, ranks)
+    return mine
+
+
+@dataclass
+class Topology:
+    """This rank's place in the layout and its process groups. Build it with `build_topology`."""
+
+    layout: Layout
+    rank: int
+    groups: dict = field(default_factory=dict)  # kind -> ProcessGroup
+    members: dict = field(default_factory=dict)  # kind -> global ranks of this rank's group, in group order
+
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.layout.ranks_per_node
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.ranks_per_node
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % self.ranks_per_node
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
+    def ep_index(self) -> int:
+        """Which EP group this rank belongs to."""
+        return self.rank // self.ep
+
+    @property
+    def ep_rank(self) -> int:
+        """Position inside the EP group; it decides which experts this rank holds."""
+        return self.rank % self.ep
+
+    @property
+    def ep_node(self) -> int:
+        return self.ep_rank // self.layout.ep_local
+
+    @property
+    def ep_local_rank(self) -> int:
+        return self.ep_rank % self.layout.ep_local
+
+    @property
+    def local_experts(self) -> range:
+        e = self.layout.experts_per_rank
+        return range(self.ep_rank * e, (self.ep_rank + 1) * e)
+
+    def group(self, kind: str):
+        return self.groups[kind]
+
+    def describe(self) -> str:
+        lay = self.layout
+        return (f"rank {self.rank}/{lay.world}: node {self.node}/{lay.nodes} local {self.local_rank}; "
+                f"EP group {self.ep_index} position {self.ep_rank}/{lay.ep} (spans {lay.ep_nodes} node(s)), "
+                f"experts [{self.local_experts.start}, {self.local_experts.stop})")
+
+
+def partitions(layout: Layout) -> dict[str, list[list[int]]]:
+    """Every group kind as a partition of the ranks (pure; used by build_topology and its tests)."""
+    w, rpn, ep, el = layout.world, layout.ranks_per_node, layout.ep, layout.ep_local
+    ep_groups = [list(range(g * ep, (g + 1) * ep)) for g in range(w // ep)]
+    return {
+        "ep": ep_groups,
+        "dp": [list(range(w))],
+        "expert_replica": [list(range(p, w, ep)) for p in range(ep)],
+        "intra_node": [list(range(n * rpn, (n + 1) * rpn)) for n in range(layout.nodes)],
+        "inter_node": [list(range(i, w, rpn)) for i in range(rpn)],
+        "ep_intra": [g[j * el:(j + 1) * el] for g in ep_groups for j in range(layout.ep_nodes)],
+        "ep_inter": [g[i::el] for g in ep_groups for i in range(el)],
+    }
+
+
+def build_topology(ep: int, ranks_per_node: int, n_routed_experts: int, n_group: int = 1,
+                   topk_group: int = 1) -> Topology:
+    """Validates the layout for the current process group and creates every group on every rank.
+
+    Without an initialised process group (one process) it returns a world-of-one topology whose
+    groups are all None."""
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world, rank = 1, 0
+    layout = Layout(world, resolve_ranks_per_node(ranks_per_node, world), ep, n_routed_experts, n_group, topk_group)
+    topo = Topology(layout, rank)
+    for kind, parts in partitions(layout).items():
+        if world == 1:
+            topo.groups[kind], topo.members[kind] = None, [0]
+            continue
+        if kind == "dp":
+            topo.groups[kind], topo.members[kind] = dist.group.WORLD, list(range(world))
+            continue
+        topo.groups[kind], topo.members[kind] = _new_groups(parts, rank)
+    return topo
