@@ -7,36 +7,8 @@ import pytest
 
 from sourcelm.tokens.indexed import ShardReader, ShardWriter, dtype_for_vocab, find_shards
 
-# Megatron's DType enum values, restated independently of the code under test
-MEGATRON_CODES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f4", 8: "<u2"}
-
-
-def megatron_read(prefix):
-    """Minimal reader following Megatron's _IndexReader: header, lengths, pointers, doc index."""
-    with open(f"{prefix}.idx", "rb") as f:
-        data = f.read()
-    assert data[:9] == b"MMIDIDX\x00\x00"
-    (version,) = struct.unpack("<Q", data[9:17])
-    (code,) = struct.unpack("<B", data[17:18])
-    (seq_count,) = struct.unpack("<Q", data[18:26])
-    (doc_count,) = struct.unpack("<Q", data[26:34])
-    off = 34
-    lengths = np.frombuffer(data, "<i4", seq_count, off)
-    off += lengths.nbytes
-    pointers = np.frombuffer(data, "<i8", seq_count, off)
-    off += pointers.nbytes
-    doc_idx = np.frombuffer(data, "<i8", doc_count, off)
-    off += doc_idx.nbytes
-    assert off == len(data), "trailing bytes after the document index"
-    dtype = np.dtype(MEGATRON_CODES[code])
-    with open(f"{prefix}.bin", "rb") as f:
-        bin_bytes = f.read()
-    seqs = [np.frombuffer(bin_bytes, dtype, int(n), int(p)) for n, p in zip(lengths, pointers)]
-    return version, code, doc_idx, seqs
-
-
 @pytest.mark.parametrize("vocab,code", [(8192, 8), (65536, 8), (65537, 4), (200_000, 4)])
-def test_writer_matches_megatron_layout(tmp_path, vocab, code):
+def test_writer_matches_megatron_layout(tmp_path, vocab, code, megatron_read):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, vocab, size=n) for n in (5, 0, 1, 17, 3)]
     docs[0][0] = vocab - 1  # the largest id must survive the dtype
