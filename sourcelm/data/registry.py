@@ -1,0 +1,74 @@
+"""The step registry: the pipeline TOML's `type = "..."` → the step class.
+
+A `[[step]]` table's other keys are the class's constructor keyword arguments, except `name`,
+which renames the step (in drop reasons and statistics) so one type can appear twice.
+Dedup and decontamination classes live in their own modules and are imported when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from sourcelm.config import ConfigError
+from sourcelm.data.step import GlobalStep, Step
+
+# type → "module:Class"; imported on first use so a missing optional module only matters when used
+STEP_TYPES: dict[str, str] = {
+    "extract": "sourcelm.data.extract:Extract",
+    "url_filter": "sourcelm.data.url_filter:URLFilter",
+    "language": "sourcelm.data.langid:LanguageID",
+    "gopher_quality": "sourcelm.data.gopher:GopherQuality",
+    "gopher_repetition": "sourcelm.data.gopher:GopherRepetition",
+    "c4": "sourcelm.data.c4:C4Quality",
+    "fineweb": "sourcelm.data.c4:FineWebQuality",
+    "pii": "sourcelm.data.pii:PII",
+    "sample": "sourcelm.data.sampling:Sample",
+    "limit": "sourcelm.data.sampling:Limit",
+    "exact_dedup": "sourcelm.data.exact_dedup:ExactDedup",
+    "minhash_dedup": "sourcelm.data.minhash:MinhashDedup",
+    "decontaminate": "sourcelm.data.decontam:Decontaminate",
+}
+
+
+def step_class(type_name: str) -> type:
+    if type_name not in STEP_TYPES:
+        raise ConfigError(f"step type {type_name!r} is unknown: use one of {sorted(STEP_TYPES)}")
+    module, cls = STEP_TYPES[type_name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"step type {type_name!r} is not available in this installation ({e})") from e
+
+
+def build_step(spec: dict, index: int) -> Step | GlobalStep:
+    """Builds the step described by one `[[step]]` table (`index` is its position, for messages)."""
+    spec = dict(spec)
+    type_name = spec.pop("type", None)
+    if not isinstance(type_name, str):
+        raise ConfigError(f"step[{index}]: missing `type`; add type = one of {sorted(STEP_TYPES)}")
+    name = spec.pop("name", type_name)
+    cls = step_class(type_name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in spec if k not in params or k == "self"]
+    if unknown and not takes_any:
+        allowed = [k for k in params if k != "self" and params[k].kind is not inspect.Parameter.VAR_KEYWORD]
+        raise ConfigError(f"step[{index}] ({type_name}): unknown key(s) {unknown}; allowed: {allowed}")
+    try:
+        step = cls(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"step[{index}] ({type_name}): {e}") from e
+    step.name = name
+    if not hasattr(step, "counters"):
+        import collections
+
+        step.counters = collections.Counter()
+    if not (hasattr(step, "process") or is_global(step)):
+        raise ConfigError(f"step[{index}] ({type_name}): {cls.__name__} is neither a Step nor a GlobalStep")
+    return step
+
+
+def is_global(step) -> bool:
+    """GlobalSteps are told apart by their three phases (duck-typed, so a class need not inherit)."""
+    return isinstance(step, GlobalStep) or all(hasattr(step, m) for m in ("collect", "resolve", "decide"))
