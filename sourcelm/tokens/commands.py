@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,8 +42,12 @@ def run_tokenizer_train(args) -> int:
     from sourcelm.tokens.tokenizer import train_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = train_tokenizer(args.input, args.vocab_size, args.output, heldout_fraction=args.heldout_fraction,
-                             min_frequency=args.min_frequency, show_progress=not args.no_progress)
+    try:
+        report = train_tokenizer(args.input, args.vocab_size, args.output, heldout_fraction=args.heldout_fraction,
+                                 min_frequency=args.min_frequency, show_progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     console = Console()
     console.print(f"vocabulary: {report['vocab_size']} (asked {report['requested_vocab_size']}); "
                   f"held-out documents: {report['heldout_documents']}, bytes/token {report['bytes_per_token']}, "
@@ -64,8 +69,12 @@ def run_tokenize(args) -> int:
     from sourcelm.tokens.tokenize import tokenize
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = tokenize(args.input, args.tokenizer, args.output, workers=args.workers, executor=args.executor,
-                       valid_fraction=args.valid_fraction, batch_size=args.batch_size,
-                       ray_address=args.ray_address, show_progress=not args.no_progress)
+    try:
+        summary = tokenize(args.input, args.tokenizer, args.output, workers=args.workers, executor=args.executor,
+                           valid_fraction=args.valid_fraction, batch_size=args.batch_size,
+                           ray_address=args.ray_address, show_progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0

@@ -116,6 +116,11 @@ def _resolve(path: str, split: str) -> list[str]:
     p = Path(path)
     if p.is_dir() and not any(p.glob("*.idx")) and (p / split).is_dir():
         p = p / split
+    manifest = p / "manifest.json"
+    if p.is_dir() and manifest.exists():  # a tokenize output: exactly the shards its manifest lists
+        shards = json.loads(manifest.read_text()).get("shards")
+        if isinstance(shards, dict):
+            return [str(p / name) for name in sorted(shards)]
     return find_shards(p)
 
 

@@ -70,6 +70,9 @@ def run_task(input_file: str, output: str, tokenizer_dir: str, tokenizer_sha: st
             c[0] += 1
             c[1] += len(ids)
 
+    for split in SPLITS:  # outputs of an earlier run of this task with other settings
+        for ext in (".bin", ".idx", SOURCES_SUFFIX):
+            (out / split / f"{name}{ext}").unlink(missing_ok=True)
     try:
         batch: list[dict] = []
         for doc in iter_documents(input_file, skipped, skip_log):
@@ -170,6 +173,7 @@ def tokenize(curated_dir: str | Path, tokenizer_dir: str | Path, output: str | P
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = Path(tokenizer_dir)
+    load_tokenizer(tok_dir)  # fails early, naming the missing file
     tok_sha = sha256_file(tok_dir / "tokenizer.json")
     names = [task_name(f) for f in files]
     if len(set(names)) != len(names):
@@ -209,6 +213,7 @@ def write_manifests(out: Path, curated_dir, tok_dir: Path, tok_sha: str, valid_f
     for split in SPLITS:
         shards = {n: r["splits"][split] for n, r in sorted(records.items()) if split in r["splits"]}
         if not shards:
+            (out / split / "manifest.json").unlink(missing_ok=True)  # left by a run with other settings
             continue
         per_source: dict = defaultdict(lambda: {"documents": 0, "tokens": 0})
         for s in shards.values():

@@ -110,3 +110,20 @@ def test_local_and_ray_give_identical_shards(corpus):
              show_progress=False)
     local = shard_bytes(root / "local")
     assert local and shard_bytes(root / "ray") == local
+
+
+def test_changed_settings_redo_tasks_and_loader_follows_manifest(corpus):
+    root, docs = corpus
+    out = root / "out"
+    tokenize(root / "cur", root / "tok", out, valid_fraction=0.2, show_progress=False)
+    first = TokenWindows([str(out)], seq_len=8, seed=0).num_windows
+    tokenize(root / "cur", root / "tok", out, valid_fraction=0.0, show_progress=False)
+    assert not list((out / "valid").glob("*.idx")) and not (out / "valid" / "manifest.json").exists()
+    train = json.loads((out / "train" / "manifest.json").read_text())
+    assert train["documents"] == len(docs)
+    everything = TokenWindows([str(out)], seq_len=8, seed=0)
+    assert everything.num_windows > first
+    # a stray shard in the directory is not part of the data: the manifest lists the shards
+    (out / "train" / "zzz.idx").write_bytes((out / "train" / "00000.idx").read_bytes())
+    (out / "train" / "zzz.bin").write_bytes((out / "train" / "00000.bin").read_bytes())
+    assert TokenWindows([str(out)], seq_len=8, seed=0).state() == everything.state()
