@@ -1,0 +1,180 @@
+"""Fast paths against their plain references: sdpa vs eager MLA, grouped vs loop experts, the router
+against transformers' router, and the balance loss against a direct evaluation of report eq. 17-20."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sourcelm.config import load_config
+from sourcelm.model import build_model
+from sourcelm.model import moe as moe_mod
+from sourcelm.model.attention import MLA
+from sourcelm.model.init import init_weights
+from sourcelm.model.moe import MoE, expert_ffn, sequence_balance_loss
+
+YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def tiny(**over):
+    cfg = load_config("tiny").model
+    return dataclasses.replace(cfg, **over)
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("over", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN, "max_position_embeddings": 512}])
+def test_sdpa_matches_eager(over):
+    torch.manual_seed(0)
+    cfg = tiny(**over)
+    attn = MLA(cfg)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    from sourcelm.model.norm_rope import RotaryEmbedding
+
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(40), torch.float32)
+    x = torch.randn(3, 40, cfg.hidden_size)
+    outs, grads = [], []
+    for impl in ("sdpa", "eager"):
+        attn.impl = impl
+        attn.zero_grad()
+        y = attn(x, cos, sin)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append(_grads(attn))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_yarn_frequencies_and_scale_match_reference_numbers():
+    # report §1.6: dim 64, base 1e4, orig 4096, factor 40 -> ramp over [10, 23], softmax x (0.1 ln 40 + 1)^2
+    from sourcelm.model.norm_rope import rope_frequencies, softmax_scale
+
+    cfg = dataclasses.replace(load_config("deepseek-v3-671b").model)
+    inv, attention_factor = rope_frequencies(cfg)
+    base = 1.0 / (1e4 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    torch.testing.assert_close(inv[:10], base[:10])
+    torch.testing.assert_close(inv[23:], base[23:] / 40)
+    assert attention_factor == 1.0
+    assert softmax_scale(cfg) == pytest.approx(192 ** -0.5 * 1.3688879454113936 ** 2)
+
+
+def _moe(cfg, seed=0):
+    torch.manual_seed(seed)
+    layer = MoE(cfg)
+    for name, p in layer.named_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    layer.gate.e_score_correction_bias.uniform_(-0.05, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_match_loop_forward_and_backward(dtype):
+    cfg = tiny()
+    layer = _moe(cfg).to(dtype)
+    x = torch.randn(4, 33, cfg.hidden_size, dtype=dtype)
+    outs, grads = [], []
+    for impl in ("grouped", "loop"):
+        layer.experts.impl = impl
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y, counts, _ = layer(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach().float(), counts))
+        grads.append({**_grads(layer), "x": xi.grad.clone()})
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[0][0], outs[1][0], **tol)
+    assert torch.equal(outs[0][1], outs[1][1])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k].float(), grads[1][k].float(), **tol)
+
+
+def test_expert_ffn_fallback_matches_grouped_mm(monkeypatch):
+    torch.manual_seed(1)
+    e, i, h = 5, 8, 12
+    w1, w3, w2 = torch.randn(e, i, h), torch.randn(e, i, h), torch.randn(e, h, i)
+    counts = torch.tensor([3, 0, 7, 1, 0])
+    x = torch.randn(int(counts.sum()), h)
+    ref = torch.cat([torch.nn.functional.silu(r @ w1[j].T) * (r @ w3[j].T) @ w2[j].T
+                     for j, r in enumerate(x.split(counts.tolist()))])
+    torch.testing.assert_close(expert_ffn(x, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setitem(moe_mod._GROUPED_MM_OK, ("cpu", torch.float32), False)
+    torch.testing.assert_close(expert_ffn(x, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2), (8, 2)])
+def test_router_matches_transformers(n_group, topk_group):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg = tiny(n_group=n_group, topk_group=topk_group, num_experts_per_tok=2 * topk_group)
+    layer = _moe(cfg)
+    hf_cfg = DeepseekV3Config(hidden_size=cfg.hidden_size, n_routed_experts=16, num_experts_per_tok=2 * topk_group,
+                              n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5)
+    hf = DeepseekV3TopkRouter(hf_cfg)
+    hf.load_state_dict(layer.gate.state_dict())
+    x = torch.randn(300, cfg.hidden_size)
+    idx, w, _ = layer.gate(x)
+    _, hf_w, hf_idx = hf(x)
+    order, hf_order = idx.sort(-1), hf_idx.sort(-1)
+    assert torch.equal(order.values, hf_order.values)
+    torch.testing.assert_close(w.gather(1, order.indices), hf_w.gather(1, hf_order.indices))
+
+
+def test_router_group_limit_and_bias_only_select():
+    cfg = tiny()  # 16 experts in 4 groups, keep 2 groups, top 4
+    layer = _moe(cfg)
+    x = torch.randn(500, cfg.hidden_size)
+    idx, w, s = layer.gate(x)
+    groups = (idx // 4).tolist()
+    assert all(len(set(g)) <= 2 for g in groups)
+    # weights are the unbiased sigmoid scores of the chosen experts, normalised, times 2.5
+    expect = s.gather(1, idx)
+    torch.testing.assert_close(w, expect / expect.sum(-1, keepdim=True) * 2.5)
+    # a large bias on expert 5 forces its selection without changing its (unbiased) weight formula
+    layer.gate.e_score_correction_bias.zero_()
+    layer.gate.e_score_correction_bias[5] = 10.0
+    idx2, _, _ = layer.gate(x)
+    assert (idx2 == 5).any(-1).all()
+
+
+def test_counts_and_balance_loss_follow_eq_17_to_20():
+    cfg = tiny()
+    layer = _moe(cfg)
+    b, t, k, e = 3, 20, cfg.num_experts_per_tok, cfg.n_routed_experts
+    x = torch.randn(b, t, cfg.hidden_size)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 15:] = False
+    _, counts, bal = layer(x, mask, balance_alpha=1e-4)
+    idx, _, s = layer.gate(x.reshape(-1, cfg.hidden_size))
+    idx, s = idx.view(b, t, k), s.view(b, t, e)
+    expect_counts = torch.zeros(e, dtype=torch.long)
+    total = 0.0
+    for bi in range(b):
+        valid = [ti for ti in range(t) if mask[bi, ti]]
+        f = torch.zeros(e)
+        for ti in valid:
+            for j in idx[bi, ti].tolist():
+                f[j] += 1
+                expect_counts[j] += 1
+        f *= e / (k * len(valid))
+        p = torch.stack([s[bi, ti] / s[bi, ti].sum() for ti in valid]).mean(0)
+        total += float((f * p).sum().detach())
+    assert torch.equal(counts, expect_counts)
+    assert counts.sum() == mask.sum() * k
+    assert bal.item() == pytest.approx(1e-4 * total / b, rel=1e-5)
+    assert sequence_balance_loss(s, idx, e, k, None).requires_grad
+
+
+def test_bias_stays_fp32_in_bf16_model():
+    model = build_model(tiny(), seed=0).to(torch.bfloat16)
+    for _, moe in model.moe_layers():
+        assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    ids = torch.randint(0, 8192, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    init_weights(model, 0)  # re-initialising a bf16 model works too
