@@ -185,11 +185,6 @@ class Trainer:
             record["skipped"] = True
             log.warning("step %d: non-finite loss %.4g / grad norm %.4g; step skipped (%d in a row)",
                         s.step + 1, record["loss"], grad_norm, s.bad_in_row)
-            if s.bad_in_row >= cfg.train.max_bad_steps:
-                path = self.save()
-                raise TooManyBadSteps(
-                    f"{s.bad_in_row} non-finite steps in a row at step {s.step + 1}; stopped. Checkpoint {path} holds "
-                    f"the last good weights. Lower optim.lr, check the data, or raise train.max_bad_steps.")
         else:
             s.bad_in_row = 0
             clip = min(1.0, cfg.optim.grad_clip / (grad_norm + 1e-6)) if cfg.optim.grad_clip > 0 else 1.0
@@ -203,6 +198,12 @@ class Trainer:
         s.consumed_tokens += gb * cfg.data.seq_len
         record["consumed_tokens"] = s.consumed_tokens
         record.update(ctx.stats())
+        if s.bad_in_row >= cfg.train.max_bad_steps:
+            self.metrics.log(record)
+            path = self.save()  # past the bad batches, so a resume does not replay them
+            raise TooManyBadSteps(
+                f"{s.bad_in_row} non-finite steps in a row at step {s.step}; stopped. Checkpoint {path} holds the "
+                f"last good weights. Lower optim.lr, check the data, or raise train.max_bad_steps.")
         return record
 
     @torch.no_grad()

@@ -1,0 +1,59 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from sourcelm.config import load_config
+from sourcelm.tokens.indexed import ShardWriter
+
+# a model small enough to train a few steps in seconds, with every DeepSeek-V3 feature on
+SMALL = [
+    "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128", "model.moe_intermediate_size=32",
+    "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.num_key_value_heads=2", "model.q_lora_rank=32",
+    "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
+    "model.n_routed_experts=8", "model.num_experts_per_tok=4", "model.n_group=4", "model.topk_group=2",
+    "data.seq_len=32", "schedule.steps=6", "schedule.global_batch=4", "schedule.micro_batch=2",
+    "schedule.warmup_steps=2", "checkpoint.every=2", "checkpoint.keep=5", "logging.valid_every=3",
+    "logging.valid_batches=1", "logging.tensorboard=false", "logging.progress=false", "optim.lr=3e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def token_dirs(tmp_path_factory):
+    """Train and valid shards of 'documents' with learnable structure (arithmetic runs), vocab 512."""
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    for split, n_docs in (("train", 60), ("valid", 10)):
+        with ShardWriter(root / split / "shard_00000") as w:
+            for _ in range(n_docs):
+                start, stride, length = rng.integers(2, 500), rng.integers(1, 4), rng.integers(20, 120)
+                w.add_document(((start + stride * np.arange(length)) % 510 + 2).astype(np.uint16).tolist() + [1])
+    return root / "train", root / "valid"
+
+
+@pytest.fixture
+def small_config(token_dirs):
+    def make(*extra):
+        train, valid = token_dirs
+        return load_config("tiny", SMALL + [f"data.train=['{train}']", f"data.valid=['{valid}']", *extra])
+    return make
+
+
+@pytest.fixture
+def small_args(token_dirs):
+    """The same run as `small_config`, as command-line arguments."""
+    train, valid = token_dirs
+    return ["tiny", *SMALL, f"data.train=['{train}']", f"data.valid=['{valid}']"]
+
+
+@pytest.fixture
+def digest():
+    return weights_digest
+
+
+def weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
