@@ -62,18 +62,59 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
     return (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, OSError)
 
 
+class TruncatedStream(EOFError):
+    pass
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompresses a file of one or more zstd frames and, unlike a plain stream reader, raises
+    `TruncatedStream` when the file ends inside a frame (a truncated download or write)."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._zstd = zstandard
+        self._raw = open(path, "rb")
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._raw.read(1 << 18)
+            if not chunk:
+                if self._in_frame:
+                    raise TruncatedStream("zstd stream ends inside a frame")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._buf += self._dobj.decompress(chunk)
+                if self._dobj.eof:  # frame complete: the rest starts a new one
+                    chunk = self._dobj.unused_data
+                    self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+                else:
+                    chunk = b""
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def open_binary(path: Path) -> io.BufferedIOBase:
     """The decompressed byte stream of `path` (gzip and zstd by suffix)."""
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith((".zst", ".zstd")):
-        import zstandard
-
-        raw = open(path, "rb")
-        # read_across_frames: files written frame by frame (or concatenated) read whole
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                                            closefd=True))
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 18)
     return open(path, "rb")
 
 
@@ -145,6 +186,9 @@ def read_warc(path: Path, source: str, counters: collections.Counter) -> Iterato
                     continue
                 data = record.content_stream().read()
                 doc_id = make_doc_id(source, position)
+                if getattr(record.raw_stream, "limit", 0) > 0:  # the file ends inside this record
+                    yield Rejected(doc_id, source, url, "truncated_record")
+                    continue
                 if not data.strip():
                     yield Rejected(doc_id, source, url, "empty_record")
                     continue
@@ -162,6 +206,9 @@ def read_warc(path: Path, source: str, counters: collections.Counter) -> Iterato
             yield Rejected(make_doc_id(source, f"error@{position}"), source, url, "malformed_warc_record")
         except _stream_errors():
             yield Rejected(make_doc_id(source, f"error@{position}"), source, url, "truncated_or_corrupt_file")
+        except (ValueError, AttributeError, TypeError, KeyError, IndexError):
+            # warcio meets some malformed headers with these rather than ArchiveLoadFailed
+            yield Rejected(make_doc_id(source, f"error@{position}"), source, url, "malformed_warc_record")
 
 
 def _record_to_doc(rec, source: str, position: int, text_key: str, url_key: str) -> Document | Rejected:
