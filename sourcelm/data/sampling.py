@@ -22,7 +22,7 @@ class Sample(Step):
         self.seed = seed
 
     def process(self, doc: Document) -> Document | str:
-        return doc if xxhash.xxh3_64_intdigest(doc.id, seed=self.seed) < self.cut else "not_sampled"
+        return doc if xxhash.xxh3_64_intdigest(doc.id.encode(), seed=self.seed) < self.cut else "not_sampled"
 
 
 class Limit(Step):

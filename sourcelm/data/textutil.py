@@ -23,7 +23,7 @@ _TOKEN_RE = regex.compile(
 )
 # statistics over a token list run as one regex over the tokens joined by newlines (tokens never
 # hold a newline), which keeps the per-token work in C
-_NO_LETTER_LINE_RE = re.compile(r"^[\W\d_]+$", re.MULTILINE)
+_NO_LETTER_LINE_RE = re.compile(r"^(?:[^\w\n]|[\d_])+$", re.MULTILINE)
 _SYMBOL_LINE_RE = re.compile(r"^[^\w\n]+$", re.MULTILINE)
 _WORDY_LINE_RE = re.compile(r"^[^\n]*\w[^\n]*$", re.MULTILINE)
 
