@@ -55,7 +55,7 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, ctx=None, progress: bool | None = None):
         from sourcelm.model import build_model
-        from sourcelm.model.flops import model_size
+        from sourcelm.model.flops import model_stats
         from sourcelm.tokens.loader import TokenWindows
 
         self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx or SingleProcess()
@@ -82,8 +82,8 @@ class Trainer:
                 f"data-parallel ranks = {self.quantum}; change schedule.micro_batch or the number of processes")
         self.total_tokens = samples_before(cfg.schedule.steps, cfg.schedule, self.quantum) * cfg.data.seq_len
         self.dtype = getattr(torch, cfg.train.dtype)
-        size = model_size(cfg.model)
-        self.flops_per_token = size["flops_per_token"]
+        # the model FLOPs of one training token, MTP included (formula in sourcelm.model.flops)
+        self.flops_per_token = model_stats(cfg.model, cfg.data.seq_len, cfg.train.dtype)["train_flops_per_token"]
         self.state = TrainState()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=self.ctx.is_main)
         self.peak_flops, self.peak_source = self._peak()
