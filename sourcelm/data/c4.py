@@ -35,7 +35,8 @@ class C4Quality(Step):
                  max_word_length: int = 1000, remove_citations: bool = True,
                  filter_javascript: bool = True, filter_policy: bool = True,
                  filter_lorem_ipsum: bool = True, filter_curly_bracket: bool = True,
-                 max_page_chars: int | None = None, badwords_file: str | None = None):
+                 max_page_chars: int | None = None, badwords_file: str | None = None,
+                 filter_no_terminal_punct: bool = True):
         super().__init__()
         if preset not in C4_PRESETS:
             raise ValueError(f"preset={preset!r}: choose one of {sorted(C4_PRESETS)}")
@@ -48,6 +49,8 @@ class C4Quality(Step):
         self.filter_policy, self.filter_lorem = filter_policy, filter_lorem_ipsum
         self.filter_curly = filter_curly_bracket
         self.max_page_chars = max_page_chars
+        # FineWeb runs C4 with this off: lines without an end mark are kept
+        self.filter_no_end_mark = filter_no_terminal_punct
         self.badwords = None
         if badwords_file:  # LDNOOBW-style list, one word or phrase a line
             with open(badwords_file, encoding="utf-8") as f:
@@ -69,7 +72,7 @@ class C4Quality(Step):
                 continue
             if self.remove_citations:
                 line = _CITATION.sub("", line)
-            if not line.endswith(self.end_marks) or line.endswith("..."):
+            if self.filter_no_end_mark and (not line.endswith(self.end_marks) or line.endswith("...")):
                 counters["lines_no_end_mark"] += 1
                 continue
             if len(words) < self.min_words:

@@ -230,8 +230,9 @@ def _record_to_doc(rec, source: str, position: int, text_key: str, url_key: str)
     for k, v in rec.items():
         if k not in (text_key, url_key, "metadata", "id", "source"):
             meta[k] = v
-    if "id" in rec:  # an upstream id is kept beside ours
-        meta["input_id"] = str(rec["id"])
+    for key in ("id", "source"):  # upstream values are kept beside ours
+        if key in rec:
+            meta[f"input_{key}"] = str(rec[key])
     return Document(doc_id, text, source, url, meta)
 
 

@@ -32,9 +32,14 @@ STEP_TYPES: dict[str, str] = {
 
 
 def step_class(type_name: str) -> type:
-    if type_name not in STEP_TYPES:
-        raise ConfigError(f"step type {type_name!r} is unknown: use one of {sorted(STEP_TYPES)}")
-    module, cls = STEP_TYPES[type_name].split(":")
+    """A registered type, or "package.module:Class" for a step of your own."""
+    if type_name in STEP_TYPES:
+        module, cls = STEP_TYPES[type_name].split(":")
+    elif ":" in type_name:
+        module, cls = type_name.split(":", 1)
+    else:
+        raise ConfigError(f"step type {type_name!r} is unknown: use one of {sorted(STEP_TYPES)} "
+                          "or \"package.module:Class\"")
     try:
         return getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as e:
@@ -47,7 +52,7 @@ def build_step(spec: dict, index: int) -> Step | GlobalStep:
     type_name = spec.pop("type", None)
     if not isinstance(type_name, str):
         raise ConfigError(f"step[{index}]: missing `type`; add type = one of {sorted(STEP_TYPES)}")
-    name = spec.pop("name", type_name)
+    name = spec.pop("name", type_name.rsplit(":", 1)[-1].lower())
     cls = step_class(type_name)
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
