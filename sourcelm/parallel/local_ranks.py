@@ -1,7 +1,8 @@
 """Runs a function on N local processes joined in one gloo process group (tests and benchmarks).
 
 The processes start from a fork server that imported torch once, so each test pays the torch import
-once rather than once per rank. `fn(rank, world, *args)` must be importable (a module-level function);
+once rather than once per rank. `fn(rank, world, *args)` must be a module-level function (the child imports its module by name, or
+from its file);
 its return values come back as a list indexed by rank. An exception on any rank is raised here with
 that rank's traceback.
 """
@@ -12,7 +13,9 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import sys
 import tempfile
+import time
 import traceback
 
 _CTX = None
@@ -26,12 +29,29 @@ def _context():
     return _CTX
 
 
-def _entry(fn, rank, world, init_file, args, results, threads):
+def _entry(fn_ref, sys_path, rank, world, init_file, args, results, threads):
+    import importlib
+    import importlib.util
+    import sys
+
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     try:
+        # The fork server was started earlier; the caller's import path may have grown since (pytest
+        # adds test folders), so the function is imported here, after taking the caller's path.
+        sys.path[:] = sys_path
+        module_name, module_file, qualname = fn_ref
+        try:
+            fn = importlib.import_module(module_name)
+        except ModuleNotFoundError:  # a test module that pytest imported under a name not on the path
+            spec = importlib.util.spec_from_file_location(module_name, module_file)
+            fn = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = fn
+            spec.loader.exec_module(fn)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         out = fn(rank, world, *args)
         dist.barrier()
@@ -48,21 +68,30 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, threads: int = 1) -
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, init_file, args, results, threads))
+        fn_ref = (fn.__module__, sys.modules[fn.__module__].__file__, fn.__qualname__)
+        path = list(sys.path)
+        procs = [ctx.Process(target=_entry, args=(fn_ref, path, r, world, init_file, args, results, threads))
                  for r in range(world)]
         for p in procs:
             p.start()
-        out, errors = [None] * world, []
+        out, errors, pending = [None] * world, [], set(range(world))
         try:
-            for _ in range(world):
-                rank, ok, value = results.get(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while pending and not errors:
+                try:
+                    rank, ok, value = results.get(timeout=0.5)
+                except queue.Empty:
+                    dead = [r for r in pending if procs[r].exitcode is not None]
+                    if dead:  # died before reporting (e.g. could not unpickle its function)
+                        errors.append(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result")
+                    elif time.monotonic() > deadline:
+                        errors.append(f"no result within {timeout} s from ranks {sorted(pending)} (hung?)")
+                    continue
+                pending.discard(rank)
                 if ok:
                     out[rank] = pickle.loads(value)  # from our own child process
                 else:
-                    errors.append(f"rank {rank}:\n{value}")
-                    break  # the other ranks may now hang in a collective
-        except queue.Empty:
-            errors.append(f"no result within {timeout} s (a rank hung or died)")
+                    errors.append(f"rank {rank}:\n{value}")  # the other ranks may now hang in a collective
         finally:
             for p in procs:
                 p.join(timeout=1 if errors else 10)

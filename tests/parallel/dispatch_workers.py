@@ -54,20 +54,21 @@ def identity_expert_roundtrip(dispatcher, x, idx, w, grad_seed: int):
             "local": local, "recv_w": recv_w.detach(), "per_expert": handle.num_recv_tokens_per_expert}
 
 
-def roundtrip_worker(rank, world, ranks_per_node, scenarios, dyadic):
+def roundtrip_worker(rank, world, ranks_per_node, cases):
+    """For both dispatchers and every (scenario, dyadic) case: the identity-expert round trip, the
+    layout, and the byte counters of one dispatch alone and of a whole forward + backward."""
     n_experts, k = 8, 3
     topo = build_topology(ep=world, ranks_per_node=ranks_per_node, n_routed_experts=n_experts)
     out = {}
     for kind in ("flat", "two_hop"):
         d = make_dispatcher(kind, topo)
-        for sc in scenarios:
+        for sc, dyadic in cases:
             x, idx, w = make_inputs(rank, sc, n_experts, k, dyadic)
             d.stats.reset()
             res = identity_expert_roundtrip(d, x, idx, w, grad_seed=rank)
             res.update(x=x, idx=idx, w=w, layout=[t.clone() for t in d.layout(idx)])
             res["stats_total"] = d.stats.reset()
-            # the forward dispatch alone (no backward) for the exact per-call counts
-            d.dispatch(x, idx, w)
+            d.dispatch(x, idx, w)  # one forward dispatch alone, for the per-call counts
             res["stats_dispatch"] = d.stats.reset()
-            out[(kind, sc)] = res
+            out[(kind, sc, dyadic)] = res
     return out
