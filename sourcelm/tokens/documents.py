@@ -7,8 +7,8 @@ import io
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 

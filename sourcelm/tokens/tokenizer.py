@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from sourcelm.provenance.manifest import atomic_write_bytes, sha256_file, write_manifest
-from sourcelm.tokens.documents import curated_manifest, document_files, iter_documents, language_of
+from sourcelm.tokens.documents import (
+    curated_manifest,
+    document_files,
+    iter_documents,
+    language_of,
+)
 from sourcelm.tokens.stream import in_valid_split
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"

@@ -5,7 +5,13 @@ import struct
 import numpy as np
 import pytest
 
-from sourcelm.tokens.indexed import ShardReader, ShardWriter, dtype_for_vocab, find_shards
+from sourcelm.tokens.indexed import (
+    ShardReader,
+    ShardWriter,
+    dtype_for_vocab,
+    find_shards,
+)
+
 
 @pytest.mark.parametrize("vocab,code", [(8192, 8), (65536, 8), (65537, 4), (200_000, 4)])
 def test_writer_matches_megatron_layout(tmp_path, vocab, code, megatron_read):

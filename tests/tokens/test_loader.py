@@ -157,7 +157,7 @@ def test_mixture_by_recorded_document_source(tmp_path):
     write_shard(tmp_path / "a", docs, sources=["web", "code", "web", "code"])
     tw = TokenWindows([str(tmp_path)], 5, seed=2, mixture={"web": 1, "code": 3})
     assert tw.schedule.period == 4
-    web = set(range(0, 30)) | set(range(70, 120))
+    web = set(range(30)) | set(range(70, 120))
     names = []
     for i in range(40):
         s, _ = tw.schedule.locate(i)

@@ -3,7 +3,6 @@ id hash, skipped records, manifests, resume, the loader on the output, local vs 
 
 import json
 
-import numpy as np
 import pytest
 
 from sourcelm.tokens.loader import TokenWindows
@@ -32,7 +31,7 @@ def test_shards_hold_each_document_then_eos(corpus, megatron_read):
         file_docs = [d for d in docs if d["id"].startswith(f"f{f}d")]
         for split in ("train", "valid"):
             want = [d for d in file_docs if in_valid_split(d["id"].encode(), 0.2) == (split == "valid")]
-            version, code, doc_idx, seqs = megatron_read(root / "out" / split / f"{f:05d}")
+            version, code, _, seqs = megatron_read(root / "out" / split / f"{f:05d}")
             assert (version, code) == (1, 8) and len(seqs) == len(want)
             for d, seq in zip(want, seqs):
                 assert seq[-1] == 1  # <|end_of_text|>

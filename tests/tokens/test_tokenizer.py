@@ -5,7 +5,14 @@ import json
 
 import pytest
 
-from sourcelm.tokens.tokenizer import BOS, EOS, PAD, SPECIAL_BLOCK, load_tokenizer, train_tokenizer
+from sourcelm.tokens.tokenizer import (
+    BOS,
+    EOS,
+    PAD,
+    SPECIAL_BLOCK,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 
 @pytest.fixture
