@@ -132,3 +132,13 @@ def test_second_fetch_does_nothing_and_tampering_is_detected(fetched, tmp_path, 
         f.write('{"text": "an extra line"}\n')
     assert not corpus.is_up_to_date(copy, full=False)
     assert read_manifest(copy)["outputs"] == manifest["outputs"]
+
+
+def test_cli_registers_corpus_fetch():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    corpus.register_corpus(parser.add_subparsers())
+    args = parser.parse_args(["corpus", "fetch", "--dir", "somewhere", "--full"])
+    assert args.func is corpus._run_fetch and args.dir == "somewhere" and args.full
+    assert parser.parse_args(["corpus", "fetch"]).dir == "data/raw"
