@@ -286,8 +286,8 @@ class Config:
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas = {self.optim.betas}: give two values in [0, 1), e.g. [0.9, 0.95]")
         _choice("schedule", "unit", s.unit, ("steps", "tokens"))
-        if s.warmup_steps < 0 or s.warmup_steps > s.steps:
-            raise ConfigError(f"schedule.warmup_steps = {s.warmup_steps} must be in 0..schedule.steps ({s.steps})")
+        if s.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps = {s.warmup_steps} must be >= 0")
         if s.batch_ramp_steps and not 0 < s.ramp_start_batch <= s.global_batch:
             raise ConfigError("schedule.ramp_start_batch must be in 1..global_batch when batch_ramp_steps > 0")
         _choice("train", "dtype", self.train.dtype, ("float32", "bfloat16"))

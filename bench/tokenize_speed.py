@@ -6,7 +6,7 @@ each is kept. Tokens/s per core = tokens / CPU seconds (user + system) of that p
 figure does not depend on how busy the other core is. Also checks that sourcelm's shards hold the
 same token ids as datatrove's (both append <|end_of_text|> to each document).
 
-    .venv/bin/python bench/tokenize.py [--mb 16] [--repeats 2] [--vocab-size 8192]
+    .venv/bin/python bench/tokenize_speed.py [--mb 16] [--repeats 2] [--vocab-size 8192]
 
 The corpus is built from files already on the machine: the Python standard library's sources
 (code) and the Markdown/reST/text files of the installed packages (prose).
