@@ -212,8 +212,10 @@ class Trainer:
             return None
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        for b in range(self.cfg.logging.valid_batches):
-            batch = self.valid_data.batch(b * self.quantum, self.quantum, self.ctx.dp_rank, self.ctx.dp_world)
+        # the same valid_batches × global_batch samples whatever the layout, so runs compare
+        gb = self.cfg.schedule.global_batch
+        for start in range(0, self.cfg.logging.valid_batches * gb, self.quantum):
+            batch = self.valid_data.batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world)
             with self._autocast():
                 out = self.model(batch[:, :-1], labels=batch[:, 1:])
             total += torch.tensor([float(out.main_loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64)

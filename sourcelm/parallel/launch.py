@@ -1,0 +1,33 @@
+"""`sourcelm train CONFIG --nproc N --ranks-per-node R`: N local processes as N/R pretend nodes.
+
+It hands the job to torch's elastic launcher (the library behind `torchrun`) in standalone mode,
+which starts the ranks with the usual environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)
+and runs `python -m sourcelm.train` in each; gloo on CPU. On a real cluster, run torchrun
+yourself with the real node boundaries (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def launch_local(args) -> int:
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores; one BLAS thread each
+    argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "sourcelm.train", args.config,
+            *args.overrides, "--run-dir", args.run_dir, "--ranks-per-node", str(args.ranks_per_node or args.nproc)]
+    if args.no_resume:
+        argv.append("--no-resume")
+    if args.resume_from:
+        argv += ["--resume-from", args.resume_from]
+    if args.stop_after is not None:
+        argv += ["--stop-after", str(args.stop_after)]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as e:
+        print(f"training failed on rank(s) {sorted(e.failures)}; see {args.run_dir}/train*.log")
+        return 1
+    return 0
