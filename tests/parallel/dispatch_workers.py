@@ -71,4 +71,5 @@ def roundtrip_worker(rank, world, ranks_per_node, cases):
             d.dispatch(x, idx, w)  # one forward dispatch alone, for the per-call counts
             res["stats_dispatch"] = d.stats.reset()
             out[(kind, sc, dyadic)] = res
+    out["members"] = dict(topo.members)
     return out

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sourcelm.parallel.local_ranks import run_ranks
+from sourcelm.parallel.topology import Layout, partitions
 
 from .dispatch_workers import HIDDEN, roundtrip_worker
 
@@ -123,3 +124,11 @@ def test_flat_and_two_hop_are_bit_identical(run):
             a, b = res[r][("flat", sc, False)], res[r][("two_hop", sc, False)]
             for key in ("out", "dx", "dw", "recv_x", "local", "recv_w"):
                 assert torch.equal(a[key], b[key]), (sc, r, key)
+
+
+def test_every_rank_joined_its_groups(run):
+    rpn, res = run
+    parts = partitions(Layout(WORLD, rpn, WORLD, N_EXPERTS))
+    for r in range(WORLD):
+        for kind, members in res[r]["members"].items():
+            assert members in parts[kind] and r in members, (r, kind)
