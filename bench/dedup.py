@@ -136,6 +136,69 @@ def run_datatrove(parts: list[list[Document]], work: Path, tokenizer=None) -> tu
     return {"signatures": t1 - t0, "buckets": t2 - t1, "clusters": t3 - t2, "total": t3 - t0}, dropped
 
 
+def planted_signatures(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 112) random signatures below 2^61 - 1 (datatrove's reader stops at that value), where
+    every tenth document copies an earlier one in half of its bands: a known duplicate structure."""
+    rng = np.random.default_rng(seed)
+    sig = rng.integers(0, (1 << 61) - 1, size=(n, 14 * 8), dtype=np.uint64)
+    dups = np.arange(10, n, 10)
+    src = rng.integers(0, dups)  # an earlier document
+    for b in range(0, 14, 2):
+        sig[dups, b * 8:(b + 1) * 8] = sig[src, b * 8:(b + 1) * 8]
+    return sig
+
+
+def cluster_stage_at_scale(n: int, tasks: int, workers: int, work: Path) -> None:
+    """The stage every anchor stalls on, alone: the same precomputed signatures for n documents
+    go to sourcelm's resolve and to datatrove's buckets + cluster stages (signature time excluded)."""
+    from datatrove.pipeline.dedup import minhash as dt
+
+    sig = planted_signatures(n)
+    parts = np.array_split(np.arange(n), tasks)
+    ours = MinhashDedup()
+    ours_dir = work / "ours"
+    ours_dir.mkdir(parents=True)
+    params = {"ngram": 5, "bands": 14, "rows": 8, "hash_bits": 64, "seed": 1}
+    for t, idx in enumerate(parts):
+        np.save(ours_dir / f"sig_{t:05d}.npy", np.ascontiguousarray(sig[idx].reshape(-1, 14, 8).transpose(1, 0, 2)))
+        (ours_dir / f"ids_{t:05d}.json").write_text(json.dumps(
+            {"ids": [str(i) for i in idx.tolist()], "empty": [], "params": params}))
+    record = np.dtype([(f"h{i}", "<u8") for i in range(8)] + [("doc", "<u4")])
+    for b in range(14):
+        (work / "dt_sigs" / f"bucket_{b:03d}").mkdir(parents=True)
+        for t, idx in enumerate(parts):
+            rec = np.empty(idx.size, dtype=record)
+            for i in range(8):
+                rec[f"h{i}"] = sig[idx, b * 8 + i]
+            rec["doc"] = np.arange(idx.size)
+            rec.sort(order=record.names)
+            rec.tofile(work / "dt_sigs" / f"bucket_{b:03d}" / f"{t:05d}.minhash.sig")
+    timings = {}
+    for w in sorted({1, workers}):
+        t0 = time.perf_counter()
+        ours.resolve(ours_dir, tasks, w)
+        timings[f"sourcelm resolve, workers={w}"] = time.perf_counter() - t0
+    dropped_ours = json.loads((ours_dir / "minhash_stats.json").read_text())["near_duplicates"]
+    config = dt.MinhashConfig()
+    t0 = time.perf_counter()
+    buckets = dt.MinhashDedupBuckets(str(work / "dt_sigs"), str(work / "dt_buckets"), config=config)
+    for b in range(14):
+        buckets.run(rank=b, world_size=14)
+    t1 = time.perf_counter()
+    dt.MinhashDedupCluster(str(work / "dt_buckets"), str(work / "dt_remove"), config=config).run()
+    t2 = time.perf_counter()
+    dropped_dt = sum((work / "dt_remove" / f"{t:06d}.remove").stat().st_size // 4 for t in range(tasks)
+                     if (work / "dt_remove" / f"{t:06d}.remove").exists())
+    timings["datatrove buckets + cluster"] = t2 - t0
+    print(f"\ncluster stage alone, {n:,} documents in {tasks} tasks, {n // 10 - (n % 10 == 0):,} planted duplicates:")
+    print("| run | seconds | docs/s |\n|---|---|---|")
+    for name, secs in timings.items():
+        print(f"| {name} | {secs:.2f} | {n / secs:,.0f} |")
+    print(f"(datatrove: buckets {t1 - t0:.2f} s, cluster {t2 - t1:.2f} s)")
+    print(f"speed-up (datatrove / sourcelm workers=1): {timings['datatrove buckets + cluster'] / timings['sourcelm resolve, workers=1']:.1f}x; "
+          f"dropped: sourcelm {dropped_ours:,}, datatrove {dropped_dt:,}")
+
+
 def shingles(text: str) -> set[tuple[str, ...]]:
     w = words(text)
     return {tuple(w[i:i + 5]) for i in range(len(w) - 4)}
@@ -164,7 +227,13 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-fortunes", type=int, default=None, help="at most this many quotes per fortunes file")
+    ap.add_argument("--scale", type=int, default=0,
+                    help="instead: the cluster stage alone on this many documents with planted duplicates")
     args = ap.parse_args()
+    if args.scale:
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster_stage_at_scale(args.scale, args.tasks, args.workers, Path(tmp))
+        return 0
     if not (args.corpus / "manifest.json").exists():
         print(f"no corpus in {args.corpus}: run `sourcelm corpus fetch --dir {args.corpus}` first")
         return 2

@@ -37,6 +37,7 @@ with 14 × 8 the S-curve's midpoint is near (1/14)^(1/8) ≈ 0.72.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 import unicodedata
@@ -58,6 +59,7 @@ _POLY = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier for the polynomial over 
 _FMIX1 = np.uint64(0xFF51AFD7ED558CCD)  # murmur3 fmix64 constants
 _FMIX2 = np.uint64(0xC4CEB9FE1A85EC53)
 _S33 = np.uint64(33)
+_COLLECT_BATCH = 4096  # documents whose texts are held at once while collecting
 _BATCH_SHINGLES = 1024  # rows of the (shingles × permutations) work array: ~0.9 MB at 112, cache-sized
 
 
@@ -139,6 +141,36 @@ class MinhashSigner:
     def shingles(self, text: str) -> np.ndarray:
         return ngram_hashes(words(text), self.params.ngram)
 
+    def shingles_many(self, texts: list[str]) -> list[np.ndarray]:
+        """`[self.shingles(t) for t in texts]`, computed for all texts at once: short documents
+        (quotes, titles) would otherwise pay a dozen numpy calls each. The word hashes of all texts
+        are concatenated, the n-gram polynomial runs over every position, and the positions whose
+        window crosses into the next document are left out."""
+        n = self.params.ngram
+        tokens = [words(t) for t in texts]
+        lens = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        counts = np.maximum(lens - n + 1, 0)
+        out: list[np.ndarray]
+        if counts.sum() == 0:
+            out = [np.empty(0, dtype=np.uint64) for _ in texts]
+        else:
+            total = int(lens.sum())
+            flat = itertools.chain.from_iterable(tokens)
+            wh = np.fromiter(map(xxhash.xxh3_64_intdigest, map(str.encode, flat)), dtype=np.uint64, count=total)
+            m = total - n + 1
+            h = wh[:m].copy()
+            for k in range(1, n):
+                h *= _POLY
+                h += wh[k:k + m]
+            _fmix64(h)
+            starts = np.cumsum(lens) - lens
+            first = np.cumsum(counts) - counts
+            pos = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))
+            out = np.split(h[pos], np.cumsum(counts)[:-1])
+        for i in np.flatnonzero((lens > 0) & (lens < n)).tolist():  # shorter than one shingle
+            out[i] = ngram_hashes(tokens[i], n)
+        return out
+
     def _min_over(self, shingles: np.ndarray, buf: np.ndarray) -> np.ndarray:
         """Signature of one long shingle array, a buffer-sized chunk at a time."""
         out = np.full(self.params.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
@@ -189,6 +221,13 @@ class MinhashSigner:
         return sig, valid
 
 
+def _batched(items: Iterable) -> Iterable[tuple]:
+    """Tuples of up to _COLLECT_BATCH items (itertools.batched arrives in Python 3.12)."""
+    it = iter(items)
+    while batch := tuple(itertools.islice(it, _COLLECT_BATCH)):
+        yield batch
+
+
 def band_keys(band: np.ndarray) -> np.ndarray:
     """One 64-bit key per row of a (docs, rows) band, equal rows giving equal keys."""
     key = band[:, 0].astype(np.uint64)
@@ -226,12 +265,15 @@ class MinhashDedup(DedupStep):
     def collect(self, docs: Iterable[Document], work_dir: Path, task: int) -> None:
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
-        ids, shingle_sets = [], []
-        for doc in docs:
-            ids.append(doc.id)
-            shingle_sets.append(self.signer.shingles(doc.text))
-        sig, valid = self.signer.signatures(shingle_sets)
+        ids, sigs, valids = [], [], []
+        for batch in _batched(docs):
+            ids += [doc.id for doc in batch]
+            sig, valid = self.signer.signatures(self.signer.shingles_many([doc.text for doc in batch]))
+            sigs.append(sig)
+            valids.append(valid)
         p = self.params
+        sig = np.concatenate(sigs) if sigs else np.empty((0, p.num_perm), dtype=p.dtype)
+        valid = np.concatenate(valids) if valids else np.empty(0, dtype=bool)
         band_major = np.ascontiguousarray(sig.reshape(len(ids), p.bands, p.rows).transpose(1, 0, 2))
         self.counters["docs"] += len(ids)
         self.counters["empty"] += int((~valid).sum())

@@ -170,3 +170,16 @@ def test_resolve_refuses_signatures_made_with_other_parameters(tmp_path):
     MinhashDedup(rows=8).collect(iter([Document(id="x", text="some words here", source="s")]), tmp_path, 0)
     with pytest.raises(ConfigError, match="same parameters"):
         MinhashDedup(rows=4, bands=28).resolve(tmp_path, 1, 1)
+
+
+def test_batched_shingles_equal_per_document_shingles():
+    rng = np.random.default_rng(5)
+    long_text, _ = shifted_pair(rng, 3000, 0)
+    texts = ["", "one", "two words", "exactly five words here now", "six words are in this text",
+             "Ünïcödé, 東京 and ＦＵＬＬ-width: text with punctuation!", "   ", long_text, "a b c d"]
+    signer = MinhashSigner(MinhashParams())
+    many = signer.shingles_many(texts)
+    assert len(many) == len(texts)
+    for text, got in zip(texts, many, strict=True):
+        np.testing.assert_array_equal(got, signer.shingles(text))
+    assert signer.shingles_many([]) == [] and signer.shingles_many(["", ""])[1].size == 0
