@@ -4,9 +4,9 @@ Where the paper leaves a detail open, the choice follows datatrove's widely used
 so results can be compared with it: the stop-word test is case-sensitive, bullets are "•" or
 "-", a top n-gram's characters are counted with its inner spaces, a duplicated n-gram's without.
 
-Repetition runs on integer hashes of the tokens with numpy (n-gram hashes by rolling
-multiply-add), so the per-word Python work of the straightforward version is gone; only the
-positions whose n-gram occurs more than once are walked in Python.
+Repetition works on integer hashes of the tokens (n-gram hashes by a vectorised rolling
+multiply-add) instead of joined strings, groups them with one stable argsort per n, and stops looking
+at longer n-grams once every n-gram is unique (no longer one can repeat then).
 """
 
 from __future__ import annotations
@@ -140,45 +140,54 @@ class GopherRepetition(Step):
         ids = np.fromiter(map(hash, toks), dtype=np.int64, count=len(toks)).view(np.uint64)
         cum = np.zeros(len(toks) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)), out=cum[1:])
-        hashes = ids.copy()
-        max_n = max([n for n, _ in self.top + self.dup], default=1)
+        cum_list = cum.tolist()
+        hashes = ids
         top, dup = dict(self.top), dict(self.dup)
-        for n in range(1, max_n + 1):
-            if n > 1:  # hash of the n-gram starting at i, from the (n-1)-gram's
-                hashes = hashes[:-1] * _MULT + ids[n - 1:]
+        all_unique = False  # once every n-gram is unique, every longer one is too
+        for n in range(2, max([*top, *dup], default=1) + 1):
+            hashes = hashes[:-1] * _MULT + ids[n - 1:]  # hash of the n-gram at i, from the (n-1)-gram's
             if not len(hashes):
                 break
-            if n in top and _top_ngram_chars(hashes, cum, n) / n_chars > top[n]:
-                return f"top_{n}_gram"
-            if n in dup and _duplicated_ngram_chars(hashes, cum, n) / n_chars > dup[n]:
-                return f"duplicated_{n}_grams"
+            if not all_unique:
+                order, starts, lengths = _runs(hashes)
+                all_unique = len(starts) == len(hashes)
+            if n in top:
+                if all_unique:  # each n-gram occurs once: the first one counts as the most frequent
+                    first, best = 0, 1
+                else:
+                    best = int(lengths.max())
+                    first = int(order[starts[lengths == best]].min())
+                if (cum_list[first + n] - cum_list[first] + n - 1) * best / n_chars > top[n]:
+                    return f"top_{n}_gram"
+            if n in dup and not all_unique:
+                repeated = np.sort(order[np.repeat(lengths > 1, lengths)])
+                if _duplicated_ngram_chars(repeated.tolist(), hashes, cum_list, n) / n_chars > dup[n]:
+                    return f"duplicated_{n}_grams"
         return doc
 
 
-def _top_ngram_chars(hashes: np.ndarray, cum: np.ndarray, n: int) -> int:
-    """Characters (inner spaces included) of all occurrences of the most frequent n-gram; among
-    equally frequent ones, the one seen first."""
-    _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
-    best = counts.max()
-    i = int(first[counts == best].min())
-    return (int(cum[i + n] - cum[i]) + n - 1) * int(best)
+def _runs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups equal hashes: (stable sort order, start of each group in it, group sizes). With a
+    stable sort, order[start] is the first position of that n-gram in the document."""
+    order = np.argsort(hashes, kind="stable")
+    s = hashes[order]
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    lengths = np.diff(np.append(starts, len(s)))
+    return order, starts, lengths
 
 
-def _duplicated_ngram_chars(hashes: np.ndarray, cum: np.ndarray, n: int) -> int:
+def _duplicated_ngram_chars(repeated: list[int], hashes: np.ndarray, cum: list[int], n: int) -> int:
     """Characters in n-grams that repeat an earlier n-gram, scanning left to right and jumping
-    past each repeat (so overlapping repeats are not counted twice)."""
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    repeated = np.flatnonzero(counts[inverse] > 1)
-    if not len(repeated):
-        return 0
+    past each repeat (so overlapping repeats are not counted twice). Only the positions whose
+    n-gram occurs more than once (`repeated`, ascending) can change the result."""
     seen: set[int] = set()
     chars = 0
     next_pos = 0
-    for pos, h in zip(repeated.tolist(), hashes[repeated].tolist()):
+    for pos, h in zip(repeated, hashes[repeated].tolist()):
         if pos < next_pos:  # inside a repeat just counted: skipped, not remembered
             continue
         if h in seen:
-            chars += int(cum[pos + n] - cum[pos])
+            chars += cum[pos + n] - cum[pos]
             next_pos = pos + n
         else:
             seen.add(h)

@@ -45,7 +45,9 @@ def run_plan(plan: Plan, out: str | Path, executor, workers: int = 1, show_progr
                 if m.is_file():
                     done[t] = json.loads(m.read_text())
             pending = [t for t in range(n_tasks) if t not in done]
-            label = _stage_label(plan, k)
+            label = f"stage {k + 1}/{len(plan.stages)}"
+            if show_progress:
+                print(f"{label}: {_stage_steps(plan, k)}")
             total_bytes = sum(f.size for t in range(n_tasks) for f in plan.tasks[t])
             with StageProgress(label, expected, show_progress) as progress:
                 if k == 0:
@@ -73,14 +75,14 @@ def run_plan(plan: Plan, out: str | Path, executor, workers: int = 1, show_progr
     return stats
 
 
-def _stage_label(plan: Plan, k: int) -> str:
+def _stage_steps(plan: Plan, k: int) -> str:
     stage = plan.stages[k]
     names = plan.step_names[stage.start:stage.end]
     if stage.closes_with is not None:
         names = [*names, f"{plan.step_names[stage.closes_with]}.collect"]
     if stage.opens_with is not None:
         names = [f"{plan.step_names[stage.opens_with]}.decide", *names]
-    return f"stage {k + 1}/{len(plan.stages)}: " + (", ".join(names) or "write")
+    return ", ".join(names) or "write"
 
 
 def _resolve(plan: Plan, out: Path, step_index: int, n_tasks: int, workers: int) -> dict[str, float]:

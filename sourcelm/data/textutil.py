@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 
-import regex
 
-_TOKEN_RE = regex.compile(
+
+_TOKEN_RE = re.compile(
     r"https?://[^\s<>\"]*[^\s<>\".,;:!?)\]'’]"  # URL, trailing punctuation left out
     r"|\w+(?:[.,:'’]\w+)*"  # word or number with inner separators
     r"|\.\.\.|[^\w\s]",  # ellipsis, or one punctuation character
