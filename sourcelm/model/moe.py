@@ -63,7 +63,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> (topk_idx [N, K] int64, topk_weights [N, K] fp32, scores s [N, E] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under autocast too
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         with torch.no_grad():  # selection is discrete: no gradient flows through it
             biased = scores + self.e_score_correction_bias.float()
             if self.n_group > 1:
@@ -140,6 +141,9 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w
     The expert-parallel layer calls this on the rows it received for its local experts."""
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, w2.shape[1]) + 0 * (w1.sum() + w2.sum() + w3.sum())  # keep the graph
+    if torch.is_autocast_enabled(x_sorted.device.type):  # _grouped_mm is not on autocast's cast list
+        dt = torch.get_autocast_dtype(x_sorted.device.type)
+        x_sorted, w1, w2, w3 = x_sorted.to(dt), w1.to(dt), w2.to(dt), w3.to(dt)
     offs = None
     if grouped_mm_supported(x_sorted.device, x_sorted.dtype):
         offs = counts.cumsum(0).to(torch.int32)

@@ -178,3 +178,16 @@ def test_bias_stays_fp32_in_bf16_model():
     out = model(ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     init_weights(model, 0)  # re-initialising a bf16 model works too
+
+
+def test_autocast_keeps_router_fp32_and_runs_experts_in_bf16():
+    cfg = tiny()
+    layer = _moe(cfg)
+    x = torch.randn(2, 12, cfg.hidden_size)
+    ref_idx, _, _ = layer.gate(x.reshape(-1, cfg.hidden_size))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w, s = layer.gate(x.reshape(-1, cfg.hidden_size))
+        y, _, _ = layer(x)
+    assert s.dtype == torch.float32 and torch.equal(idx, ref_idx)
+    y.float().pow(2).sum().backward()
+    assert layer.experts.w1.grad is not None and layer.experts.w1.grad.dtype == torch.float32
