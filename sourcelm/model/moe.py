@@ -16,6 +16,9 @@ w2 [E, H, I] (down). The fast path sorts the token copies by expert and runs `ex
 contiguous groups: one `torch._grouped_mm` per projection where this torch build supports it for the
 device and dtype, else a loop over the non-empty experts on slices of the sorted buffer. The plain
 reference (`moe_impl = "loop"`) loops over experts on the unsorted tokens.
+Measured on 2 CPU cores (16 experts, 8192 token copies, H 256, I 128, uneven groups, forward +
+backward of one projection): grouped_mm 11 ms (fp32) / 6 ms (bf16), the slice loop 50 / 22 ms.
+bmm on padded blocks is as fast only when groups are equal; padding uneven groups costs more than it saves.
 """
 
 from __future__ import annotations
@@ -107,11 +110,12 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         if hasattr(torch, "_grouped_mm"):
             try:
                 g = torch.Generator().manual_seed(0)
+                # uneven and empty groups, as real routing produces (some kernels need aligned groups)
                 x = torch.randn(32, 16, generator=g).to(device, dtype).requires_grad_()
-                w = torch.randn(2, 16, 16, generator=g).to(device, dtype).requires_grad_()
-                offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
+                w = torch.randn(3, 16, 16, generator=g).to(device, dtype).requires_grad_()
+                offs = torch.tensor([5, 5, 32], dtype=torch.int32, device=device)
                 y = torch._grouped_mm(x, w, offs=offs)
-                ref = torch.cat([x[:16] @ w[0], x[16:] @ w[1]])
+                ref = torch.cat([x[:5] @ w[0], x[5:] @ w[2]])
                 y.backward(torch.ones_like(y))
                 ok = bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2)) and w.grad is not None
             except (RuntimeError, NotImplementedError, TypeError):
