@@ -55,6 +55,7 @@ class DistributedContext:
         self.description = (f"{lay.world} processes = {lay.nodes} node(s) x {lay.ranks_per_node}, EP {lay.ep} "
                             f"({lay.experts_per_rank} experts per rank), {cfg.parallel.dispatcher} dispatch, "
                             f"ZeRO-1 {'on' if cfg.parallel.zero1 else 'off'}")
+        self.launch = {"nproc": lay.world, "ranks_per_node": lay.ranks_per_node}
         self.dispatcher = None
         self.shards = {}
 

@@ -22,6 +22,7 @@ class SingleProcess:
     is_main = True
     zero_group = None  # process group over which dense optimizer state is sharded
     description = "1 process"
+    launch = {"nproc": 1, "ranks_per_node": 1}  # how to start this layout again (verify --replay)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Returns the model this rank trains (expert-parallel layouts swap in sharded experts)."""

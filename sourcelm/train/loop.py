@@ -119,7 +119,7 @@ class Trainer:
                 "step": s.step, "consumed_samples": s.consumed_samples, "consumed_tokens": s.consumed_tokens,
                 "bad_in_row": s.bad_in_row, "skipped_steps": s.skipped_steps, "optimizer_step": self.dense_opt.step_count,
                 "loader": self.train_data.state(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
-                "layout": self.ctx.description,
+                "layout": self.ctx.description, "launch": self.ctx.launch,
             },
             keep=self.cfg.checkpoint.keep,
             manifest_inputs=self.inputs + ([previous[-1] / "manifest.json"] if previous else []))
