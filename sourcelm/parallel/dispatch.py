@@ -248,11 +248,13 @@ class TwoHopDispatcher(Dispatcher):
         in_local.scatter_(1, dest_local, True)
         hop2 = self._hop("ep_intra", in_local[:, :el], [[p] for p in range(el)], x1.device)
         meta = torch.cat([idx1, src_rank[:, None]], dim=1)
-        x2, w2, meta2 = hop2.forward([x1, w1, meta], self.stats).wait()
+        x2, w2, meta2 = hop2.forward([x1, w1, meta], self.stats, alias=True).wait()
+        handle.route.hops.append(hop2)
         # Final order: by source position, then source token. Each forwarder delivers a position's
         # rows in token order, so a stable sort on the source position is enough.
         perm = meta2[:, -1].argsort(stable=True)
-        handle.route.hops.append(hop2)
+        if bool((perm == torch.arange(perm.numel(), device=perm.device)).all()):
+            return [x2, w2, meta2[:, :-1]]  # already in order (one rank per node): skip the copies
         handle.route.perm = perm
         return [x2.index_select(0, perm), w2.index_select(0, perm), meta2[:, :-1].index_select(0, perm)]
 

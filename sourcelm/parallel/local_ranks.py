@@ -44,6 +44,9 @@ def _entry(fn_ref, sys_path, rank, world, init_file, args, results, threads):
         sys.path[:] = sys_path
         module_name, module_file, qualname = fn_ref
         try:
+            if module_name == "__main__":  # a script: load its file under another name (no main run)
+                module_name = "_run_ranks_script"
+                raise ModuleNotFoundError(module_name)
             fn = importlib.import_module(module_name)
         except ModuleNotFoundError:  # a test module that pytest imported under a name not on the path
             spec = importlib.util.spec_from_file_location(module_name, module_file)

@@ -85,8 +85,18 @@ class Hop:
         for link, n in zip(self.links, splits):
             stats.add(link, n, row_bytes)
 
-    def forward(self, tensors: list[torch.Tensor], stats: LinkStats | None) -> Pending:
-        """Copies rows to their peers (asynchronously); the first tensor is the counted one."""
+    @property
+    def is_identity(self) -> bool:
+        """A local hop that keeps every row in place (e.g. the intra-node hop with one rank per node)."""
+        if self.group is not None or self.gather.numel() != self.n_in:
+            return False
+        return bool((self.gather == torch.arange(self.n_in, device=self.gather.device)).all())
+
+    def forward(self, tensors: list[torch.Tensor], stats: LinkStats | None, alias: bool = False) -> Pending:
+        """Copies rows to their peers (asynchronously); the first tensor is the counted one.
+        alias: an identity hop may return its inputs themselves (only for internal stages)."""
+        if alias and self.is_identity:
+            return Pending([], list(tensors))
         send = [t.index_select(0, self.gather) for t in tensors]
         if self.group is None:
             return Pending([], send)
@@ -99,8 +109,10 @@ class Hop:
             outs.append(out)
         return Pending(works, outs)
 
-    def reverse(self, tensors: list[torch.Tensor], stats: LinkStats | None) -> Pending:
+    def reverse(self, tensors: list[torch.Tensor], stats: LinkStats | None, alias: bool = False) -> Pending:
         """Sends received rows back to where they came from (asynchronously), then sums the copies."""
+        if alias and self.is_identity:
+            return Pending([], list(tensors))
         if self.group is None:
             return Pending([], [t.contiguous() for t in tensors], self._fold_all)
         self._count(stats, self.recv_splits, tensors[0])
@@ -145,7 +157,7 @@ class Route:
 
     def forward_rest(self, rows, stats) -> list[torch.Tensor]:
         for hop in self.hops[1:]:
-            rows = hop.forward(rows, stats).wait()
+            rows = hop.forward(rows, stats, alias=True).wait()
         if self.perm is not None:
             rows = [r.index_select(0, self.perm) for r in rows]
         return rows
@@ -154,5 +166,5 @@ class Route:
         if self.perm is not None:
             rows = [torch.empty_like(r).index_copy_(0, self.perm, r) for r in rows]
         for hop in reversed(self.hops[1:]):
-            rows = hop.reverse(rows, stats).wait()
+            rows = hop.reverse(rows, stats, alias=True).wait()
         return self.hops[0].reverse(rows, stats)
