@@ -244,6 +244,7 @@ class LoggingConfig:
 
 @dataclass
 class TrainConfig:
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (master weights are always fp32)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     compile: bool = False
@@ -291,6 +292,7 @@ class Config:
         if s.batch_ramp_steps and not 0 < s.ramp_start_batch <= s.global_batch:
             raise ConfigError("schedule.ramp_start_batch must be in 1..global_batch when batch_ramp_steps > 0")
         _choice("train", "dtype", self.train.dtype, ("float32", "bfloat16"))
+        _choice("train", "device", self.train.device, ("auto", "cpu", "cuda"))
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
         if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:
             raise ConfigError(f"parallel.ep = {self.parallel.ep} must divide model.n_routed_experts = "

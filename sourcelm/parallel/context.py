@@ -16,6 +16,8 @@ run for a given layout.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,9 +42,13 @@ def _all_reduce_flat(params: list[nn.Parameter], group) -> None:
 
 class DistributedContext:
     def __init__(self, cfg, ranks_per_node: int = 0):
+        use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+        # NCCL reduces device tensors only; host-side counters travel on this device
+        self.comm_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
+            if use_cuda:  # one GPU per local rank, as torchrun numbers them
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if use_cuda else "gloo")
         if ranks_per_node:
             cfg.parallel.ranks_per_node = ranks_per_node
         self.cfg = cfg
@@ -131,5 +137,5 @@ class DistributedContext:
         if not counts:
             return {}
         keys = sorted(counts)
-        total = self.sum_tensor(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
+        total = self.sum_tensor(torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=self.comm_device))
         return {f"a2a_{k}": int(v) for k, v in zip(keys, total.tolist())}

@@ -35,8 +35,8 @@ class LoadBalancer:
 
     def take(self) -> torch.Tensor:
         """The counts of the step so far, and a fresh accumulator."""
-        counts = self.pending if self.pending is not None else torch.zeros(len(self.biases), self.num_experts,
-                                                                           dtype=torch.int64)
+        counts = self.pending if self.pending is not None else torch.zeros(
+            len(self.biases), self.num_experts, dtype=torch.int64, device=self.biases[0].device)
         self.pending = None
         return counts
 

@@ -38,6 +38,15 @@ from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_s
 log = logging.getLogger("sourcelm.train")
 
 
+def resolve_device(name: str, ctx) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from sourcelm.config import ConfigError
+        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device; set train.device = 'cpu' or 'auto'")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class TooManyBadSteps(RuntimeError):
     pass
 
@@ -62,7 +71,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.show_progress = cfg.logging.progress if progress is None else progress
         torch.manual_seed(cfg.seed)
-        self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed))
+        self.device = resolve_device(cfg.train.device, self.ctx)
+        # built and initialised on the CPU (the same bits on every device), then moved
+        self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
         named = list(self.model.named_parameters())
         self.expert_params = [(n, p) for n, p in named if self.ctx.is_expert_param(n)]
         self.dense_params = [(n, p) for n, p in named if not self.ctx.is_expert_param(n)]
@@ -95,7 +106,7 @@ class Trainer:
         if path.exists():
             d = json.loads(path.read_text())
             return d["peak_flops"], d["source"]
-        peak, source = device_peak_flops(torch.device("cpu"), self.dtype)
+        peak, source = device_peak_flops(self.device, self.dtype)
         if self.ctx.is_main:
             path.write_text(json.dumps({"peak_flops": peak, "source": source}) + "\n")
         return peak, source
@@ -107,7 +118,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         s = self.state
-        model_state = self.ctx.full_model_state(self.model)
+        model_state = {k: v.cpu() for k, v in self.ctx.full_model_state(self.model).items()}
         optim_state = self.ctx.full_optimizer_state(self.dense_opt.state_dict(), self.expert_opt.state_dict())
         if not self.ctx.is_main:
             self.ctx.barrier()
@@ -147,7 +158,7 @@ class Trainer:
     def _autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cpu", dtype=self.dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def train_step(self) -> dict:
         cfg, s, ctx = self.cfg, self.state, self.ctx
@@ -157,18 +168,16 @@ class Trainer:
         gamma = bias_update_speed(prog, cfg.schedule)
         n_micro = gb // self.quantum
         scale = 1.0 / (n_micro * ctx.dp_world)
-        parts = torch.zeros(4, dtype=torch.float64)  # loss, main, mtp, balance (sums of rank means)
+        parts = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, main, mtp, balance (sums of rank means)
         for m in range(n_micro):
             start = s.consumed_samples + m * self.quantum
-            batch = self.train_data.batch(start, self.quantum, ctx.dp_rank, ctx.dp_world)
+            batch = self.train_data.batch(start, self.quantum, ctx.dp_rank, ctx.dp_world).to(self.device)
             with self._autocast():
                 out = self.model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=lam)
             (out.loss * scale).backward()
             self.balancer.accumulate(out.expert_counts)
             parts += torch.stack([out.loss.detach(), out.main_loss.detach(),
-                                  out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros(()),
-                                  out.balance_loss.detach() if out.balance_loss is not None else torch.zeros(())
-                                  ]).double() * scale
+                                  out.mtp_loss.detach(), out.balance_loss.detach()]).double() * scale
         dense = [p for _, p in self.dense_params]
         experts = [p for _, p in self.expert_params]
         ctx.reduce_gradients(dense, experts)
@@ -211,14 +220,15 @@ class Trainer:
         if self.valid_data is None:
             return None
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         # the same valid_batches × global_batch samples whatever the layout, so runs compare
         gb = self.cfg.schedule.global_batch
         for start in range(0, self.cfg.logging.valid_batches * gb, self.quantum):
-            batch = self.valid_data.batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world)
+            batch = self.valid_data.batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world).to(self.device)
             with self._autocast():
                 out = self.model(batch[:, :-1], labels=batch[:, 1:])
-            total += torch.tensor([float(out.main_loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64)
+            total += torch.stack([out.main_loss.detach().double() * batch.shape[0],
+                                  torch.tensor(float(batch.shape[0]), dtype=torch.float64, device=self.device)])
         self.model.train()
         total = self.ctx.sum_tensor(total)
         return float(total[0] / total[1])

@@ -40,13 +40,14 @@ class FlatAdamW:
         self.shard = -(-self.numel // self.world)  # padded so every rank's slice has the same size
         self.lo, self.hi = rank * self.shard, min((rank + 1) * self.shard, self.numel)
         n = max(self.hi - self.lo, 0)
-        self.exp_avg = torch.zeros(n, dtype=torch.float32)
-        self.exp_avg_sq = torch.zeros(n, dtype=torch.float32)
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.exp_avg = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.step_count = 0
 
     # -- flat views -------------------------------------------------------------------------------
     def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
+        return torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0, device=self.device)
 
     def flat_grads(self) -> torch.Tensor:
         return self._flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
@@ -54,7 +55,7 @@ class FlatAdamW:
     def grad_sq_sum(self) -> torch.Tensor:
         """Σ g² over this group's (replicated or local) gradients, in fp64 for a stable norm."""
         return sum((p.grad.double().pow(2).sum() for p in self.params if p.grad is not None),
-                   torch.zeros((), dtype=torch.float64))
+                   torch.zeros((), dtype=torch.float64, device=self.device))
 
     # -- the update -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -62,7 +63,7 @@ class FlatAdamW:
         self.step_count += 1
         b1, b2 = self.betas
         lo, hi = self.lo, self.hi
-        p = self._flat([p.data for p in self.params])[lo:hi].clone()
+        p = self._flat([p.data for p in self.params])[lo:hi]
         g = self.flat_grads()[lo:hi]
         if grad_scale != 1.0:
             g = g * grad_scale
@@ -80,9 +81,9 @@ class FlatAdamW:
 
     def _write_back(self, shard: torch.Tensor) -> None:
         if self.world > 1:
-            padded = torch.zeros(self.shard, dtype=torch.float32)
+            padded = torch.zeros(self.shard, dtype=torch.float32, device=self.device)
             padded[: shard.numel()] = shard
-            parts = [torch.empty(self.shard, dtype=torch.float32) for _ in range(self.world)]
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
             dist.all_gather(parts, padded, group=self.group)
             flat = torch.cat(parts)[: self.numel]
         else:
@@ -97,7 +98,7 @@ class FlatAdamW:
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
             return t
-        padded = torch.zeros(self.shard, dtype=t.dtype)
+        padded = torch.zeros(self.shard, dtype=t.dtype, device=t.device)
         padded[: t.numel()] = t
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
@@ -109,7 +110,7 @@ class FlatAdamW:
         for key, t in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
             flat, offset = self._gather(t), 0
             for name, prm in zip(self.names, self.params):
-                out[f"{name}.{key}"] = flat[offset:offset + prm.numel()].view_as(prm).clone()
+                out[f"{name}.{key}"] = flat[offset:offset + prm.numel()].view_as(prm).cpu().clone()
                 offset += prm.numel()
         return out
 
