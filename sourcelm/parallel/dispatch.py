@@ -16,8 +16,10 @@
   is a dispatch with the cached route.
 * Overlap: `dispatch_async` / `combine_async` return once the first (inter-node) all-to-all is in
   flight; `.wait()` finishes it. Work done in between (the shared expert) runs during the transfer.
-  The backward passes overlap the same way: the second Function's backward starts the transfer and
-  the first one's backward waits for it, so the autograd engine runs other ready work in between.
+  Backward is split the same way: the second Function's backward starts the transfer and the first
+  one's waits for it. The autograd engine runs ready nodes latest-created first, so work created
+  between the two (the shared expert, in `ExpertParallelExperts`) has its backward run while the
+  dispatch-backward transfer is in flight (tests/parallel/test_experts.py checks the order).
 
 Two implementations, both dropless:
 * `FlatDispatcher`: one variable-size all-to-all over the EP group, one copy per (token, rank).

@@ -135,3 +135,60 @@ def model_worker(rank, world, ep, ranks_per_node, kind):
     res["init_equal"] = all(torch.equal(other_params[n], p) for n, p in model.named_parameters())
     res["shards"] = {n: (s.global_name, s.start, s.stop, s.global_shape) for n, s in shards.items()}
     return res
+
+
+class _Logged(torch.autograd.Function):
+    """Identity that logs when its backward runs."""
+
+    @staticmethod
+    def forward(ctx, x, log):
+        ctx.log = log
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.log.append("shared expert backward")
+        return g, None
+
+
+def overlap_order_worker(rank, world):
+    """The order of events in one EP layer forward and backward: the shared expert must run after the
+    inter-node all-to-all was issued and before it is waited for, in both passes."""
+    from sourcelm.parallel import transport
+
+    cfg = small_config()
+    topo = build_topology(world, 1, cfg.n_routed_experts, cfg.n_group, cfg.topk_group)
+    log: list[str] = []
+    hop_forward, hop_reverse, pending_wait = transport.Hop.forward, transport.Hop.reverse, transport.Pending.wait
+
+    def forward(self, tensors, stats, alias=False):
+        log.append("issue forward" if self.group is not None else "local forward")
+        return hop_forward(self, tensors, stats, alias)
+
+    def reverse(self, tensors, stats, alias=False):
+        log.append("issue reverse" if self.group is not None else "local reverse")
+        return hop_reverse(self, tensors, stats, alias)
+
+    def wait(self):
+        if self.works:
+            log.append("wait")
+        return pending_wait(self)
+
+    transport.Hop.forward, transport.Hop.reverse, transport.Pending.wait = forward, reverse, wait
+    layer = MoE(cfg)
+    _randomize(layer, seed=1)
+    from sourcelm.parallel.dispatch import make_dispatcher
+
+    layer.experts = ExpertParallelExperts.from_full(layer.experts, make_dispatcher("two_hop", topo))
+    shared = layer.shared_experts
+    x = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    topk_idx, topk_weights, _ = layer.gate(x)
+
+    def overlap():
+        log.append("shared expert forward")
+        return _Logged.apply(shared(x), log)
+
+    out = layer.experts(x, topk_idx, topk_weights, overlap=overlap)
+    log.append("-- backward --")
+    out.sum().backward()
+    return log

@@ -6,7 +6,7 @@ import pytest
 
 from sourcelm.parallel.local_ranks import run_ranks
 
-from .experts_workers import model_worker, moe_layer_worker
+from .experts_workers import model_worker, moe_layer_worker, overlap_order_worker
 
 # (ep, ranks_per_node, dispatcher): 2 nodes x 2 with both dispatchers, 1 node x 4, and EP 2 with two
 # expert replicas whose gradients are summed over the replica group
@@ -36,3 +36,18 @@ def test_model_matches_single_process(ep, rpn, kind):
     assert all(v[3][0] == 8 and v[0] == k for r in res for k, v in r["shards"].items())
     # 2 nodes: the MoE layers moved rows across nodes
     assert sum(r["stats"]["inter_node_bytes"] for r in res) > 0
+
+
+def test_shared_expert_overlaps_dispatch_in_forward_and_backward():
+    """2 ranks as 2 nodes: the first hop crosses nodes. Forward: dispatch issues its all-to-all, the
+    shared expert runs, then the dispatch waits. Backward: the reverse of that hop is issued (dispatch
+    backward), the shared expert's backward runs, then it is waited for."""
+    for log in run_ranks(overlap_order_worker, 2):
+        split = log.index("-- backward --")
+        fwd, bwd = log[:split], log[split + 1:]
+        i = fwd.index("shared expert forward")
+        assert fwd[i - 1] == "issue forward" and fwd[i + 1] == "wait", fwd
+        j = bwd.index("shared expert backward")
+        assert "issue reverse" in bwd[:j] and bwd[j + 1:].count("wait") >= 1, bwd
+        last_issue = max(k for k, e in enumerate(bwd[:j]) if e == "issue reverse")
+        assert "wait" not in bwd[last_issue + 1:j], bwd  # still in flight while the shared expert runs
