@@ -17,6 +17,7 @@ while a matmul (standing in for the shared expert) runs, against the two done on
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     lines = ["| ranks | nodes x ranks | tokens/rank | hidden | K | M | dispatcher | CPU ms | inter-node MB | "
              "intra-node MB | cluster µs (predicted) |", "|" + "---|" * 11]
     summary = []
-    t_start = time.time()
+    t_start, load = time.time(), os.getloadavg()[0]
     with Progress() as progress:
         task = progress.add_task("dispatch sweep", total=len(worlds) + 1)
         for world in worlds:
@@ -228,29 +229,43 @@ def main(argv=None) -> int:
         ov_lines.append(f"| {kind} | {r} | {o['dispatch_alone'] * 1e3:.1f} | {o['work_alone'] * 1e3:.1f} | "
                         f"{o['issued'] * 1e3:.1f} | {o['work_done'] * 1e3:.1f} | {o['all_done'] * 1e3:.1f} | "
                         f"{saved * 1e3:.1f} ms |")
+    v3_lines = v3_scale_prediction()
+    findings = []
+    for world in worlds:
+        pairs = [(p["flat"], p["two_hop"]) for key, p in by_key.items() if key[0] == world]
+        inter = [f[7] / h[7] for f, h in pairs]
+        pred = [f[8] / h[8] for f, h in pairs]
+        cpu = [f[6] / h[6] for f, h in pairs]
+        findings.append(
+            f"- {world} ranks (2 x {world // 2}): two-hop sends {min(inter):.2f}-{max(inter):.2f}x fewer inter-node "
+            f"bytes than flat; predicted cluster time flat / two-hop {min(pred):.2f}-{max(pred):.2f}; on this machine "
+            f"(every 'link' is loopback, so the extra intra-node hop is pure cost) CPU time flat / two-hop "
+            f"{min(cpu):.2f}-{max(cpu):.2f}.")
     cmd = "python bench/dispatch.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     text = "\n".join([
         "# Dispatch/combine: flat vs two-hop", "",
         f"Command: `{cmd}` ({time.time() - t_start:.0f} s on this machine, "
-        f"{torch.get_num_threads()} torch threads in the parent, 1 per rank; gloo over loopback).", "",
+        f"{os.cpu_count()} cores, load average {load:.1f} at the start (the machine is shared: CPU times are noisy); "
+        f"1 torch thread per rank; gloo over loopback).", "",
         "Each row: one forward dispatch + combine of every rank's tokens (fp32 rows), routes from the model's "
         "group-limited router (router groups = pretend nodes, `topk_group` = M). Bytes are hidden-state "
         "rows sent, summed over ranks. The cluster prediction applies IB 50 GB/s and NVLink 160 GB/s per "
         "rank to the measured per-rank bytes (links used concurrently, slowest rank).", "",
+        "## Findings", "", *findings, "", "## Measurements", "",
         *lines, "", "## Ratios", "", *ratio_lines, "",
         "## DeepSeek-V3 scale (computed from routes, not measured)", "",
         "EP64 as 8 nodes x 8 GPUs, 256 experts (4 per GPU), K 8, M 4, hidden 7168, 4096 tokens per GPU, routes "
         "from the model's router with random weights. Bytes per rank follow each dispatcher's rules; time as above "
         "(IB 50 GB/s, NVLink 160 GB/s, concurrent). For scale: DeepEP reports ~46-51 GB/s RDMA bottleneck "
         "bandwidth for internode EP64 dispatch (reference §3.4).", "",
-        *v3_scale_prediction(), "",
+        *v3_lines, "",
         f"## Overlap (two-hop, 2 ranks as 2 nodes x 1, {OVERLAP['tokens']} tokens/rank, hidden {OVERLAP['hidden']}, "
         f"K 8, M 2)", "",
         f"Work: `sleep` = 150 ms that leaves the CPU free (as GPU kernels do), `matmul` = two "
         f"{OVERLAP['matmul']}^3 matmuls on the same CPU cores that gloo uses for the transfer.", "",
         "Medians of 5, in ms. Overlapped columns count from the start of the overlapped call: "
-        "`dispatch_async` returns once its inter-node all-to-all is in flight, the matmul runs, then `wait()` "
-        "finishes the transfer and the intra-node hop. Saved = dispatch alone + matmul alone - all done.",
+        "`dispatch_async` returns once its inter-node all-to-all is in flight, the work runs, then `wait()` "
+        "finishes the transfer and the intra-node hop. Saved = dispatch alone + work alone - all done.",
         "", *ov_lines, ""])
     Path(args.out).write_text(text)
     print(text)

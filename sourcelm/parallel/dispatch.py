@@ -43,8 +43,10 @@ class Handle:
 
     def __init__(self, route: Route, n_tokens: int):
         self.route, self.n_tokens = route, n_tokens
-        self.pending: Pending | None = None  # forward transfer in flight
-        self.bwd_pending: Pending | None = None  # backward transfer in flight
+        # transfers in flight between the two halves of each operation
+        self.pending: Pending | None = None  # forward dispatch, then forward combine (never both)
+        self.dispatch_bwd: Pending | None = None  # dispatch's backward (a combine of gradients)
+        self.combine_bwd: Pending | None = None  # combine's backward (a dispatch of gradients)
         self.recv_local_idx: torch.Tensor | None = None
         self.num_recv_tokens_per_expert: list[int] | None = None
 
@@ -59,8 +61,8 @@ class _DispatchStart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _gx_buf, _gw_buf):
-        gx, gw = ctx.handle.bwd_pending.wait()
-        ctx.handle.bwd_pending = None
+        gx, gw = ctx.handle.dispatch_bwd.wait()
+        ctx.handle.dispatch_bwd = None
         return gx, gw, None, None, None
 
 
@@ -89,7 +91,7 @@ class _DispatchWait(torch.autograd.Function):
         if g_w is None:
             g_w = torch.zeros((n,) + tuple(w_shape[1:]), dtype=w_dtype, device=h.recv_local_idx.device)
         g_w = torch.where(h.recv_local_idx >= 0, g_w, torch.zeros_like(g_w))  # slots not held here
-        h.bwd_pending = h.route.reverse_start([g_x.contiguous(), g_w.contiguous()], ctx.stats)
+        h.dispatch_bwd = h.route.reverse_start([g_x.contiguous(), g_w.contiguous()], ctx.stats)
         return (torch.zeros((), dtype=x_dtype, device=g_x.device).expand(x_shape),
                 torch.zeros((), dtype=w_dtype, device=g_x.device).expand(w_shape), None, None)
 
@@ -103,8 +105,8 @@ class _CombineStart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _g_buf):
-        (g,) = ctx.handle.bwd_pending.wait()
-        ctx.handle.bwd_pending = None
+        (g,) = ctx.handle.combine_bwd.wait()
+        ctx.handle.combine_bwd = None
         (g_y,) = ctx.handle.route.forward_rest([g], ctx.stats)
         return g_y, None, None
 
@@ -119,7 +121,7 @@ class _CombineWait(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out):
-        ctx.handle.bwd_pending = ctx.handle.route.forward_start([g_out.contiguous()], ctx.stats)
+        ctx.handle.combine_bwd = ctx.handle.route.forward_start([g_out.contiguous()], ctx.stats)
         shape, dtype = ctx.buf
         return torch.zeros((), dtype=dtype, device=g_out.device).expand(shape), None, None
 
