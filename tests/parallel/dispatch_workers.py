@@ -70,6 +70,8 @@ def roundtrip_worker(rank, world, ranks_per_node, cases):
             res["stats_total"] = d.stats.reset()
             d.dispatch(x, idx, w)  # one forward dispatch alone, for the per-call counts
             res["stats_dispatch"] = d.stats.reset()
+            again = identity_expert_roundtrip(d, x, idx, w, grad_seed=rank)  # same inputs, same bits
+            res["repeat_equal"] = all(torch.equal(res[key], again[key]) for key in ("out", "dx", "dw"))
             out[(kind, sc, dyadic)] = res
     out["members"] = dict(topo.members)
     return out

@@ -117,11 +117,12 @@ def test_byte_counters_equal_counts_from_topk_idx(run):
         assert expected_rows(res, "two_hop", "random", rpn)[0] < expected_rows(res, "flat", "random", rpn)[0]
 
 
-def test_flat_and_two_hop_are_bit_identical(run):
+def test_flat_and_two_hop_are_bit_identical_and_repeatable(run):
     _, res = run
     for sc in SCENARIOS:
         for r in range(WORLD):
             a, b = res[r][("flat", sc, False)], res[r][("two_hop", sc, False)]
+            assert a["repeat_equal"] and b["repeat_equal"]
             for key in ("out", "dx", "dw", "recv_x", "local", "recv_w"):
                 assert torch.equal(a[key], b[key]), (sc, r, key)
 
