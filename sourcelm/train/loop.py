@@ -237,12 +237,16 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainState:
         """Trains to `schedule.steps` (or `stop_after` more steps), checkpointing on the way."""
         cfg, s = self.cfg, self.state
+        # memory per rank: ZeRO-1 shards the dense moments, EP shards the experts and theirs
+        memory = {"param_bytes_per_rank": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                  "optimizer_state_bytes_per_rank": self.dense_opt.memory_bytes() + self.expert_opt.memory_bytes()}
         if self.ctx.is_main:
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
-            log.info("training %s on %s; peak %.3g FLOP/s (%s)", "DeepSeek-V3", self.ctx.description,
-                     self.peak_flops, self.peak_source)
+            log.info("training %s on %s; peak %.3g FLOP/s (%s); per rank: %.1f MB parameters, %.1f MB optimizer state",
+                     "DeepSeek-V3", self.ctx.description, self.peak_flops, self.peak_source,
+                     memory["param_bytes_per_rank"] / 1e6, memory["optimizer_state_bytes_per_rank"] / 1e6)
             self.metrics.log({"kind": "meta", "peak_flops": self.peak_flops, "peak_source": self.peak_source,
-                              "flops_per_token": self.flops_per_token, "layout": self.ctx.description})
+                              "flops_per_token": self.flops_per_token, "layout": self.ctx.description, **memory})
         end = cfg.schedule.steps if stop_after is None else min(cfg.schedule.steps, s.step + stop_after)
         bar = _ProgressBar(end, s.step, enabled=self.show_progress and self.ctx.is_main)
         with bar:
