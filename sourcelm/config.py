@@ -11,6 +11,7 @@ is saved as JSON next to everything the run produces.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -143,7 +144,9 @@ class ModelConfig:
 
     # ---- HF config.json ----
     def to_hf_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.LOCAL_FIELDS}
+        # a deep copy: transformers edits the rope_scaling dict it is given in place
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+             if f.name not in self.LOCAL_FIELDS}
         d.update(
             architectures=["DeepseekV3ForCausalLM"],
             model_type="deepseek_v3",
