@@ -190,6 +190,18 @@ def walk(run_dir: str | Path, roots: list[Path] | None = None) -> Report:
     return report
 
 
+def check_stage(manifest: str | Path) -> Report:
+    """One stage alone: its outputs and its input links (not the stages upstream)."""
+    path = Path(manifest).resolve()
+    report = Report(path.parent)
+    node = _read_node(report, path)
+    if node is not None:
+        report.nodes[path] = node
+        _check_outputs(report, node)
+        _check_inputs(report, node)
+    return report
+
+
 def _read_node(report: Report, path: Path) -> Node | None:
     try:
         manifest = json.loads(path.read_text())

