@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.toml"
 NPROC, RANKS_PER_NODE = 4, 2
 PROMPT = "The Debian package manager"
+VALID_FRACTION = 0.05  # of ~850 curated documents: ~40 held out, enough validation windows
 FULL = {"vocab_size": 8192, "inputs": ["warc/*.warc.gz", "fortunes/*.jsonl", "udhr/*.html"], "train": []}
 QUICK = {"vocab_size": 2048, "inputs": ["warc/handbook-en-US.warc.gz", "warc/python-docs.warc.gz",
                                         "fortunes/fortunes-en.jsonl"],
@@ -77,16 +78,17 @@ class Demo:
         self.run("curate", "demo", "--output", str(self.out / "curated"), "--workers", str(self.workers), *inputs)
 
     def tokenizer(self) -> None:
-        if stage_done(self.out / "tokenizer"):
+        if stage_done(self.out / "tokenizer", {"vocab_size": self.settings["vocab_size"]}):
             return self.skip("tokenizer")
         self.run("tokenizer", "train", "--input", str(self.out / "curated"), "--vocab-size",
                  str(self.settings["vocab_size"]), "--output", str(self.out / "tokenizer"))
 
     def tokenize(self) -> None:
-        if stage_done(self.out / "tokens") and stage_done(self.out / "tokens" / "train"):
+        if stage_done(self.out / "tokens", {"valid_fraction": VALID_FRACTION}) and stage_done(self.out / "tokens" / "train"):
             return self.skip("tokens")
         self.run("tokenize", "--input", str(self.out / "curated"), "--tokenizer", str(self.out / "tokenizer"),
-                 "--output", str(self.out / "tokens"), "--workers", str(self.workers))
+                 "--output", str(self.out / "tokens"), "--workers", str(self.workers), "--valid-fraction",
+                 str(VALID_FRACTION))
 
     def train_config(self) -> Path:
         from sourcelm.config import load_config
@@ -201,11 +203,18 @@ class Demo:
                            f"(add --sample 2 to replay two random training segments, --data to redo the data)")
 
 
-def stage_done(stage_dir: Path) -> bool:
-    """The stage's manifest is there and its outputs and input links still match their hashes."""
+def stage_done(stage_dir: Path, expect: dict | None = None) -> bool:
+    """The stage's manifest is there, records the settings in `expect` (a subset of its config),
+    and its outputs and input links still match their hashes."""
     from sourcelm.provenance.graph import check_stage
 
-    return (stage_dir / "manifest.json").is_file() and check_stage(stage_dir / "manifest.json").ok
+    path = stage_dir / "manifest.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text()).get("config", {})
+    if any(config.get(k) != v for k, v in (expect or {}).items()):
+        return False
+    return check_stage(path).ok
 
 
 def _links(export_dir: Path, checkpoint: Path) -> bool:

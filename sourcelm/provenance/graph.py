@@ -243,6 +243,8 @@ def _check_inputs(report: Report, node: Node) -> list[Path]:
         if report.sha(f) != entry.get("sha256"):
             report.add(owner_stage(f), report.rel(f), "input link", False,
                        f"changed since {node.stage} ({report.rel(node.path)}) was made from it")
+            if f.name == MANIFEST_NAME:
+                nxt.append(f)  # still checked: what else changed upstream is worth knowing
             continue
         good += 1
         if f.name == MANIFEST_NAME:
@@ -278,8 +280,12 @@ def _check_checkpoints(report: Report) -> None:
                 continue  # state.json is an output: its absence or damage is already reported
             bad = [name for name, d in state.get("files", {}).items()
                    if not (n.dir / name).is_file() or report.sha(n.dir / name) != d]
-            report.add(n.stage, report.rel(n.dir / "state.json"), "state.json hashes", not bad,
-                       f"{', '.join(bad)} differ(s) from state.json" if bad else "tensor files match state.json")
+            for name in bad:
+                report.add(n.stage, report.rel(n.dir / name), "state.json hashes", False,
+                           "differs from the SHA-256 in state.json")
+            if not bad:
+                report.add(n.stage, report.rel(n.dir / "state.json"), "state.json hashes", True,
+                           "tensor files match state.json")
             same = n.manifest.get("config") == state.get("config")
             report.add(n.stage, report.rel(n.path), "config", same,
                        "manifest config equals state.json config" if same
