@@ -185,7 +185,7 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts)
         y_sorted = expert_ffn(x[order // k], counts, self.w1, self.w2, self.w3)
         # Un-sort with a permutation (deterministic, unlike an atomic scatter-add), then weight and sum over k.
-        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(n, k, -1)
+        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(n, k, y_sorted.shape[-1])
         return torch.bmm(topk_weights.to(x.dtype).unsqueeze(1), y).squeeze(1)
 
     def _forward_loop(self, x, topk_idx, topk_weights):
@@ -217,6 +217,8 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_expert
         f = (hits * valid[..., None]).sum(1) * (n_experts / (top_k * n_valid[:, None]))  # [B, E]
     s_norm = scores / scores.sum(-1, keepdim=True)
     p = (s_norm * valid[..., None]).sum(1) / n_valid[:, None]  # [B, E]
+    if b == 0:  # no sequences (an empty micro-batch slice): nothing to balance, keep the graph
+        return scores.sum() * 0.0
     return (f * p).sum(-1).mean()
 
 
@@ -243,7 +245,8 @@ class MoE(nn.Module):
             counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)
         if balance_alpha:
             balance = balance_alpha * sequence_balance_loss(
-                scores.view(b, t, -1), topk_idx.view(b, t, -1), self.n_experts, self.top_k, token_mask)
+                scores.view(b, t, self.n_experts), topk_idx.view(b, t, self.top_k), self.n_experts, self.top_k,
+                token_mask)
         else:
             balance = scores.new_zeros(())
         return out.view(b, t, h), counts, balance

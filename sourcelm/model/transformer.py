@@ -16,6 +16,13 @@ MTP conventions:
 * L_MTP^k = sum of CE over the valid targets / (number of valid main targets), the report's 1/T;
   `mtp_loss` is the mean over depths and `loss = main + λ·mtp_loss + balance`.
 * The balance loss is the sum over all MoE layers, the MTP blocks' included.
+* The MTP blocks read the main model's embedding output shifted by k (the same rows a second lookup
+  would return), so the embedding table gets one backward pass.
+
+Losses: with `return_logits=False` (what the trainer asks for) the main head's loss, like every MTP
+head's, goes through `linear_cross_entropy` (chunked, fused with its gradient; `loss.py`) and no
+[B, T, V] logits are kept; otherwise the main loss is the plain cross-entropy of the returned logits,
+the reference the fused path is tested against.
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ from torch import nn
 
 from sourcelm.config import ModelConfig
 from sourcelm.model.attention import MLA
+from sourcelm.model.loss import linear_cross_entropy
 from sourcelm.model.moe import MLP, MoE
 from sourcelm.model.norm_rope import RMSNorm, RotaryEmbedding
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V], main head
+    logits: torch.Tensor | None  # [B, T, V], main head (None when the caller passed return_logits=False)
     loss: torch.Tensor | None = None  # main + λ·MTP + balance
     main_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
@@ -103,9 +111,11 @@ class DeepseekV3(nn.Module):
 
     def hidden_states(self, input_ids, token_mask=None, balance_alpha=0.0):
         """Main stack: (final-normed hidden [B, T, H], list of counts, list of balance losses)."""
-        t = input_ids.shape[1]
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(torch.arange(t, device=input_ids.device), h.dtype)
+        return self._main_stack(self.model.embed_tokens(input_ids), token_mask, balance_alpha)
+
+    def _main_stack(self, h, token_mask, balance_alpha):
+        t = h.shape[1]
+        cos, sin = self.rotary(torch.arange(t, device=h.device), h.dtype)
         counts, balances = [], []
         for layer in self.model.layers:
             h, c, b = layer(h, cos, sin, token_mask, balance_alpha)
@@ -116,24 +126,27 @@ class DeepseekV3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None, mtp_weight: float | None = None,
-                balance_alpha: float | None = None) -> ModelOutput:
+                balance_alpha: float | None = None, return_logits: bool = True) -> ModelOutput:
         """input_ids [B, T]; labels [B, T] with labels[t] the target of position t (-100: ignored);
         token_mask [B, T] bool (False = padding, left out of expert counts and the balance loss).
-        Without labels only the main stack runs (no MTP, its count rows are zero, no losses)."""
+        Without labels only the main stack runs (no MTP, its count rows are zero, no losses).
+        return_logits=False (with labels): no logits in the output, the fused head + loss instead."""
         cfg = self.config
         alpha = cfg.balance_loss_alpha if balance_alpha is None else balance_alpha
         lam = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
         if labels is None:
             alpha = 0.0
-        h, counts, balances = self.hidden_states(input_ids, token_mask, alpha)
-        logits = self.lm_head(h)
+        emb = self.model.embed_tokens(input_ids)
+        h, counts, balances = self._main_stack(emb, token_mask, alpha)
+        logits = self.lm_head(h) if return_logits or labels is None else None
         n_mtp_moe = sum(layer.is_moe for layer in self.mtp)
         if labels is None:
             counts += [torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=h.device)] * n_mtp_moe
             return ModelOutput(logits=logits, expert_counts=_stack(counts, cfg, h.device))
 
         n_targets = (labels != -100).sum().clamp_min(1)
-        main_loss = _ce_sum(logits, labels) / n_targets
+        main_loss = (_ce_sum(logits, labels) if logits is not None
+                     else linear_cross_entropy(h, self.lm_head.weight, labels)) / n_targets
         mtp_losses = []
         t = input_ids.shape[1]
         prev = h
@@ -143,16 +156,15 @@ class DeepseekV3(nn.Module):
                 if layer.is_moe:
                     counts.append(torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=h.device))
                 continue
-            emb = self.model.embed_tokens(input_ids[:, k:])
-            x = layer.merge(emb, prev[:, : t - k])
+            x = layer.merge(emb[:, k:], prev[:, : t - k])
             cos, sin = self.rotary(torch.arange(t - k, device=h.device), x.dtype)
             mask_k = token_mask[:, k:] if token_mask is not None else None
             x, c, b = layer(x, cos, sin, mask_k, alpha)
             if c is not None:
                 counts.append(c)
                 balances.append(b)
-            mtp_logits = self.lm_head(layer.shared_head.norm(x))
-            mtp_losses.append(_ce_sum(mtp_logits, labels[:, k:]) / n_targets)
+            mtp_losses.append(linear_cross_entropy(layer.shared_head.norm(x), self.lm_head.weight, labels[:, k:])
+                              / n_targets)
             prev = x
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else main_loss.new_zeros(())
         balance = torch.stack(balances).sum() if balances else main_loss.new_zeros(())

@@ -1,0 +1,83 @@
+"""Cross-entropy through the LM head without materialising the full logits (the training fast path).
+
+`linear_cross_entropy(h, W, labels)` returns sum_i CE(h_i W^T, labels_i) over the labels != -100,
+the same value as `F.cross_entropy(F.linear(h, W).float(), labels, reduction="sum")` (the plain
+reference, kept in `transformer.py` and used whenever the caller asks for logits).
+
+Why: with V = 8192 and 2048 tokens, the plain path writes the [N, V] logits, an fp32 copy of them,
+their log-softmax, the gradient of each, and casts between them: about ten full passes over a 64 MB
+tensor per head, and MTP runs the head twice. Here the rows are processed in chunks of `chunk_rows`
+tokens; each chunk's logits live only while it is handled. Because the loss is a scalar, the
+gradient is computed in the same pass (softmax - one-hot, then the two matmuls) and only scaled by
+the incoming gradient in backward: no second pass over the head, no recomputation.
+
+Precision: the matmuls run in the autocast dtype when autocast is on (bf16 on CPU), as the plain
+path would; log-sum-exp and the softmax are fp32; the head's gradient is summed over chunks in fp32.
+Chunks are processed in a fixed order, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def _chunk_rows(n_rows: int, vocab: int, budget_bytes: int = 16 << 20) -> int:
+    """Rows per chunk: fp32 logits of about `budget_bytes` (16 MB: 512 rows at V = 8192)."""
+    return max(1, min(n_rows, budget_bytes // (4 * vocab)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, compute_dtype, chunk_rows, need_grad):
+        hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
+        n = hc.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(hc) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        for s in range(0, n, chunk_rows):
+            x, y = hc[s:s + chunk_rows], labels[s:s + chunk_rows]
+            logp = (x @ wc.t()).float().log_softmax(-1)  # [c, V], fp32
+            valid = y != IGNORE
+            target = y.clamp_min(0)[:, None]
+            loss -= (logp.gather(1, target).squeeze(1) * valid).sum()
+            if need_grad:
+                p = logp.exp_()  # softmax, in place
+                p.scatter_add_(1, target, -valid[:, None].float())  # minus the one-hot of the target
+                if not bool(valid.all()):
+                    p.mul_(valid[:, None])
+                p = p.to(compute_dtype)
+                torch.mm(p, wc, out=grad_h[s:s + chunk_rows])
+                grad_w += p.t() @ x
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        ctx.grads = (grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        if grad_h is None:
+            raise RuntimeError("linear_cross_entropy was run without gradients; it cannot be differentiated")
+        return (grad_h * grad_loss).to(ctx.h_dtype), (grad_w * grad_loss).to(ctx.w_dtype), None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Sum over labels != -100 of CE(h W^T, labels): h [..., H], weight [V, H], labels [...] (int64).
+    Returns an fp32 scalar; differentiable in h and weight."""
+    h2 = h.reshape(-1, h.shape[-1])
+    y = labels.reshape(-1)
+    rows = chunk_rows or _chunk_rows(h2.shape[0], weight.shape[0])
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    dtype = _compute_dtype(h, weight)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h2, weight, y, dtype, rows, need_grad)
