@@ -120,7 +120,7 @@ class Card:
                 f"| parameters | {s['total_params']:,} total, {s['active_params']:,} active per token |",
                 f"| training tokens | {self.state.get('consumed_tokens', 0):,} ({self.state.get('step')} steps) |",
                 f"| final loss | train {_f(train_loss)}, validation {_f(valid_loss)} (nats per token) |",
-                f"| format | Hugging Face DeepSeek-V3 (`DeepseekV3ForCausalLM`), safetensors |",
+                "| format | Hugging Face DeepSeek-V3 (`DeepseekV3ForCausalLM`), safetensors |",
                 f"| provenance root | `sha256:{root}` |",
             ]
         lines += ["", "**Provenance root hash**: the SHA-256 of the manifest of the final artifact "
@@ -135,6 +135,13 @@ class Card:
         corpus = self.one("corpus")
         if corpus is None:
             return "## Data\n\nThe run records no corpus manifest: the verified chain starts at the curated documents."
+        config = corpus.manifest.get("config", {})
+        packages, sel = config.get("packages", []), config.get("selection")
+        n_files = corpus.manifest.get("files", len(corpus.manifest.get("outputs", {})))
+        if not packages:
+            return "\n".join(["## Training data", "", f"A corpus of {n_files} file(s) pinned by its manifest "
+                               f"(`{self.link(corpus.path)}`); selection: {sel}. It names no registry packages, "
+                               "so no licences are recorded."])
         sources = corpus_sources()
         kept = self.kept_by_package()
         lines = ["## Training data: sources and licences", "",
@@ -142,17 +149,16 @@ class Card:
                  "`sourcelm corpus fetch` and pinned by their SHA-256:", "",
                  "| source | registry | version | archive SHA-256 | what it gives | licence | documents kept | tokens |",
                  "|---|---|---|---|---|---|---:|---:|"]
-        for p in corpus.manifest.get("config", {}).get("packages", []):
+        for p in packages:
             what, licence = sources.get(p["name"], ("", "see the package"))
             docs, toks = kept.get(p["name"], (0, 0))
             lines.append(f"| {p['name']} | {p['registry']} | {p['version']} | `{p['sha256'][:16]}…` | {what} | "
                          f"{licence} | {docs:,} | {toks:,} |")
-        sel = corpus.manifest.get("config", {}).get("selection", {})
-        lines += ["", f"Selection: handbook locales {sel.get('handbook_locales')}, Python pages "
-                      f"{sel.get('python_pages')}, fortunes {sel.get('fortunes')}, UDHR {sel.get('udhr')}. "
-                      f"The HTML was served on loopback and crawled into WARC files; "
-                      f"{corpus.manifest.get('files', len(corpus.manifest.get('outputs', {})))} files, "
-                      f"{corpus.manifest.get('bytes', 0) / 1e6:.1f} MB."]
+        if isinstance(sel, dict):
+            lines += ["", f"Selection: handbook locales {sel.get('handbook_locales')}, Python pages "
+                          f"{sel.get('python_pages')}, fortunes {sel.get('fortunes')}, UDHR {sel.get('udhr')}. "
+                          "The HTML was served on loopback and crawled into WARC files; "
+                          f"{n_files} files, {corpus.manifest.get('bytes', 0) / 1e6:.1f} MB."]
         return "\n".join(lines)
 
     def kept_by_package(self) -> dict[str, tuple[int, int]]:
@@ -277,9 +283,13 @@ class Card:
     def reproduce(self) -> str:
         cmds = ["RUN=$PWD/" + self.run.as_posix().rstrip("/") if not self.run.is_absolute() else f"RUN={self.run}"]
         corpus, cur, tok, tokens = self.one("corpus"), self.one("curate"), self.one("tokenizer"), self.one("tokenize")
-        if corpus:
-            full = corpus.manifest.get("config", {}).get("selection", {}).get("handbook_locales") == "all"
+        sel = corpus.manifest.get("config", {}).get("selection") if corpus else None
+        if corpus and isinstance(sel, dict) and corpus.manifest["config"].get("packages"):
+            full = sel.get("handbook_locales") == "all"
             cmds.append(f"sourcelm corpus fetch --dir {self.where(corpus.dir)}" + (" --full" if full else ""))
+        elif corpus:
+            cmds.append(f"# the raw files in {self.where(corpus.dir)} are pinned by their manifest "
+                        "(not made by `sourcelm corpus fetch`)")
         if cur:
             cmds.append(f"sourcelm curate {_pipeline(cur)} --output {self.where(cur.dir)} " + " ".join(
                 f'--input "{g}"' for g in self.input_globs(cur)))

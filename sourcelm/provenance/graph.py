@@ -22,6 +22,7 @@ Each check is a `Check` row; `Report.ok` is true only when no row failed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import Counter
@@ -109,7 +110,7 @@ class Report:
         """The final artifact: the export if there is one, else the newest checkpoint."""
         exports = self.of_kind("export")
         if exports:
-            return sorted(exports, key=lambda n: str(n.path))[-1]
+            return max(exports, key=lambda n: str(n.path))
         ckpts = [c for run in self.checkpoint_runs().values() for c in run]
         return max(ckpts, key=lambda n: n.manifest.get("step", 0)) if ckpts else None
 
@@ -237,8 +238,10 @@ def _check_inputs(report: Report, node: Node) -> list[Path]:
     for entry in node.manifest.get("inputs", []):
         f = (node.dir / entry.get("path", "")).resolve()
         if not f.is_file():
+            hint = (" (deleted by checkpoint.keep? keep = 0 keeps the whole chain)"
+                    if node.kind == "checkpoint" and f.parent.name.startswith("step_") else "")
             report.add(owner_stage(f), report.rel(f), "input link", False,
-                       f"missing; {node.stage} ({report.rel(node.path)}) was made from it")
+                       f"missing; {node.stage} ({report.rel(node.path)}) was made from it{hint}")
             continue
         if report.sha(f) != entry.get("sha256"):
             report.add(owner_stage(f), report.rel(f), "input link", False,
@@ -304,7 +307,7 @@ def _check_checkpoints(report: Report) -> None:
         if len(set(ids)) == 1:
             report.add(f"checkpoint (all {len(nodes)})", report.rel(run), "code version", True,
                        f"all from {describe_code(nodes[0].manifest.get('code', {}))}")
-        for a, b in zip(nodes, nodes[1:]):
+        for a, b in itertools.pairwise(nodes):
             ca, cb = (_math(x.manifest.get("config", {})) for x in (a, b))
             if ca != cb:
                 report.add(b.stage, report.rel(b.path), "config", True, note=True,

@@ -18,8 +18,8 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20

@@ -98,7 +98,7 @@ def replay_segment(report: Report, start: Node | None, end: Node, show_progress:
             print(f"replay {label} of {report.rel(end.dir.parent.parent)} on {launch.get('nproc', 1)} process(es), "
                   f"{launch.get('ranks_per_node', 1)} per node", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, stdout=None if show_progress else subprocess.PIPE,
+        proc = subprocess.run(cmd, check=False, env=env, stdout=None if show_progress else subprocess.PIPE,
                               stderr=subprocess.STDOUT if not show_progress else None, text=True)
         secs = time.perf_counter() - t0
         replayed = tmp / "run" / "checkpoints" / end.dir.name

@@ -59,7 +59,7 @@ def test_flipped_byte_in_exported_weights(run_copy):
 
 
 def test_edited_curated_document(run_copy):
-    doc_file = sorted((run_copy / "curated" / "documents").glob("*.jsonl.zst"))[0]
+    doc_file = min((run_copy / "curated" / "documents").glob("*.jsonl.zst"))
     raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(doc_file.read_bytes())).read()
     lines = raw.decode().splitlines()
     doc = json.loads(lines[0])
@@ -139,7 +139,7 @@ def test_replay_is_bit_identical_and_catches_forged_weights(run_copy):
 
     ckpt = run_copy / "train" / "checkpoints" / "step_000006"
     tensors = load_file(ckpt / "model.safetensors")
-    name = sorted(tensors)[0]
+    name = min(tensors)
     tensors[name] = tensors[name] + torch.full_like(tensors[name], 1e-3)
     save_file(tensors, ckpt / "model.safetensors")
     state = json.loads((ckpt / "state.json").read_text())
@@ -177,7 +177,7 @@ def test_data_rerun_matches_and_catches_a_forged_curation(run_copy):
     assert sorted(reruns) == ["curate", "tokenize (train)", "tokenize (valid)", "tokenizer"]
 
     # forge the curation: edit a document and re-hash the curation's manifest to match
-    doc_file = sorted((run_copy / "curated" / "documents").glob("*.jsonl.zst"))[0]
+    doc_file = min((run_copy / "curated" / "documents").glob("*.jsonl.zst"))
     raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(doc_file.read_bytes())).read()
     doc_file.write_bytes(zstandard.ZstdCompressor().compress(raw.replace(b"wheat", b"sugar", 1)))
     m = json.loads((run_copy / "curated" / "manifest.json").read_text())
