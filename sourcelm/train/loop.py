@@ -173,7 +173,7 @@ class Trainer:
             start = s.consumed_samples + m * self.quantum
             batch = self.train_data.batch(start, self.quantum, ctx.dp_rank, ctx.dp_world).to(self.device)
             with self._autocast():
-                out = self.model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=lam)
+                out = self.model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=lam, return_logits=False)
             (out.loss * scale).backward()
             self.balancer.accumulate(out.expert_counts)
             parts += torch.stack([out.loss.detach(), out.main_loss.detach(),
