@@ -1,9 +1,10 @@
 """Word splitting and the small text statistics several filters share.
 
 Words are split with one compiled regex that follows the shape of rule-based English
-tokenizers (spaCy's, which datatrove uses): a URL stays one token, punctuation becomes its own
-token, an ellipsis is one token, digits keep their inner separators ("3.14", "1,000"). So
-"well-known, isn't it..." gives ["well", "-", "known", ",", "isn't", "it", "..."].
+tokenizers (spaCy's, which datatrove uses): text splits on white space, punctuation at either
+end of a chunk becomes its own token, punctuation inside stays ("3.14", "self.run(x", "U.S"),
+hyphens between words split, an ellipsis is one token, a URL stays whole. So
+"well-known, isn't it..." gives ["well", "-", "known", ",", "is", "n't", "it", "..."].
 Filters that count "words" count the tokens that hold a letter or digit (non-symbol words).
 
 The token list of the last text seen is cached, because Gopher quality, Gopher repetition
@@ -16,10 +17,13 @@ import re
 
 
 
+_CONTRACTION = r"(?i:n['’]t|['’](?:s|re|ve|ll|d|m))(?!\w)"
 _TOKEN_RE = re.compile(
     r"https?://[^\s<>\"]*[^\s<>\".,;:!?)\]'’]"  # URL, trailing punctuation left out
-    r"|\w+(?:[.,:'’]\w+)*"  # word or number with inner separators
-    r"|\.\.\.|[^\w\s]",  # ellipsis, or one punctuation character
+    r"|" + _CONTRACTION +  # a contraction's second half: do|n't, it|'s
+    r"|[^\W_](?:(?:(?!" + _CONTRACTION + r")[^\s\-–—])*(?!" + _CONTRACTION + r")[^\W_])?"  # from a letter
+    # or digit to one: inner punctuation stays (a.b(c, 3.14, U.S), up to a contraction
+    r"|\.\.\.|[^\w\s]|_",  # ellipsis, or one punctuation character (a leading or trailing one)
 )
 # statistics over a token list run as one regex over the tokens joined by newlines (tokens never
 # hold a newline), which keeps the per-token work in C

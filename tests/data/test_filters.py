@@ -29,7 +29,9 @@ def verdict(step, text, url=None):
 
 def test_tokens():
     assert textutil.tokens("well-known, isn't it... 3.14 http://a.b/c?d=1.") == [
-        "well", "-", "known", ",", "isn't", "it", "...", "3.14", "http://a.b/c?d=1", "."]
+        "well", "-", "known", ",", "is", "n't", "it", "...", "3.14", "http://a.b/c?d=1", "."]
+    assert textutil.tokens("self.run(x, y) __init__ foo_bar") == [
+        "self.run(x", ",", "y", ")", "_", "_", "init", "_", "_", "foo_bar"]
     toks = textutil.tokens("# 12 ab !")
     assert textutil.non_symbol_words(toks) == ["12", "ab"]
     assert textutil.count_symbol_tokens(toks) == 2 and textutil.count_tokens_without_letter(toks) == 3
