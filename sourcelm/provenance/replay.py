@@ -8,6 +8,9 @@ directory and trains K' − K steps. The result must be bit-identical to the sto
 the same SHA-256 for model.safetensors and optimizer.safetensors, and the same step, sample,
 token, loader and RNG counters.
 
+The replay runs the code of the current checkout; when that is not the code version the checkpoint
+records, the verdict says so (other code may legitimately compute other bits).
+
 What changes for the replay, none of which enters the weights: the token shard paths (taken from
 the checkpoint's manifest links, so a moved run still replays), validation and TensorBoard (off).
 """
@@ -22,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sourcelm.provenance.graph import Check, Node, Report
-from sourcelm.provenance.manifest import sha256_file
+from sourcelm.provenance.graph import Check, Node, Report, code_id, describe_code
+from sourcelm.provenance.manifest import code_version, sha256_file
 
 COMPARED_STATE = ("step", "consumed_samples", "consumed_tokens", "optimizer_step", "loader", "rng",
                   "bad_in_row", "skipped_steps")
@@ -106,7 +109,13 @@ def replay_segment(report: Report, start: Node | None, end: Node, show_progress:
             tail = (proc.stdout or "")[-800:] if not show_progress else ""
             return Check(end.stage, report.rel(end.dir), "replay", False,
                          f"{label}: the replay run failed (exit {proc.returncode}) {tail}")
-        return compare_checkpoints(report, end, replayed, label, secs)
+        check = compare_checkpoints(report, end, replayed, label, secs)
+        made_by, running = end.manifest.get("code", {}), code_version()
+        if code_id(made_by) != code_id(running):
+            # other code may compute other bits: say so, so a mismatch is not read as a forgery
+            check.detail += (f" [replayed with code {describe_code(running)}; the checkpoint was made by "
+                             f"{describe_code(made_by)}: check that version out to replay it exactly]")
+        return check
 
 
 def compare_checkpoints(report: Report, end: Node, replayed: Path, label: str, secs: float) -> Check:
