@@ -2,17 +2,26 @@
 
 Both train the `tiny` preset (or --preset) on batches of 8 × 256 tokens with AdamW(0.9, 0.95,
 wd 0.1 on matrices) and gradient clipping at 1.0. Each measurement is a fresh subprocess (so peak
-RSS is that trainer's alone), and the two alternate for --rounds rounds so machine noise hits both
-alike. sourcelm runs its real loop (`Trainer.train_step`: loader, balance update, metrics); it also
-computes the MTP block and loss, which HF's model does not have — extra work on our side only.
+RSS is that trainer's alone), and all variants alternate, round after round, so machine noise hits
+them alike; the figures are medians over the rounds. sourcelm runs its real loop
+(`Trainer.train_step`: loader, balance update, metrics).
 
-    .venv/bin/python bench/train_throughput.py [--rounds 3 --steps 8 --dtype float32]
+Variants (each in every compute dtype given by --dtypes):
+  sourcelm      the preset as is: the MTP block and loss included, work HF's model does not do
+  sourcelm-nomtp  model.num_nextn_predict_layers=0: the same work as HF's model (equal-work ratio)
+  transformers  DeepseekV3ForCausalLM (sdpa attention), torch.optim.AdamW, torch.autocast for bf16
+
+MFU: model FLOPs per token (`sourcelm.model.flops`; with MTP for the first variant, without for the
+other two) × tokens/s over the peak measured by the trainer's matmul probe for that dtype.
+
+    .venv/bin/python bench/train_throughput.py [--rounds 3 --steps 8 --dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -25,6 +34,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("sourcelm", "sourcelm-nomtp", "transformers")
 
 
 def make_shards(root: Path, vocab: int, tokens: int = 400_000) -> Path:
@@ -40,32 +50,45 @@ def make_shards(root: Path, vocab: int, tokens: int = 400_000) -> Path:
     return root / "train"
 
 
-def run_sourcelm(args) -> dict:
+def _timed(step, args) -> dict:
+    """Tokens per wall second, and per second of this process's CPU time (user + system, all threads):
+    the second is barely moved by other processes time-slicing the cores, the first is."""
+    for _ in range(args.warmup):
+        step()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        step()
+    tokens = args.steps * args.batch * args.seq
+    return {"tokens_per_s": tokens / (time.perf_counter() - wall), "tokens_per_cpu_s": tokens / (time.process_time() - cpu)}
+
+
+def run_sourcelm(args, dtype: str, mtp: bool) -> dict:
     from sourcelm.config import load_config
     from sourcelm.train.loop import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_shards(Path(tmp), load_config(args.preset).model.vocab_size)
-        cfg = load_config(args.preset, [
+        overrides = [
             f"data.train=['{data}']", f"data.seq_len={args.seq}", f"schedule.global_batch={args.batch}",
             f"schedule.micro_batch={args.batch}", f"schedule.steps={args.warmup + args.steps}",
             "checkpoint.every=100000", "logging.tensorboard=false", "logging.progress=false", "logging.valid_every=0",
-            f"train.dtype={args.dtype}", f"model.moe_impl={args.moe_impl}"])
+            f"train.dtype={dtype}", f"model.moe_impl={args.moe_impl}", f"train.compile={str(args.compile).lower()}"]
+        if not mtp:
+            overrides.append("model.num_nextn_predict_layers=0")
+        cfg = load_config(args.preset, overrides)
+        t0 = time.perf_counter()
         trainer = Trainer(cfg, Path(tmp) / "run", progress=False)
-        for _ in range(args.warmup):
-            trainer.train_step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step()
-        elapsed = time.perf_counter() - start
-        return {"tokens_per_s": args.steps * args.batch * args.seq / elapsed, "flops_per_token": trainer.flops_per_token,
-                "peak_flops": trainer.peak_flops}
+        trainer.train_step()  # the first step pays any compilation
+        first = time.perf_counter() - t0
+        return {**_timed(trainer.train_step, args), "flops_per_token": trainer.flops_per_token,
+                "peak_flops": trainer.peak_flops, "setup_and_first_step_s": first}
 
 
-def run_hf(args) -> dict:
+def run_hf(args, dtype: str) -> dict:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from sourcelm.config import load_config
+    from sourcelm.model.flops import model_stats
 
     mcfg = load_config(args.preset).model
     hf_cfg = DeepseekV3Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures",)})
@@ -77,29 +100,29 @@ def run_hf(args) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    dt = getattr(torch, dtype)
 
     def step():
         batch = torch.randint(2, mcfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
             out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])  # HF shifts labels itself
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    elapsed = time.perf_counter() - start
-    return {"tokens_per_s": args.steps * args.batch * args.seq / elapsed}
+    return {**_timed(step, args), "flops_per_token": model_stats(mcfg, args.seq, dtype)["flops_per_token"]}
 
 
 def child(args) -> None:
-    result = run_sourcelm(args) if args.child == "sourcelm" else run_hf(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child == "transformers":
+        result = run_hf(args, args.child_dtype)
+    else:
+        result = run_sourcelm(args, args.child_dtype, mtp=args.child == "sourcelm")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result))
 
 
@@ -109,35 +132,63 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes to measure")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each trainer (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="sourcelm with train.compile=true")
     p.add_argument("--moe-impl", default="grouped", choices=["grouped", "loop"])
-    p.add_argument("--child", choices=["sourcelm", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write every measurement to this file")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--child-dtype", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
-    results: dict[str, list[dict]] = {"sourcelm": [], "hf": []}
-    forwarded = [a for a in sys.argv[1:]]
+    dtypes = args.dtypes.split(",")
+    variants = args.variants.split(",")
+    runs = [(v, d) for d in dtypes for v in variants]
+    results: dict[tuple[str, str], list[dict]] = {r: [] for r in runs}
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     for r in range(args.rounds):
-        for who in ("sourcelm", "hf"):
-            out = subprocess.run([sys.executable, __file__, *forwarded, "--child", who], capture_output=True, text=True,
-                                 cwd=ROOT)
+        for who, dtype in runs:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", who, "--child-dtype", dtype]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
-                sys.exit(f"{who} failed:\n{out.stderr[-3000:]}")
-            results[who].append(json.loads(line[7:]))
-            print(f"round {r + 1} {who:9s} {results[who][-1]['tokens_per_s']:9.0f} tok/s  "
-                  f"peak RSS {results[who][-1]['peak_rss_mb']:.0f} MB", flush=True)
-    ours = statistics.median(x["tokens_per_s"] for x in results["sourcelm"])
-    theirs = statistics.median(x["tokens_per_s"] for x in results["hf"])
-    flops, peak = results["sourcelm"][0]["flops_per_token"], results["sourcelm"][0]["peak_flops"]
-    print(f"\npreset {args.preset}, batch {args.batch} x {args.seq}, {args.dtype}, {torch.get_num_threads()} threads")
-    print(f"sourcelm     {ours:9.0f} tok/s (median of {args.rounds})  MFU {ours * flops / peak:.1%}  "
-          f"peak RSS {max(x['peak_rss_mb'] for x in results['sourcelm']):.0f} MB")
-    print(f"transformers {theirs:9.0f} tok/s (median of {args.rounds})  MFU {theirs * flops / peak:.1%}  "
-          f"peak RSS {max(x['peak_rss_mb'] for x in results['hf']):.0f} MB")
-    print(f"ratio sourcelm / transformers: {ours / theirs:.2f}x")
+                sys.exit(f"{who} {dtype} failed:\n{out.stderr[-3000:]}")
+            res = json.loads(line[7:])
+            res["load_average_1m"] = os.getloadavg()[0]
+            results[(who, dtype)].append(res)
+            print(f"round {r + 1} {who:15s} {dtype:9s} {res['tokens_per_s']:8.0f} tok/s "
+                  f"{res['tokens_per_cpu_s']:8.0f} tok/CPU-s  "
+                  f"peak RSS {res['peak_rss_mb']:5.0f} MB  load {res['load_average_1m']:.1f}", flush=True)
+    print(f"load average at end: {os.getloadavg()}")
+    threads = results[runs[0]][0]["threads"]
+    print(f"\npreset {args.preset}, batch {args.batch} x {args.seq}, {threads} threads, median of {args.rounds} rounds"
+          f"{', sourcelm compiled' if args.compile else ''}")
+    med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
+    med_cpu = {k: statistics.median(x["tokens_per_cpu_s"] for x in v) for k, v in results.items()}
+    peaks = {d: results[(v, d)][0]["peak_flops"] for v, d in runs if v != "transformers"}
+    for who, dtype in runs:
+        res = results[(who, dtype)]
+        mfu = f"MFU {med[(who, dtype)] * res[0]['flops_per_token'] / peaks[dtype]:6.1%}" if dtype in peaks else ""
+        spread = f"[{min(x['tokens_per_s'] for x in res):.0f}..{max(x['tokens_per_s'] for x in res):.0f}]"
+        print(f"{who:15s} {dtype:9s} {med[(who, dtype)]:8.0f} tok/s {spread:15s} {med_cpu[(who, dtype)]:8.0f} tok/CPU-s  {mfu}  "
+              f"peak RSS {max(x['peak_rss_mb'] for x in res):5.0f} MB")
+    for label, m in (("wall-clock tokens/s", med), ("tokens per CPU-second", med_cpu)):
+        hf = {d: m[("transformers", d)] for d in dtypes if ("transformers", d) in m}
+        if not hf:
+            continue
+        best_d = max(hf, key=hf.get)
+        print(f"\nratios on {label} (transformers' best: {best_d}, {hf[best_d]:.0f})")
+        for who, dtype in runs:
+            if who == "transformers":
+                continue
+            same = f"{m[(who, dtype)] / hf[dtype]:5.2f}x vs transformers {dtype}" if dtype in hf else ""
+            print(f"  {who:15s} {dtype:9s} {same}   {m[(who, dtype)] / hf[best_d]:5.2f}x vs transformers' best")
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{w}/{d}": v for (w, d), v in results.items()}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
