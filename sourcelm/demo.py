@@ -252,7 +252,7 @@ def transformers_sample(model_dir: Path, prompt: str, new_tokens: int = 24) -> s
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,6 +237,7 @@ class Card:
         tps = statistics.median(r["tokens_per_s"] for r in steady) if steady else float("nan")
         mfu = statistics.median(r["mfu"] for r in steady) if steady else float("nan")
         wall = sum(r.get("step_time", 0) for r in train)
+        peak = next((r.get("peak_source") for r in self.metrics if r.get("kind") == "meta"), "unknown")
         lines = ["## Training", "",
                  f"Layout: {self.state.get('layout')}. {sched['steps']} steps of {sched['global_batch']} sequences × "
                  f"{c['data']['seq_len']} tokens; AdamW (β {c['optim']['betas']}, weight decay "
@@ -244,7 +245,7 @@ class Card:
                  f"steps, cosine to {c['optim']['min_lr']}; MTP weight {sched['mtp_weight']} then "
                  f"{sched['mtp_weight_late']}; bias update speed {sched['bias_update_speed']}; seed {c['seed']}. "
                  f"The whole config is in [{TRAIN_TOML}]({self.link(self.run / TRAIN_TOML)}).", "",
-                 f"Throughput: median {tps:,.0f} tokens/s, MFU {100 * mfu:.2f} % of this machine's measured peak; "
+                 f"Throughput: median {tps:,.0f} tokens/s, MFU {100 * mfu:.2f} % (peak: {peak}); "
                  f"{wall / 60:.1f} minutes of training steps; {len(self.ckpts)} checkpoints."]
         plots = self.train_dir / "plots" if self.train_dir else None
         for name, title in (("loss", "loss"), ("lr", "learning rate and MTP weight"), ("throughput", "throughput"),

@@ -73,7 +73,9 @@ def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: do not fold at 80 columns
     table = Table(title=f"provenance of {report.run_dir}", show_lines=False)
     for col in ("stage", "artifact", "check", "result"):
         table.add_column(col, overflow="fold")
