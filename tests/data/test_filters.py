@@ -28,13 +28,39 @@ def verdict(step, text, url=None):
 
 
 def test_tokens():
+    # the expected splits are spaCy 3.8's English tokenizer's (see test_tokens_equal_spacy)
     assert textutil.tokens("well-known, isn't it... 3.14 http://a.b/c?d=1.") == [
-        "well", "-", "known", ",", "is", "n't", "it", "...", "3.14", "http://a.b/c?d=1", "."]
+        "well", "-", "known", ",", "is", "n't", "it", "...", "3.14", "http://a.b", "/", "c?d=1", "."]
+    assert textutil.tokens("see http://example.com/a.b). e.g., /etc/apt/sources.list") == [
+        "see", "http://example.com/a.b", ")", ".", "e.g.", ",", "/etc", "/", "apt", "/", "sources.list"]
+    assert textutil.tokens("def main(): ls -h --help x=1 1-2 a-1 1-a :) it's Python's") == [
+        "def", "main", "(", "):", "ls", "-h", "--help", "x=1", "1", "-", "2", "a-1", "1", "-", "a", ":)",
+        "it", "'s", "Python", "'s"]
     assert textutil.tokens("self.run(x, y) __init__ foo_bar") == [
         "self.run(x", ",", "y", ")", "_", "_", "init", "_", "_", "foo_bar"]
     toks = textutil.tokens("# 12 ab !")
     assert textutil.non_symbol_words(toks) == ["12", "ab"]
     assert textutil.count_symbol_tokens(toks) == 2 and textutil.count_tokens_without_letter(toks) == 3
+
+
+TRICKY = [
+    "I can't believe it's 10am, Dr. Smith's U.S. office (N.Y.) said: \"don't\" -- wasn't it?",
+    "Run `pip install -U foo==1.2.3` or see https://docs.python.org/3/library/os.path.html#os.path.join.",
+    "if x[i:j] != y: return f(a, *args, **kw)  # 3.5-4 km/h, 5km, $10, 20%, +3 vs +x, C++ and/or w/o",
+    "mount /dev/sda1 /mnt; echo $HOME > ~/.bashrc 2>&1 && cd ../src/main.c:12:3 -- 127.0.0.1:8000/x",
+    "Wait... what?! «Quoted» „text“ — dash–dash 'single' ‘curly’ it’s y'all gonna 1a.m. 25°C. :-) <3",
+    "lambda x: x**2; a<b>c; foo.Bar, lower.Upper; 1,000,000; 3*4^2; a--b; éclair-à-la-crème; ½ ² ©2024",
+]
+
+
+def test_tokens_equal_spacy():
+    """The splitter is spaCy's English tokenizer written without spaCy: equal token lists on
+    prose, code, paths, URLs, contractions, abbreviations and emoticons."""
+    spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    for text in TRICKY + [PROSE]:
+        expected = [t.text for t in nlp(text) if t.text.strip()]
+        assert textutil.tokens(text) == expected, text
 
 
 def test_gopher_quality_each_rule():
