@@ -398,7 +398,7 @@ def preset_names() -> list[str]:
 
 
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
-    """Builds a validated Config from a preset name, a TOML path or a dict, then applies overrides."""
+    """Builds a validated Config from a preset name, a TOML or JSON path or a dict, then applies overrides."""
     cfg = Config()
     if isinstance(source, dict):
         _apply(cfg, source, "")
@@ -410,9 +410,10 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
                 raise ConfigError(f"no config file or preset named {str(source)!r}; presets: {', '.join(preset_names())}")
             path = preset
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+            # .json: a resolved config as a run saved it (Config.to_json), read back without loss
+            data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from None
         _apply(cfg, data, "")
     if overrides:
         _apply(cfg, parse_overrides(overrides), "")

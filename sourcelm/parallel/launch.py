@@ -14,6 +14,20 @@ import os
 def launch_local(args) -> int:
     from torch.distributed.run import get_args_parser, run
 
+    from sourcelm.config import ConfigError, load_config
+
+    # a layout that cannot work fails here, once, instead of in every rank
+    cfg = load_config(args.config, args.overrides)
+    quantum = cfg.schedule.micro_batch * args.nproc
+    if cfg.schedule.global_batch % quantum:
+        raise ConfigError(
+            f"schedule.global_batch = {cfg.schedule.global_batch} must be a multiple of schedule.micro_batch × "
+            f"processes = {cfg.schedule.micro_batch} × {args.nproc}; change schedule.micro_batch or --nproc")
+    from sourcelm.parallel.topology import validate_layout
+
+    m = cfg.model
+    validate_layout(args.nproc, args.ranks_per_node or args.nproc, cfg.parallel.ep, m.n_routed_experts, m.n_group)
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores; one BLAS thread each
     argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "sourcelm.train", args.config,
             *args.overrides, "--run-dir", args.run_dir, "--ranks-per-node", str(args.ranks_per_node or args.nproc)]

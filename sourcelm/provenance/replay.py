@@ -77,9 +77,9 @@ def launch_command(config_path: Path, run_dir: Path, start: Path | None, steps: 
     rank_args += ["--resume-from", str(start)] if start else ["--no-resume"]
     nproc = int(launch.get("nproc", 1))
     if nproc == 1:
-        return [sys.executable, "-m", "sourcelm.provenance.replay_rank", *rank_args]
+        return [sys.executable, "-m", "sourcelm.train", *rank_args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--module", "sourcelm.provenance.replay_rank", *rank_args]
+            "--module", "sourcelm.train", *rank_args]
 
 
 def replay_segment(report: Report, start: Node | None, end: Node, show_progress: bool = True,

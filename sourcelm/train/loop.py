@@ -98,7 +98,8 @@ class Trainer:
         self.state = TrainState()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=self.ctx.is_main)
         self.peak_flops, self.peak_source = self._peak()
-        self.inputs = [Path(p) / "manifest.json" for p in cfg.data.train]
+        # the token shards behind the training and the validation loss, pinned by their manifests
+        self.inputs = [Path(p) / "manifest.json" for p in [*cfg.data.train, *cfg.data.valid]]
 
     def _peak(self) -> tuple[float, str]:
         """The device peak, probed once per run directory and recorded (a resumed run reuses it)."""
