@@ -88,3 +88,12 @@ def test_checkpoint_from_ep4_resumes_at_ep2_and_on_one_process(small_args, tmp_p
         assert [r["step"] for r in resumed] == [4, 5, 6]
         for a, b in zip(single[3:], resumed):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (name, a["step"])
+
+
+def test_impossible_layout_fails_once_before_any_rank_starts(small_args, tmp_path):
+    cmd = [sys.executable, "-m", "sourcelm", "train", *small_args, "schedule.micro_batch=1", "parallel.ep=4",
+           "--nproc", "3", "--run-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "schedule.global_batch = 4 must be a multiple of schedule.micro_batch × processes = 1 × 3" in out.stderr
+    assert not (tmp_path / "run").exists()
