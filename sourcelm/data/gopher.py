@@ -1,8 +1,15 @@
 """Gopher (MassiveText) quality and repetition rules, Rae et al. 2021, Appendix A / Table A1.
 
 Where the paper leaves a detail open, the choice follows datatrove's widely used implementation
-so results can be compared with it: the stop-word test is case-sensitive, bullets are "•" or
-"-", a top n-gram's characters are counted with its inner spaces, a duplicated n-gram's without.
+so results can be compared with it: text is split into words as spaCy's English tokenizer splits
+it (`textutil.tokens`; punctuation tokens count as words in the alphabetic-word, hash and
+ellipsis ratios), the stop-word test is case-sensitive, bullets are "•" or "-", a top n-gram's
+characters are counted with its inner spaces, a duplicated n-gram's without.
+One deliberate difference: the word count and mean word length use the tokens holding a letter,
+digit or underscore, as the paper's "words" read; datatrove counts every token with a character
+outside its punctuation list, so "•", "→", "©" or "‘" are words there. On the demo corpus's 636
+English pages this changes the word count of 485 pages and no keep/drop decision
+(bench/RESULTS_curate.md).
 
 Repetition works on integer hashes of the tokens (n-gram hashes by a vectorised rolling
 multiply-add) instead of joined strings, groups them with one stable argsort per n, and stops looking
