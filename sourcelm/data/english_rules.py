@@ -11,7 +11,6 @@ script ranges; the two differ only on scripts spaCy does not list (Thai, Georgia
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 
 
@@ -31,7 +30,6 @@ def _ranges(pred, stop: int) -> str:
 
 _BMP = 0x10000
 _uncased = _ranges(lambda c: c.isalpha() and not c.islower() and not c.isupper(), _BMP)
-ALPHA = r"^\W\d_"  # every letter (used as [^\W\d_])
 LOWER = _ranges(str.islower, _BMP) + _uncased
 UPPER = _ranges(str.isupper, _BMP) + _uncased
 # dingbats, arrows, box drawing, emoji...: Unicode category So (and the emoji planes beyond the BMP)
@@ -63,6 +61,7 @@ SUFFIXES = (_esc + ELLIPSES + _quotes_esc + [f"[{ICONS}]", "'s", "'S", "’s", "
                                              r"(?<=[0-9])(?:" + "|".join(map(re.escape, UNITS.split())) + ")",
                                              rf"(?<=[{_PERIOD_AFTER}])\.",
                                              rf"(?<=[{UPPER}][{UPPER}])\."])
+# [^\W\d_] is any letter
 INFIXES = ELLIPSES + [f"[{ICONS}]",
                       r"(?<=[0-9])[+\-\*^](?=[0-9-])",
                       rf"(?<=[{LOWER}{_QUOTE_CHARS}])\.(?=[{UPPER}{_QUOTE_CHARS}])",
@@ -171,5 +170,3 @@ def _pieces(ending: str, apo: str) -> list[str]:
 
 
 SPECIAL_CASES = _special_cases()
-if sys.flags.dev_mode:  # every special case spells its own string
-    assert all("".join(v) == k for k, v in SPECIAL_CASES.items())

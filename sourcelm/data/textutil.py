@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import re
 
-from sourcelm.data.english_rules import INFIX_RE, PREFIX_RE, SPECIAL_CASES, SUFFIX_RE, URL_RE
+from sourcelm.data.english_rules import (
+    INFIX_RE,
+    PREFIX_RE,
+    SPECIAL_CASES,
+    SUFFIX_RE,
+    URL_RE,
+)
 
 _CHUNK_CACHE_MAX = 200_000  # distinct chunks remembered (about 50 MB at most)
 _chunk_cache: dict[str, tuple[str, ...]] = {}

@@ -53,6 +53,13 @@ TRICKY = [
 ]
 
 
+def test_special_cases_spell_their_text():
+    from sourcelm.data.english_rules import SPECIAL_CASES
+
+    assert SPECIAL_CASES["don't"] == ("do", "n't") and SPECIAL_CASES["e.g."] == ("e.g.",)
+    assert all("".join(v) == k for k, v in SPECIAL_CASES.items())
+
+
 def test_tokens_equal_spacy():
     """The splitter is spaCy's English tokenizer written without spaCy: equal token lists on
     prose, code, paths, URLs, contractions, abbreviations and emoticons."""
