@@ -23,7 +23,8 @@ def _ranges(pred, stop: int) -> str:
                 start = cp
             prev = cp
         elif start is not None:
-            out.append(re.escape(chr(start)) if start == prev else f"{re.escape(chr(start))}-{re.escape(chr(prev))}")
+            first, last = re.escape(chr(start)), re.escape(chr(prev))
+            out.append(first if start == prev else f"{first}-{last}")
             start = None
     return "".join(out)
 
