@@ -109,7 +109,7 @@ class ModelConfig:
         if self.n_routed_experts % self.n_group:
             raise ConfigError(
                 f"{prefix}.n_routed_experts = {self.n_routed_experts} is not divisible by {prefix}.n_group = "
-                f"{self.n_group}; choose n_group among {_divisors(self.n_routed_experts)}")
+                f"{self.n_group}; choose n_group among {divisors(self.n_routed_experts)}")
         if self.topk_group > self.n_group:
             raise ConfigError(f"{prefix}.topk_group = {self.topk_group} > {prefix}.n_group = {self.n_group}; "
                               f"keep at most n_group groups")
@@ -200,6 +200,11 @@ class DataConfig:
     valid: list[str] = field(default_factory=list)
     seq_len: int = 256
     seed: int = 1234
+    # weights per source, e.g. {web = 0.7, code = 0.3}: sources are the `source` recorded per document
+    # (or the train paths); the loader follows one exactly proportioned, seeded schedule
+    mixture: dict | None = None
+    # held-out share of documents (by hash) when the shards have no separate valid split
+    valid_fraction: float = 0.0
 
 
 @dataclass
@@ -281,12 +286,24 @@ class Config:
                 raise ConfigError(f"schedule.{name} = {getattr(s, name)} must be positive")
         if s.global_batch % s.micro_batch:
             raise ConfigError(f"schedule.global_batch = {s.global_batch} is not a multiple of schedule.micro_batch = "
-                              f"{s.micro_batch}; choose micro_batch among {_divisors(s.global_batch)}")
+                              f"{s.micro_batch}; choose micro_batch among {divisors(s.global_batch)}")
         if not 0 <= s.decay_start <= s.decay_end <= 1:
             raise ConfigError("schedule.decay_start and decay_end must satisfy 0 <= decay_start <= decay_end <= 1")
         if self.data.seq_len <= 0 or self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len = {self.data.seq_len} must be in 1..model.max_position_embeddings "
                               f"({self.model.max_position_embeddings})")
+        for name in ("every", "keep"):
+            low = 1 if name == "every" else 0
+            if getattr(self.checkpoint, name) < low:
+                raise ConfigError(f"checkpoint.{name} = {getattr(self.checkpoint, name)} must be >= {low}"
+                                  + (" (0 keeps every checkpoint)" if name == "keep" else ""))
+        for name in ("every", "valid_batches"):
+            if getattr(self.logging, name) < 1:
+                raise ConfigError(f"logging.{name} = {getattr(self.logging, name)} must be >= 1")
+        if self.logging.valid_every < 0:
+            raise ConfigError(f"logging.valid_every = {self.logging.valid_every} must be >= 0 (0: no validation)")
+        if not 0 <= self.data.valid_fraction < 1:
+            raise ConfigError(f"data.valid_fraction = {self.data.valid_fraction} must be in [0, 1)")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas = {self.optim.betas}: give two values in [0, 1), e.g. [0.9, 0.95]")
         _choice("schedule", "unit", s.unit, ("steps", "tokens"))
@@ -299,7 +316,7 @@ class Config:
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
         if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:
             raise ConfigError(f"parallel.ep = {self.parallel.ep} must divide model.n_routed_experts = "
-                              f"{self.model.n_routed_experts}; choose among {_divisors(self.model.n_routed_experts)}")
+                              f"{self.model.n_routed_experts}; choose among {divisors(self.model.n_routed_experts)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -311,7 +328,18 @@ class Config:
 # ------------------------------------------------------------------------------------ load / merge
 
 
-def _divisors(n: int) -> list[int]:
+def check_batch_layout(cfg: "Config", ranks: int) -> int:
+    """The sequences one micro-step consumes over `ranks` data-parallel ranks; the global batch must be
+    a whole number of them."""
+    quantum = cfg.schedule.micro_batch * ranks
+    if cfg.schedule.global_batch % quantum:
+        raise ConfigError(
+            f"schedule.global_batch = {cfg.schedule.global_batch} must be a multiple of schedule.micro_batch × "
+            f"processes = {cfg.schedule.micro_batch} × {ranks}; change schedule.micro_batch or the process count")
+    return quantum
+
+
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 

@@ -26,15 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_checkpoint_model(ckpt: Path):
     """(model, Config) from a training checkpoint directory."""
-    from safetensors.torch import load_file
-
     from sourcelm.config import config_from_dict
     from sourcelm.model import build_model
+    from sourcelm.train.checkpoint import load_checkpoint
 
-    state = json.loads((ckpt / "state.json").read_text())
+    tensors, _, state = load_checkpoint(ckpt)  # refuses a checkpoint whose files fail their hashes
     config = config_from_dict(state["config"])
     model = build_model(config.model, seed=None)
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    model.load_state_dict(tensors, strict=True)
     return model, config, state
 
 

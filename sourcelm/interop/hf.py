@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sourcelm.config import ModelConfig
+from sourcelm.provenance.manifest import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +124,14 @@ def save_hf(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         # safetensors refuses tensors sharing storage (the MTP copies) and non-contiguous views
-        save_file({k: v.contiguous().clone() for k, v in shard.items()}, str(out_dir / fname),
-                  metadata={"format": "pt"})
+        tmp = out_dir / f".{fname}.tmp"  # written whole, then renamed: no half-written shard under its name
+        save_file({k: v.contiguous().clone() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out_dir / fname)
         weight_map.update({k: fname for k in shard})
         written.append(out_dir / fname)
+    for stale in out_dir.glob("model-*-of-*.safetensors"):  # shards of an earlier export into this folder
+        if stale not in written:
+            stale.unlink()
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     written.append(_write_json(out_dir / INDEX_NAME, index))
@@ -154,7 +160,7 @@ def copy_tokenizer(tokenizer_dir: str | Path, out_dir: Path) -> list[Path]:
 
 
 def _write_json(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 

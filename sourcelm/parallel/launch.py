@@ -14,16 +14,12 @@ import os
 def launch_local(args) -> int:
     from torch.distributed.run import get_args_parser, run
 
-    from sourcelm.config import ConfigError, load_config
+    from sourcelm.config import check_batch_layout, load_config
+    from sourcelm.parallel.topology import validate_layout
 
     # a layout that cannot work fails here, once, instead of in every rank
     cfg = load_config(args.config, args.overrides)
-    quantum = cfg.schedule.micro_batch * args.nproc
-    if cfg.schedule.global_batch % quantum:
-        raise ConfigError(
-            f"schedule.global_batch = {cfg.schedule.global_batch} must be a multiple of schedule.micro_batch × "
-            f"processes = {cfg.schedule.micro_batch} × {args.nproc}; change schedule.micro_batch or --nproc")
-    from sourcelm.parallel.topology import validate_layout
+    check_batch_layout(cfg, args.nproc)
 
     m = cfg.model
     validate_layout(args.nproc, args.ranks_per_node or args.nproc, cfg.parallel.ep, m.n_routed_experts, m.n_group)

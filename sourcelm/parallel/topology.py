@@ -25,11 +25,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from sourcelm.config import ConfigError
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+from sourcelm.config import ConfigError, divisors
 
 
 @dataclass(frozen=True)
@@ -82,15 +78,15 @@ def validate_layout(world: int, ranks_per_node: int, ep: int, n_routed_experts: 
     if ranks_per_node <= 0 or world % ranks_per_node:
         raise ConfigError(
             f"parallel.ranks_per_node = {ranks_per_node} must divide the world size {world}; "
-            f"choose among {_divisors(world)} (or launch a multiple of it)")
+            f"choose among {divisors(world)} (or launch a multiple of it)")
     if ep <= 0 or n_routed_experts % ep:
         raise ConfigError(
             f"parallel.ep = {ep} must divide model.n_routed_experts = {n_routed_experts}; "
-            f"choose among {_divisors(n_routed_experts)}")
+            f"choose among {divisors(n_routed_experts)}")
     if world % ep:
         raise ConfigError(
             f"parallel.ep = {ep} must divide the world size {world}; choose among "
-            f"{[d for d in _divisors(world) if n_routed_experts % d == 0]} or launch a multiple of {ep} processes")
+            f"{[d for d in divisors(world) if n_routed_experts % d == 0]} or launch a multiple of {ep} processes")
     if ep % ranks_per_node and ranks_per_node % ep:
         raise ConfigError(
             f"parallel.ep = {ep} and parallel.ranks_per_node = {ranks_per_node}: an EP group must fill whole "

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from sourcelm.provenance.graph import Node, Report, describe_code, walk
-from sourcelm.provenance.manifest import sha256_file
+from sourcelm.provenance.manifest import atomic_write_bytes, sha256_file
 from sourcelm.provenance.toml_config import config_toml
 
 CARD_NAME = "MODEL_CARD.md"
@@ -26,7 +26,7 @@ def write_card(run_dir: Path, output: Path | None = None) -> Path:
     report = walk(run_dir)
     card = Card(run_dir, report, (output or run_dir / CARD_NAME).parent)
     path = output or run_dir / CARD_NAME
-    path.write_text(card.render())
+    atomic_write_bytes(path, card.render().encode())
     return path
 
 

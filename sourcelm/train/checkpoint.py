@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sourcelm.provenance.manifest import sha256_file, write_manifest
+from sourcelm.provenance.manifest import MANIFEST_NAME, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
@@ -94,7 +94,15 @@ def verify_checkpoint(path: Path) -> str | None:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         return f"state.json unreadable ({e})"
-    for name, digest in state.get("files", {}).items():
+    if set(state.get("files", {})) != {"model.safetensors", "optimizer.safetensors"}:
+        return "state.json does not record the hashes of both tensor files"
+    expected = dict(state["files"])
+    # state.json itself (step, data position, config) is pinned by the manifest written after it
+    try:
+        expected["state.json"] = json.loads((path / MANIFEST_NAME).read_text())["outputs"]["state.json"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return "manifest.json missing or without the hash of state.json"
+    for name, digest in expected.items():
         f = path / name
         if not f.exists():
             return f"{name} missing"

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1, help="local processes (expert/data parallel, gloo on CPU)")
     p.add_argument("--ranks-per-node", type=int, default=0,
                    help="split the local processes into pretend nodes of this many ranks (default: one node)")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, intermixed=True)  # overrides may follow the options
 
     p = sub.add_parser("plot", help="write loss / LR / throughput / expert-load PNGs for a run")
     p.add_argument("run_dir")

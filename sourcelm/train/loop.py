@@ -21,12 +21,13 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sourcelm.config import Config
+from sourcelm.config import Config, check_batch_layout
+from sourcelm.provenance.manifest import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
@@ -38,7 +39,7 @@ from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_s
 log = logging.getLogger("sourcelm.train")
 
 
-def resolve_device(name: str, ctx) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -58,7 +59,6 @@ class TrainState:
     consumed_tokens: int = 0
     bad_in_row: int = 0
     skipped_steps: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -71,7 +71,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.show_progress = cfg.logging.progress if progress is None else progress
         torch.manual_seed(cfg.seed)
-        self.device = resolve_device(cfg.train.device, self.ctx)
+        self.device = resolve_device(cfg.train.device)
         # built and initialised on the CPU (the same bits on every device), then moved
         self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
         named = list(self.model.named_parameters())
@@ -82,15 +82,12 @@ class Trainer:
                                    group=self.ctx.zero_group if cfg.parallel.zero1 else None)
         self.expert_opt = FlatAdamW(self.expert_params, o.betas, o.eps, o.weight_decay)
         self.balancer = LoadBalancer(self.model.moe_layers())
-        self.train_data = TokenWindows(cfg.data.train, cfg.data.seq_len, cfg.data.seed, split="train")
-        self.valid_data = (TokenWindows(cfg.data.valid, cfg.data.seq_len, cfg.data.seed, split="valid")
-                           if cfg.data.valid else None)
-        self.quantum = cfg.schedule.micro_batch * self.ctx.dp_world
-        if cfg.schedule.global_batch % self.quantum:
-            from sourcelm.config import ConfigError
-            raise ConfigError(
-                f"schedule.global_batch = {cfg.schedule.global_batch} must be a multiple of schedule.micro_batch × "
-                f"data-parallel ranks = {self.quantum}; change schedule.micro_batch or the number of processes")
+        d = cfg.data
+        self.train_data = TokenWindows(d.train, d.seq_len, d.seed, split="train", valid_fraction=d.valid_fraction,
+                                       mixture=d.mixture)
+        self.valid_data = (TokenWindows(d.valid, d.seq_len, d.seed, split="valid", valid_fraction=d.valid_fraction)
+                           if d.valid else None)
+        self.quantum = check_batch_layout(cfg, self.ctx.dp_world)
         self.total_tokens = samples_before(cfg.schedule.steps, cfg.schedule, self.quantum) * cfg.data.seq_len
         self.dtype = getattr(torch, cfg.train.dtype)
         # the model FLOPs of one training token, MTP included (formula in sourcelm.model.flops)
@@ -109,7 +106,7 @@ class Trainer:
             return d["peak_flops"], d["source"]
         peak, source = device_peak_flops(self.device, self.dtype)
         if self.ctx.is_main:
-            path.write_text(json.dumps({"peak_flops": peak, "source": source}) + "\n")
+            atomic_write_bytes(path, (json.dumps({"peak_flops": peak, "source": source}) + "\n").encode())
         return peak, source
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -242,7 +239,7 @@ class Trainer:
         memory = {"param_bytes_per_rank": sum(p.numel() * p.element_size() for p in self.model.parameters()),
                   "optimizer_state_bytes_per_rank": self.dense_opt.memory_bytes() + self.expert_opt.memory_bytes()}
         if self.ctx.is_main:
-            (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
+            atomic_write_bytes(self.run_dir / "config.json", (cfg.to_json() + "\n").encode())
             log.info("training %s on %s; peak %.3g FLOP/s (%s); per rank: %.1f MB parameters, %.1f MB optimizer state",
                      "DeepSeek-V3", self.ctx.description, self.peak_flops, self.peak_source,
                      memory["param_bytes_per_rank"] / 1e6, memory["optimizer_state_bytes_per_rank"] / 1e6)
@@ -260,6 +257,7 @@ class Trainer:
                 record["mfu"] = record["model_flops_per_s"] / self.peak_flops
                 if cfg.logging.valid_every and (s.step % cfg.logging.valid_every == 0 or s.step == cfg.schedule.steps):
                     record["valid_loss"] = self.validate()
+                    self.ctx.stats()  # validation's all-to-all bytes are not the next step's
                 if s.step % cfg.logging.every == 0 or s.step == end:
                     self.metrics.log(record)
                 bar.update(s.step, record)

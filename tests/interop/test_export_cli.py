@@ -2,14 +2,15 @@
 
 import json
 
+import pytest
 import torch
-from safetensors.torch import save_file
 
 from sourcelm.cli import main
 from sourcelm.config import load_config
 from sourcelm.interop.hf import load_hf
 from sourcelm.model import build_model
 from sourcelm.provenance.manifest import read_manifest, sha256_file
+from sourcelm.train.checkpoint import save_checkpoint
 
 SMALL = ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=96",
          "model.moe_intermediate_size=32", "model.num_hidden_layers=2", "model.q_lora_rank=32",
@@ -23,13 +24,23 @@ def write_checkpoint(path, tokenizer_dir=None):
     with torch.no_grad():
         for _, moe in model.moe_layers():
             moe.gate.e_score_correction_bias.uniform_(-0.01, 0.01)
-    path.mkdir()
-    save_file(model.state_dict(), str(path / "model.safetensors"))
     state = {"config": config.to_dict(), "step": 10}
     if tokenizer_dir:
         state["tokenizer_dir"] = str(tokenizer_dir)
-    (path / "state.json").write_text(json.dumps(state))
+    written = save_checkpoint(path.parent, 10, model.state_dict(), {}, state, keep=0)
+    written.rename(path)
     return model
+
+
+def test_export_refuses_a_damaged_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(ckpt)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors does not match its recorded SHA-256"):
+        main(["export", str(ckpt), "--hf", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf" / "config.json").exists()
 
 
 def test_export_writes_hf_layout_and_manifest(tmp_path):
