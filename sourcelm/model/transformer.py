@@ -61,12 +61,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, token_mask=None, balance_alpha=0.0):
         """Returns (h, expert counts or None, balance loss or None)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
-        x = self.post_attention_layernorm(h)
+        h, x = self.attention_block(h, cos, sin)
         if not self.is_moe:
             return h + self.mlp(x), None, None
         y, counts, balance = self.mlp(x, token_mask, balance_alpha)
         return h + y, counts, balance
+
+
+    def attention_block(self, h, cos, sin):
+        """(h + attention(norm(h)), the FFN's normed input): the unit `DeepseekV3.compile_blocks` compiles."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h, self.post_attention_layernorm(h)
 
 
 class MTPLayer(DecoderLayer):
@@ -108,6 +113,21 @@ class DeepseekV3(nn.Module):
         out = [(f"model.layers.{i}.mlp", layer.mlp) for i, layer in enumerate(self.model.layers) if layer.is_moe]
         out += [(f"mtp.{k}.mlp", layer.mlp) for k, layer in enumerate(self.mtp) if layer.is_moe]
         return out
+
+    def compile_blocks(self) -> None:
+        """torch.compile (opt-in: `train.compile`) of the parts of every block, MTP included, that are static
+        dense code: the attention half (norms, MLA, residual), the router, the dense FFN and the shared
+        expert. The routed experts stay eager: their per-expert group sizes change every step, and an
+        expert-parallel layer swapped in from outside runs collectives. Names and parameters are
+        unchanged (compiled methods and `Module.compile`), so checkpoints and EP are unaffected."""
+        for layer in [*self.model.layers, *self.mtp]:
+            layer.attention_block = torch.compile(layer.attention_block)
+            if layer.is_moe:
+                layer.mlp.gate.compile()
+                if layer.mlp.shared_experts is not None:
+                    layer.mlp.shared_experts.compile()
+            else:
+                layer.mlp.compile()
 
     def hidden_states(self, input_ids, token_mask=None, balance_alpha=0.0):
         """Main stack: (final-normed hidden [B, T, H], list of counts, list of balance losses)."""
