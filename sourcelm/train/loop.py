@@ -74,6 +74,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         # built and initialised on the CPU (the same bits on every device), then moved
         self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
+        if cfg.train.compile:  # after any expert-parallel swap; names and parameters are unchanged
+            self.model.compile_blocks()
         named = list(self.model.named_parameters())
         self.expert_params = [(n, p) for n, p in named if self.ctx.is_expert_param(n)]
         self.dense_params = [(n, p) for n, p in named if not self.ctx.is_expert_param(n)]
