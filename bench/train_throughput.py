@@ -11,10 +11,15 @@ Variants (each in every compute dtype given by --dtypes):
   sourcelm-nomtp  model.num_nextn_predict_layers=0: the same work as HF's model (equal-work ratio)
   transformers  DeepseekV3ForCausalLM (sdpa attention), torch.optim.AdamW, torch.autocast for bf16
 
-MFU: model FLOPs per token (`sourcelm.model.flops`; with MTP for the first variant, without for the
-other two) × tokens/s over the peak measured by the trainer's matmul probe for that dtype.
+Two rates per run: tokens per wall-clock second (what a user sees on a quiet machine), and tokens per
+second of the process's own CPU time. On a machine shared with other jobs the first swings with their
+load, the second much less (it still moves with cache and memory-bandwidth contention); with
+--threads 1 it is the load-robust comparison. MFU: model FLOPs per token (`sourcelm.model.flops`;
+with MTP for the first variant, without for the other two) × wall tokens/s over the peak measured by
+the trainer's matmul probe for that dtype (itself slowed down on a loaded machine).
 
-    .venv/bin/python bench/train_throughput.py [--rounds 3 --steps 8 --dtypes float32,bfloat16]
+    .venv/bin/python bench/train_throughput.py [--rounds 3 --steps 8 --dtypes float32,bfloat16 --threads 2]
+    .venv/bin/python bench/train_throughput.py --compile --dtypes float32   # train.compile=true; first step shown
 """
 
 from __future__ import annotations
@@ -174,8 +179,12 @@ def main() -> None:
         res = results[(who, dtype)]
         mfu = f"MFU {med[(who, dtype)] * res[0]['flops_per_token'] / peaks[dtype]:6.1%}" if dtype in peaks else ""
         spread = f"[{min(x['tokens_per_s'] for x in res):.0f}..{max(x['tokens_per_s'] for x in res):.0f}]"
-        print(f"{who:15s} {dtype:9s} {med[(who, dtype)]:8.0f} tok/s {spread:15s} {med_cpu[(who, dtype)]:8.0f} tok/CPU-s  {mfu}  "
-              f"peak RSS {max(x['peak_rss_mb'] for x in res):5.0f} MB")
+        print(f"{who:15s} {dtype:9s} {med[(who, dtype)]:8.0f} tok/s {spread:15s} {med_cpu[(who, dtype)]:8.0f} tok/CPU-s"
+              f"  {mfu}  peak RSS {max(x['peak_rss_mb'] for x in res):5.0f} MB")
+    firsts = {k: statistics.median(x["setup_and_first_step_s"] for x in v) for k, v in results.items()
+              if "setup_and_first_step_s" in v[0]}
+    print("sourcelm setup + first step (compilation included with --compile): "
+          + ", ".join(f"{w} {d} {t:.1f} s" for (w, d), t in firsts.items()))
     for label, m in (("wall-clock tokens/s", med), ("tokens per CPU-second", med_cpu)):
         hf = {d: m[("transformers", d)] for d in dtypes if ("transformers", d) in m}
         if not hf:
