@@ -66,12 +66,15 @@ def summarise(out: Path, dtypes: list[str], seeds: list[int]) -> dict:
         print(f"  step {step:4d}  " + "   ".join(cells))
     if "float32" in summary and "bfloat16" in summary:
         ref, test = summary["float32"]["final_valid"], summary["bfloat16"]["final_valid"]
-        gap = statistics.mean(test) - statistics.mean(ref)
+        paired = [b - a for a, b in zip(ref, test)]  # same seed: same init and data order
+        gap = statistics.mean(paired)
         spread = max(ref) - min(ref)
         within = abs(gap) <= spread
-        print(f"\nbf16 - fp32 final validation loss: {gap:+.3f}; fp32 seed-to-seed spread (max - min): {spread:.3f}"
+        print("\nbf16 - fp32 final validation loss per seed: " + ", ".join(f"{x:+.3f}" for x in paired)
+              + (f" (std {statistics.stdev(paired):.3f})" if len(paired) > 1 else ""))
+        print(f"mean {gap:+.3f}; fp32 seed-to-seed spread (max - min): {spread:.3f}"
               f" -> {'within' if within else 'NOT within'} seed noise")
-        summary["verdict"] = {"gap": gap, "fp32_spread": spread, "within_noise": within}
+        summary["verdict"] = {"paired_gaps": paired, "gap": gap, "fp32_spread": spread, "within_noise": within}
     plot(summary, dtypes, out / "dtype_loss_curves.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
