@@ -185,9 +185,9 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts)
         y_sorted = expert_ffn(x[order // k], counts, self.w1, self.w2, self.w3)
         # Un-sort with a permutation (deterministic, unlike an atomic scatter-add), then weight and sum over k
-        # (elementwise: a [1, K] x [K, H] bmm per token is several times slower on CPU).
+        # (the bmm measured faster on CPU than the elementwise product and sum: 3.4 vs 6.0 ms fp32 fwd+bwd).
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(n, k, y_sorted.shape[-1])
-        return (y * topk_weights.to(y.dtype).unsqueeze(-1)).sum(1)
+        return torch.bmm(topk_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
 
     def _forward_loop(self, x, topk_idx, topk_weights):
         out = torch.zeros_like(x)
