@@ -13,7 +13,7 @@ Definitions (main model; the MTP module is reported separately as `mtp_*`):
   N_matmul = activated weights used in matrix products (attention projections, FFN/experts, router,
   head); the second term is causal attention (QK^T and AV, 2 FLOPs per multiply-add, 3x for the
   backward) with an average context of S/2 for sequence length S. For DeepSeek-V3 at S = 4096 this is
-  6 * 36.6B + 30.7G = 250 GFLOPs/token, the report's figure.
+  6 * 36.6B + 30.7G = 250 GFLOPs/token (derived from the config, as the reference's §2.1 estimate).
 * kv_cache_bytes_per_token: the compressed MLA cache, (kv_lora_rank + qk_rope_head_dim) values per
   layer in the compute dtype (61 * 576 * 2 B = 70,272 B for DeepSeek-V3 in bf16).
 """

@@ -8,8 +8,8 @@ Routing (`Router.forward`, fp32 throughout):
   `norm_topk_prob`, times `routed_scaling_factor`.
   Agreement with transformers: its router (5.x) also masks with -inf but always sums the top 2 per
   group; K / topk_group = 2 for DeepSeek-V3 (8 / 4) and for the presets, so the two agree there.
-  Some HF-derived copies mask with 0.0 instead; that differs only when a kept expert's s' < 0,
-  impossible while s' = s + b with b >= 0.
+  Some HF-derived copies mask with 0.0 instead; that differs when a kept expert's s' < 0, which
+  happens once the balancer has pushed an overloaded expert's bias below -s: -inf is the safe choice.
 
 Routed experts (`RoutedExperts`) keep their weights as 3-D parameters w1/w3 [E, I, H] (gate/up) and
 w2 [E, H, I] (down). The fast path sorts the token copies by expert and runs `expert_ffn` on the
@@ -59,9 +59,11 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
-        # `model.to(bfloat16)` must not round the bias: its updates (γ = 1e-3) are below bf16 resolution.
+        # `model.to(bfloat16)` must not round the bias: its updates (γ = 1e-3) are below bf16
+        # resolution. Convert a copy and keep only its device; the values stay the fp32 ones.
+        bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -226,7 +226,7 @@ class Trainer:
         for start in range(0, self.cfg.logging.valid_batches * gb, self.quantum):
             batch = self.valid_data.batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world).to(self.device)
             with self._autocast():
-                out = self.model(batch[:, :-1], labels=batch[:, 1:])
+                out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
             total += torch.stack([out.main_loss.detach().double() * batch.shape[0],
                                   torch.tensor(float(batch.shape[0]), dtype=torch.float64, device=self.device)])
         self.model.train()
