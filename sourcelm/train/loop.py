@@ -96,7 +96,11 @@ class Trainer:
         self.flops_per_token = model_stats(cfg.model, cfg.data.seq_len, cfg.train.dtype)["train_flops_per_token"]
         self.state = TrainState()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, enabled=self.ctx.is_main)
-        self.peak_flops, self.peak_source = self._peak()
+        # the job's peak: every rank's device (or, on a CPU, its share of the cores) probed alike
+        rank_peak, self.peak_source = self._peak()
+        self.peak_flops = rank_peak * self.ctx.world
+        if self.ctx.world > 1:
+            self.peak_source += f", × {self.ctx.world} ranks"
         # the token shards behind the training and the validation loss, pinned by their manifests
         self.inputs = [Path(p) / "manifest.json" for p in [*cfg.data.train, *cfg.data.valid]]
 
