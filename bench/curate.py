@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
-import json
 import os
 import shutil
 import sys

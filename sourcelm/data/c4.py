@@ -9,8 +9,11 @@ are the TFDS values (a line needs 5 words, a page 3 sentences); datatrove swaps 
 
 from __future__ import annotations
 
+import os
+
 import regex
 
+from sourcelm.config import ConfigError
 from sourcelm.data import textutil
 from sourcelm.data.document import Document
 from sourcelm.data.gopher import duplicates
@@ -53,6 +56,9 @@ class C4Quality(Step):
         self.filter_no_end_mark = filter_no_terminal_punct
         self.badwords = None
         if badwords_file:  # LDNOOBW-style list, one word or phrase a line
+            if not os.path.isfile(badwords_file):
+                raise ConfigError(f"c4.badwords_file = {badwords_file!r}: no such file; give the path of a "
+                                  f"word list (one word or phrase a line) or leave it out")
             with open(badwords_file, encoding="utf-8") as f:
                 words = sorted({w.strip().lower() for w in f if w.strip()}, key=len, reverse=True)
             if words:

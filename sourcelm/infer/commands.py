@@ -44,9 +44,11 @@ def run_generate(args) -> int:
             raise SystemExit(f"--prompt-ids {args.prompt_ids!r}: give comma-separated integers") from None
     if not ids:
         raise SystemExit("the prompt is empty")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top-p {args.top_p}: give a probability mass in (0, 1]")
     model = load_hf(model_dir, dtype=getattr(torch, args.dtype))
-    if max(ids) >= model.config.vocab_size:
-        raise SystemExit(f"token id {max(ids)} is outside the vocabulary ({model.config.vocab_size})")
+    if min(ids) < 0 or max(ids) >= model.config.vocab_size:
+        raise SystemExit(f"--prompt-ids: every id must be in 0..{model.config.vocab_size - 1} (the vocabulary)")
     out = generate(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, eos_token_id=model.config.eos_token_id)
     new = out[0, len(ids):].tolist()

@@ -35,7 +35,7 @@ class MLACache:
         self.max_len = max_len
 
     def bytes_per_token(self) -> int:
-        layers, batch, max_len = self.latent.shape[:3]
+        batch, max_len = self.latent.shape[1:3]
         total = self.latent.numel() * self.latent.element_size() + self.rope.numel() * self.rope.element_size()
         return total // (batch * max_len)
 

@@ -9,7 +9,6 @@ manifest that links it to the checkpoint's files.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -25,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_checkpoint_model(ckpt: Path):
-    """(model, Config) from a training checkpoint directory."""
+    """(model, Config, state.json dict) from a training checkpoint directory."""
     from sourcelm.config import config_from_dict
     from sourcelm.model import build_model
     from sourcelm.train.checkpoint import load_checkpoint

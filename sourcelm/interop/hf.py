@@ -189,6 +189,8 @@ def load_hf(in_dir: str | Path, dtype: torch.dtype = torch.float32, device: str 
     from sourcelm.model import build_model
 
     in_dir = Path(in_dir)
+    if not (in_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{in_dir}: no config.json; expected an HF DeepSeek-V3 directory (sourcelm export)")
     config = json.loads((in_dir / "config.json").read_text())
     if config.get("quantization_config"):
         raise ValueError(f"{in_dir}: quantized checkpoints ({config['quantization_config'].get('quant_method')}) "
@@ -203,7 +205,7 @@ def load_hf(in_dir: str | Path, dtype: torch.dtype = torch.float32, device: str 
                     in_dir, cfg.num_nextn_predict_layers, depth, depth)
         cfg.num_nextn_predict_layers = depth
     state = from_hf_state_dict(hf, cfg)
-    for name, _ in _expert_bias_names(cfg):
+    for name in _expert_bias_names(cfg):
         if name not in state:  # non-V3 checkpoints: zeros mean "no correction"
             log.warning("%s missing; using zeros", name)
             state[name] = torch.zeros(cfg.n_routed_experts)
@@ -218,6 +220,6 @@ def load_hf(in_dir: str | Path, dtype: torch.dtype = torch.float32, device: str 
 def _expert_bias_names(cfg: ModelConfig):
     for i in range(cfg.num_hidden_layers):
         if cfg.is_moe_layer(i):
-            yield f"model.layers.{i}.mlp.gate.e_score_correction_bias", i
+            yield f"model.layers.{i}.mlp.gate.e_score_correction_bias"
     for k in range(cfg.num_nextn_predict_layers):
-        yield f"mtp.{k}.mlp.gate.e_score_correction_bias", k
+        yield f"mtp.{k}.mlp.gate.e_score_correction_bias"

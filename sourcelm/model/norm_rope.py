@@ -92,7 +92,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 def softmax_scale(cfg: ModelConfig) -> float:
     scale = cfg.qk_head_dim ** -0.5
-    if _yarn_kind(cfg) != "default":
+    if _yarn_kind(cfg) == "yarn":
         mscale_all_dim = cfg.rope_scaling.get("mscale_all_dim", 0)
         if mscale_all_dim:
             factor = cfg.rope_scaling.get("factor") or (

@@ -67,7 +67,6 @@ class DecoderLayer(nn.Module):
         y, counts, balance = self.mlp(x, token_mask, balance_alpha)
         return h + y, counts, balance
 
-
     def attention_block(self, h, cos, sin):
         """(h + attention(norm(h)), the FFN's normed input): the unit `DeepseekV3.compile_blocks` compiles."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin)

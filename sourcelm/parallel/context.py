@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sourcelm.parallel.experts import (apply_expert_parallel, expert_shards, gather_expert_state, load_expert_state,
-                                       topology_from_config)
+from sourcelm.parallel.experts import (apply_expert_parallel, expert_shards, gather_expert_state, gather_over_ep,
+                                       load_expert_state, topology_from_config)
 
 
 def _all_reduce_flat(params: list[nn.Parameter], group) -> None:
@@ -111,15 +111,8 @@ class DistributedContext:
 
     def full_optimizer_state(self, dense_state: dict, expert_state: dict) -> dict[str, torch.Tensor]:
         out = dict(dense_state)
-        group = self.topo.groups["ep"]
         for _, key in self._expert_moment_names():
-            local = expert_state[key].contiguous()
-            if group is None:
-                out[key] = local
-                continue
-            parts = [torch.empty_like(local) for _ in range(self.topo.ep)]
-            dist.all_gather(parts, local, group=group)
-            out[key] = torch.cat(parts)
+            out[key] = gather_over_ep(expert_state[key], self.topo)
         return out
 
     def local_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

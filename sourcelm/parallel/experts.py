@@ -135,16 +135,18 @@ def gather_expert_state(model: nn.Module, topo: Topology) -> dict[str, torch.Ten
     """Full global tensors of every expert-parallel parameter, on every rank of the EP group
     (all-gathered in position order). The non-expert parameters are already whole on every rank."""
     params = dict(model.named_parameters())
-    out = {}
-    for name, shard in expert_shards(model).items():
-        local = params[name].detach().contiguous()
-        if topo.groups["ep"] is None:
-            out[shard.global_name] = local.clone()
-            continue
-        parts = [torch.empty_like(local) for _ in range(topo.ep)]
-        dist.all_gather(parts, local, group=topo.groups["ep"])
-        out[shard.global_name] = torch.cat(parts)
-    return out
+    return {shard.global_name: gather_over_ep(params[name].detach(), topo)
+            for name, shard in expert_shards(model).items()}
+
+
+def gather_over_ep(local: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """The full tensor whose dim-0 slices the EP group's ranks hold, concatenated in position order."""
+    local = local.contiguous()
+    if topo.groups["ep"] is None:
+        return local.clone()
+    parts = [torch.empty_like(local) for _ in range(topo.ep)]
+    dist.all_gather(parts, local, group=topo.groups["ep"])
+    return torch.cat(parts)
 
 
 def load_expert_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

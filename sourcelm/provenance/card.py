@@ -14,7 +14,7 @@ import re
 import statistics
 from pathlib import Path
 
-from sourcelm.provenance.graph import Node, Report, describe_code, walk
+from sourcelm.provenance.graph import Node, Report, describe_code, read_state, root_hash, walk
 from sourcelm.provenance.manifest import atomic_write_bytes, sha256_file
 from sourcelm.provenance.toml_config import config_toml
 
@@ -62,7 +62,7 @@ class Card:
         runs = report.checkpoint_runs()
         self.ckpts = next(iter(runs.values())) if len(runs) == 1 else []
         self.last = self.ckpts[-1] if self.ckpts else None
-        self.state = json.loads((self.last.dir / "state.json").read_text()) if self.last else {}
+        self.state = (read_state(self.last) or {}) if self.last else {}
         self.config = self.state.get("config", {})
         self.train_dir = self.last.dir.parent.parent if self.last else None
         self.metrics = _metrics(self.train_dir) if self.train_dir else []
@@ -100,7 +100,7 @@ class Card:
     def header(self) -> str:
         m, s = self.config.get("model", {}), self.stats()
         final = self.report.final()
-        root = sha256_file(final.path) if final else "(no final artifact)"
+        root = root_hash(self.report) or "(no final artifact)"
         title = f"# {self.run.resolve().name}: a DeepSeek-V3-architecture Mixture-of-Experts model"
         lines = [title, ""]
         if s:

@@ -257,11 +257,17 @@ def _check_inputs(report: Report, node: Node) -> list[Path]:
     return nxt
 
 
-def _state(node: Node) -> dict | None:
+def read_state(node: Node) -> dict | None:
     try:
         return json.loads((node.dir / "state.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def root_hash(report: Report) -> str | None:
+    """The provenance root: the SHA-256 of the final artifact's manifest, which pins the whole chain."""
+    final = report.final()
+    return sha256_file(final.path) if final else None
 
 
 def code_id(code: dict) -> tuple:
@@ -278,7 +284,7 @@ def describe_code(code: dict) -> str:
 def _check_checkpoints(report: Report) -> None:
     for run, nodes in report.checkpoint_runs().items():
         for n in nodes:
-            state = _state(n)
+            state = read_state(n)
             if state is None:
                 continue  # state.json is an output: its absence or damage is already reported
             bad = [name for name, d in state.get("files", {}).items()
@@ -321,7 +327,7 @@ def _check_export(report: Report) -> None:
         if not ckpts:
             report.add(e.stage, report.rel(e.path), "input link", False, "the export links no checkpoint manifest")
             continue
-        state = _state(ckpts[0]) or {}
+        state = read_state(ckpts[0]) or {}
         same = e.manifest.get("config") == state.get("config")
         report.add(e.stage, report.rel(e.path), "config", same,
                    f"equals the config of {ckpts[0].stage}" if same

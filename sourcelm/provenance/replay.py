@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sourcelm.provenance.graph import Check, Node, Report, code_id, describe_code
+from sourcelm.provenance.graph import Check, Node, Report, code_id, describe_code, read_state
 from sourcelm.provenance.manifest import code_version, sha256_file
 
 COMPARED_STATE = ("step", "consumed_samples", "consumed_tokens", "optimizer_step", "loader", "rng",
@@ -85,7 +85,9 @@ def launch_command(config_path: Path, run_dir: Path, start: Path | None, steps: 
 def replay_segment(report: Report, start: Node | None, end: Node, show_progress: bool = True,
                    workdir: str | Path | None = None) -> Check:
     """Replays one segment in a temporary run dir and returns the verdict as a Check row."""
-    end_state = json.loads((end.dir / "state.json").read_text())
+    end_state = read_state(end)
+    if end_state is None:
+        return Check(end.stage, report.rel(end.dir), "replay", False, "state.json missing or unreadable: nothing to replay")
     a, b = (start.manifest.get("step") if start else 0), end_state["step"]
     label = f"steps {a}→{b}"
     launch = end_state.get("launch") or {"nproc": 1, "ranks_per_node": 1}
@@ -142,6 +144,6 @@ def _tensor_diff(a: Path, b: Path) -> str:
     differ = [n for n in names if n not in ta or n not in tb or not ta[n].equal(tb[n])]
     if not differ:
         return "same tensors, different file bytes"
-    worst = max((float((ta[n].double() - tb[n].double()).abs().max()), n) for n in differ
-                if n in ta and n in tb and ta[n].shape == tb[n].shape) if differ else (0.0, "")
+    worst = max(((float((ta[n].double() - tb[n].double()).abs().max()), n) for n in differ
+                 if n in ta and n in tb and ta[n].shape == tb[n].shape), default=(float("nan"), "none comparable"))
     return f"{len(differ)} of {len(names)} tensors, largest |Δ| {worst[0]:.3g} in {worst[1]}"

@@ -13,16 +13,10 @@ import random
 import secrets
 from pathlib import Path
 
-from sourcelm.provenance.graph import Check, Report, walk
-from sourcelm.provenance.manifest import sha256_file
+from sourcelm.provenance.graph import Check, Report, root_hash, walk
 
 STAGE_ORDER = ("corpus", "raw input", "curate", "tokenizer", "tokenize", "checkpoint", "export", "data re-run",
                "provenance")
-
-
-def root_hash(report: Report) -> str | None:
-    final = report.final()
-    return sha256_file(final.path) if final else None
 
 
 def verify(run_dir: str | Path, replay: list[int] = (), sample: int = 0, seed: int | None = None,

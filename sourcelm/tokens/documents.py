@@ -3,7 +3,6 @@ tokenization, streaming, with every unusable record skipped and counted with its
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
@@ -64,14 +63,15 @@ def iter_documents(path: str | Path, skipped: Counter | None = None,
     truncated or corrupt zstd stream ends the file there (counted as `corrupt_stream`)."""
     import zstandard
 
+    from sourcelm.data.readers import open_binary  # the curated shards' reader: it notices a cut-off frame
+
     skipped = skipped if skipped is not None else Counter()
-    with open(path, "rb") as raw:
-        reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    with open_binary(Path(path)) as reader:
         lineno = 0
         while True:
             try:
                 line = reader.readline()
-            except zstandard.ZstdError as e:
+            except (zstandard.ZstdError, EOFError) as e:
                 skipped["corrupt_stream"] += 1
                 log.warning("%s: zstd stream corrupt after line %d (%s); the rest is skipped", path, lineno, e)
                 if skip_log is not None:

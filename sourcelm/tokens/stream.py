@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from sourcelm.provenance.manifest import atomic_write_bytes
 from sourcelm.tokens.indexed import ShardReader
 
 SOURCES_SUFFIX = ".sources.json"  # per-shard sidecar: the `source` of each document, run-length coded
@@ -42,7 +43,7 @@ def write_doc_sources(prefix: str | Path, sources: list[str]) -> Path:
         else:
             runs.append([i, 1])
     path = Path(str(prefix) + SOURCES_SUFFIX)
-    path.write_text(json.dumps({"names": names, "runs": runs}, separators=(",", ":")) + "\n")
+    atomic_write_bytes(path, (json.dumps({"names": names, "runs": runs}, separators=(",", ":")) + "\n").encode())
     return path
 
 

@@ -246,8 +246,8 @@ class Trainer:
                   "optimizer_state_bytes_per_rank": self.dense_opt.memory_bytes() + self.expert_opt.memory_bytes()}
         if self.ctx.is_main:
             atomic_write_bytes(self.run_dir / "config.json", (cfg.to_json() + "\n").encode())
-            log.info("training %s on %s; peak %.3g FLOP/s (%s); per rank: %.1f MB parameters, %.1f MB optimizer state",
-                     "DeepSeek-V3", self.ctx.description, self.peak_flops, self.peak_source,
+            log.info("training DeepSeek-V3 on %s; peak %.3g FLOP/s (%s); per rank: %.1f MB parameters, %.1f MB "
+                     "optimizer state", self.ctx.description, self.peak_flops, self.peak_source,
                      memory["param_bytes_per_rank"] / 1e6, memory["optimizer_state_bytes_per_rank"] / 1e6)
             self.metrics.log({"kind": "meta", "peak_flops": self.peak_flops, "peak_source": self.peak_source,
                               "flops_per_token": self.flops_per_token, "layout": self.ctx.description, **memory})

@@ -3,7 +3,6 @@
 import copy
 import dataclasses
 import json
-import logging
 
 import pytest
 import torch
