@@ -1,7 +1,8 @@
 """The single-device DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) and its initialisation."""
 
 from sourcelm.model.init import init_expert_slice, init_weights
-from sourcelm.model.moe import MoE, RoutedExperts, Router, expert_ffn
+from sourcelm.model.grouped_experts import expert_ffn
+from sourcelm.model.moe import MoE, RoutedExperts, Router
 from sourcelm.model.transformer import DeepseekV3, ModelOutput
 
 

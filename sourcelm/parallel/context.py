@@ -10,7 +10,7 @@ Implements the interface of `sourcelm.train.context.SingleProcess` with collecti
   optimizer state lives with the experts (already sharded by EP);
 - checkpoints hold full tensors under global names (experts gathered over the EP group, moments
   likewise), so any layout resumes from any other.
-Gradient buckets are flattened in a fixed parameter order, so reductions are deterministic run to
+Gradients live in the optimizers' flat buffers, in a fixed parameter order, so reductions are deterministic run to
 run for a given layout.
 """
 
@@ -24,20 +24,6 @@ from torch import nn
 
 from sourcelm.parallel.experts import (apply_expert_parallel, expert_shards, gather_expert_state, gather_over_ep,
                                        load_expert_state, topology_from_config)
-
-
-def _all_reduce_flat(params: list[nn.Parameter], group) -> None:
-    """Sums the gradients of `params` over `group` as one flat buffer (one collective, fixed order)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
 
 
 class DistributedContext:
@@ -73,11 +59,12 @@ class DistributedContext:
     def is_expert_param(self, name: str) -> bool:
         return name in self.shards
 
-    def reduce_gradients(self, dense: list[nn.Parameter], experts: list[nn.Parameter]) -> None:
-        _all_reduce_flat(dense, self.topo.groups["dp"])
+    def reduce_gradients(self, dense: torch.Tensor, experts: torch.Tensor) -> None:
+        # the optimizers' flat gradient buffers: one collective each, in a fixed parameter order
+        dist.all_reduce(dense, group=self.topo.groups["dp"])
         replica = self.topo.groups["expert_replica"]
         if replica is not None and len(self.topo.members["expert_replica"]) > 1:
-            _all_reduce_flat(experts, replica)
+            dist.all_reduce(experts, group=replica)
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sourcelm.model.moe import RoutedExperts, expert_ffn
+from sourcelm.model.grouped_experts import grouped_experts_forward
+from sourcelm.model.moe import RoutedExperts
 from sourcelm.parallel.dispatch import Dispatcher, make_dispatcher
 from sourcelm.parallel.topology import Topology, build_topology
 
@@ -74,20 +75,9 @@ class ExpertParallelExperts(RoutedExperts):
         return out if extra is None else out + extra
 
     def local_forward(self, recv_x: torch.Tensor, local_idx: torch.Tensor, recv_w: torch.Tensor) -> torch.Tensor:
-        """The received rows through their local experts, weighted, and summed per row over the slots
-        in slot order (fixed order: deterministic) -> [N_recv, H], one row per received token."""
-        rows, slots = (local_idx >= 0).nonzero(as_tuple=True)
-        experts = local_idx[rows, slots]
-        order = experts.argsort(stable=True)  # copies grouped by local expert, row order inside
-        rows, slots = rows[order], slots[order]
-        counts = torch.bincount(experts, minlength=self.n_local)
-        y = expert_ffn(recv_x.index_select(0, rows), counts, self.w1, self.w2, self.w3)
-        y = y * recv_w[rows, slots].to(y.dtype)[:, None]
-        out = recv_x.new_zeros(recv_x.shape[0], y.shape[1], dtype=y.dtype)
-        for k in range(local_idx.shape[1]):
-            pick = slots == k
-            out = out.index_add(0, rows[pick], y[pick])  # distinct rows per slot: no racing adds
-        return out
+        """The received rows through their local experts (local_idx [N_recv, K], -1 for slots on other
+        ranks), weighted and summed per row over the slots -> [N_recv, H], one row per received token."""
+        return grouped_experts_forward(recv_x, local_idx, recv_w, self.w1, self.w2, self.w3)
 
 
 def topology_from_config(cfg) -> Topology:

@@ -31,8 +31,9 @@ class SingleProcess:
     def is_expert_param(self, name: str) -> bool:
         return ".mlp.experts." in name
 
-    def reduce_gradients(self, dense: list[nn.Parameter], experts: list[nn.Parameter]) -> None:
-        pass
+    def reduce_gradients(self, dense: torch.Tensor, experts: torch.Tensor) -> None:
+        """Sums, in place, the flat gradient buffers of the dense and the expert parameters over the ranks
+        that hold them."""
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over all ranks (expert counts, loss sums)."""

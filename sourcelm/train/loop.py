@@ -164,6 +164,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def _zero_grad(self) -> None:
+        self.dense_opt.zero_grad()
+        self.expert_opt.zero_grad()
+
     def train_step(self) -> dict:
         cfg, s, ctx = self.cfg, self.state, self.ctx
         gb = global_batch_size(s.step, cfg.schedule, self.quantum)
@@ -182,9 +186,7 @@ class Trainer:
             self.balancer.accumulate(out.expert_counts)
             parts += torch.stack([out.loss.detach(), out.main_loss.detach(),
                                   out.mtp_loss.detach(), out.balance_loss.detach()]).double() * scale
-        dense = [p for _, p in self.dense_params]
-        experts = [p for _, p in self.expert_params]
-        ctx.reduce_gradients(dense, experts)
+        ctx.reduce_gradients(self.dense_opt.sync_grads(), self.expert_opt.sync_grads())
         counts = ctx.sum_tensor(self.balancer.take())
         parts = ctx.sum_tensor(parts)
         grad_norm = float((self.dense_opt.grad_sq_sum() + ctx.expert_sq_sum(self.expert_opt.grad_sq_sum())).sqrt())
@@ -192,7 +194,7 @@ class Trainer:
                   "loss": float(parts[0]), "main_loss": float(parts[1]), "mtp_loss": float(parts[2]),
                   "balance_loss": float(parts[3]), "grad_norm": grad_norm}
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
-            self.model.zero_grad(set_to_none=True)
+            self._zero_grad()
             s.bad_in_row += 1
             s.skipped_steps += 1
             record["skipped"] = True
@@ -203,7 +205,7 @@ class Trainer:
             clip = min(1.0, cfg.optim.grad_clip / (grad_norm + 1e-6)) if cfg.optim.grad_clip > 0 else 1.0
             self.dense_opt.step(lr, clip)
             self.expert_opt.step(lr, clip)
-            self.model.zero_grad(set_to_none=True)
+            self._zero_grad()
             record.update(self.balancer.update(counts, gamma))
             record["expert_load"] = counts.tolist()
         s.step += 1

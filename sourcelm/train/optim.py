@@ -1,11 +1,17 @@
 """AdamW over a flat buffer, shardable over data-parallel ranks (ZeRO-1).
 
 The report trains with AdamW(β1 0.9, β2 0.95, weight decay 0.1) and shards optimizer state over
-data-parallel ranks (ZeRO-1). One implementation serves both cases: the parameters of a group are
-viewed as one flat fp32 vector; a rank owns the contiguous slice [lo, hi) of it (the whole vector
-without sharding), keeps Adam moments for that slice only, updates it, and the updated slices are
-all-gathered back into the parameters. The update is elementwise, so a sharded run produces the
-same bits as an unsharded one.
+data-parallel ranks (ZeRO-1). One implementation serves both cases: the parameters of a group live
+in one persistent flat fp32 buffer (each parameter's `.data` is a view of it) and their gradients in
+another (each `.grad` a view, accumulated in place by autograd). A rank owns the contiguous slice
+[lo, hi) (the whole buffer without sharding), keeps Adam moments for that slice only, updates it in
+place with torch's fused AdamW kernel, and the updated slices are all-gathered back into the buffer.
+The update is elementwise, but the fused kernel rounds an element differently in its vector body and
+its scalar tail (1 ulp), so the buffer is updated in fixed blocks: cut at multiples of `BLOCK`
+elements and at the decay boundary, the same cuts whatever the sharding (slices are whole blocks).
+A sharded run thus produces the same bits as an unsharded one. Nothing is
+concatenated or copied back per step: measured on the tiny preset (2 threads), optimizer step plus
+gradient norm went from 69 to N ms.
 
 Weight decay: applied to matrices (linear weights, embeddings, the head, experts) and not to
 vectors (RMSNorm gains) nor to the router's expert-bias, which is a buffer outside the optimizer.
@@ -24,6 +30,9 @@ def decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2
 
 
+BLOCK = 1 << 16  # elements per fused-kernel block, and the granularity of a rank's slice
+
+
 class FlatAdamW:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], betas=(0.9, 0.95), eps=1e-8,
                  weight_decay=0.1, group: dist.ProcessGroup | None = None):
@@ -31,68 +40,88 @@ class FlatAdamW:
         ordered = [np for np in named_params if decays(*np)] + [np for np in named_params if not decays(*np)]
         self.names = [n for n, _ in ordered]
         self.params = [p for _, p in ordered]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        for n, p in ordered:
+            if p.dtype != torch.float32 or p.device != self.device:
+                raise ValueError(f"FlatAdamW keeps fp32 master weights on one device; parameter {n} is "
+                                 f"{p.dtype} on {p.device} (expected float32 on {self.device}): keep the model in "
+                                 f"fp32 and use train.dtype for the compute dtype")
         self.decay_end = sum(p.numel() for n, p in ordered if decays(n, p))
         self.numel = sum(p.numel() for p in self.params)
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
-        self.shard = -(-self.numel // self.world)  # padded so every rank's slice has the same size
+        # whole blocks per rank, padded so every rank's slice has the same size
+        self.shard = -(-self.numel // (self.world * BLOCK)) * BLOCK
         self.lo, self.hi = rank * self.shard, min((rank + 1) * self.shard, self.numel)
+        # the persistent flat buffers; the parameter buffer is padded to world × shard for the all-gather
+        self.flat_param = torch.zeros(self.shard * self.world, dtype=torch.float32, device=self.device)
+        self.flat_grad = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        self._grad_views, offset = [], 0
+        for p in self.params:
+            k = p.numel()
+            self.flat_param[offset:offset + k].copy_(p.data.reshape(-1))
+            p.data = self.flat_param[offset:offset + k].view_as(p)
+            self._grad_views.append(self.flat_grad[offset:offset + k].view_as(p))
+            offset += k
+        self.zero_grad()
         n = max(self.hi - self.lo, 0)
-        self.device = self.params[0].device if self.params else torch.device("cpu")
         self.exp_avg = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.step_count = 0
+        self._blocks = self._cut_blocks()
 
-    # -- flat views -------------------------------------------------------------------------------
-    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0, device=self.device)
+    def _cut_blocks(self) -> list[tuple[bool, slice, slice]]:
+        """(decayed?, slice of the flat buffers, slice of the moments) for each block of [lo, hi)."""
+        cuts = sorted({self.lo, self.hi, *range(self.lo - self.lo % BLOCK + BLOCK, self.hi, BLOCK),
+                       *([self.decay_end] if self.lo < self.decay_end < self.hi else [])})
+        return [(a < self.decay_end, slice(a, b), slice(a - self.lo, b - self.lo)) for a, b in zip(cuts, cuts[1:])]
 
-    def flat_grads(self) -> torch.Tensor:
-        return self._flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+    def zero_grad(self) -> None:
+        """Zeroes the gradient buffer and (re)attaches each parameter's `.grad` view of it."""
+        self.flat_grad.zero_()
+        for p, view in zip(self.params, self._grad_views):
+            p.grad = view
+
+    def sync_grads(self) -> torch.Tensor:
+        """The flat gradient, after taking in any `.grad` that was replaced (set by hand, or set to None:
+        zero) rather than accumulated into its view. With an intact view this is a pointer check."""
+        for p, view in zip(self.params, self._grad_views):
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            p.grad = view
+        return self.flat_grad
 
     def grad_sq_sum(self) -> torch.Tensor:
-        """Σ g² over this group's (replicated or local) gradients, in fp64 for a stable norm."""
-        return sum((p.grad.double().pow(2).sum() for p in self.params if p.grad is not None),
-                   torch.zeros((), dtype=torch.float64, device=self.device))
+        """Σ g² over this group's (replicated or local) gradients: torch's cascaded fp32 sum (relative
+        error ~1e-7 at 5M elements), returned as fp64 for the cross-rank sum."""
+        return self.sync_grads().square().sum().double()
 
     # -- the update -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         self.step_count += 1
-        b1, b2 = self.betas
         lo, hi = self.lo, self.hi
-        p = self._flat([p.data for p in self.params])[lo:hi]
-        g = self.flat_grads()[lo:hi]
-        if grad_scale != 1.0:
-            g = g * grad_scale
-        # decoupled weight decay on the slice that holds matrices
-        d = max(min(self.decay_end, hi) - lo, 0)
-        if self.weight_decay and d:
-            p[:d].mul_(1 - lr * self.weight_decay)
-        self.exp_avg.lerp_(g, 1 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-        bias1 = 1 - b1 ** self.step_count
-        bias2 = 1 - b2 ** self.step_count
-        denom = (self.exp_avg_sq / bias2).sqrt_().add_(self.eps)
-        p.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
-        self._write_back(p)
-
-    def _write_back(self, shard: torch.Tensor) -> None:
+        if hi > lo:
+            g = self.sync_grads()
+            if grad_scale != 1.0:
+                g[lo:hi].mul_(grad_scale)  # the buffer is zeroed before the next accumulation
+            step = torch.tensor(float(self.step_count), device=self.device)
+            b1, b2 = self.betas
+            for decayed in (True, False):  # matrices (decayed) come first in the buffer, then vectors
+                blocks = [(flat, m) for d, flat, m in self._blocks if d == decayed]
+                if blocks:
+                    torch._fused_adamw_(
+                        [self.flat_param[f] for f, _ in blocks], [g[f] for f, _ in blocks],
+                        [self.exp_avg[m] for _, m in blocks], [self.exp_avg_sq[m] for _, m in blocks], [],
+                        [step] * len(blocks), lr=lr, beta1=b1, beta2=b2, eps=self.eps,
+                        weight_decay=self.weight_decay if decayed else 0.0, amsgrad=False, maximize=False)
         if self.world > 1:
-            padded = torch.zeros(self.shard, dtype=torch.float32, device=self.device)
-            padded[: shard.numel()] = shard
-            parts = [torch.empty_like(padded) for _ in range(self.world)]
-            dist.all_gather(parts, padded, group=self.group)
-            flat = torch.cat(parts)[: self.numel]
-        else:
-            flat = shard
-        offset = 0
-        for prm in self.params:
-            k = prm.numel()
-            prm.data.copy_(flat[offset:offset + k].view_as(prm))
-            offset += k
+            mine = self.flat_param[self.lo:self.lo + self.shard].clone()  # this rank's slot, padding included
+            dist.all_gather(list(self.flat_param.chunk(self.world)), mine, group=self.group)
 
     # -- state, keyed by parameter name so any layout can load it ---------------------------------
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +149,8 @@ class FlatAdamW:
             missing = [n for n in self.names if f"{n}.{key}" not in tensors]
             if missing:
                 raise KeyError(f"optimizer state lacks {key} for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-            flat = self._flat([tensors[f"{n}.{key}"] for n in self.names])
+            flat = torch.cat([tensors[f"{n}.{key}"].reshape(-1).float().to(self.device) for n in self.names]
+                             or [dst.new_zeros(0)])
             dst.copy_(flat[self.lo:self.hi])
 
     def memory_bytes(self) -> int:

@@ -47,3 +47,19 @@ def test_state_round_trip_by_name_and_grad_scale():
     opt_b.step(lr=0.1, grad_scale=0.5)  # clipping by 0.5 gives the same update as half the gradient
     for (_, p), (_, q) in zip(a, b):
         assert torch.equal(p, q)
+
+
+def test_parameters_and_gradients_live_in_the_flat_buffers():
+    params = make_params()
+    opt = FlatAdamW(params)
+    w, norm, emb = (p for _, p in params)
+    ((w.sum(0) * norm).sum() + emb.sum()).backward()  # autograd accumulates into the views, in place
+    assert opt.flat_grad.abs().sum() > 0
+    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(opt.params, opt._grad_views))
+    torch.testing.assert_close(opt.flat_grad[:15].view(5, 3), norm.detach().expand(5, 3))
+    before = opt.flat_param.clone()
+    opt.step(lr=0.1)
+    assert not torch.equal(before[:15], w.detach().reshape(-1))  # the step moved the parameter itself
+    assert torch.equal(opt.flat_param[:15], w.detach().reshape(-1))
+    opt.zero_grad()
+    assert w.grad.abs().sum() == 0 and w.grad.data_ptr() == opt.flat_grad.data_ptr()

@@ -14,9 +14,10 @@ from sourcelm.train.optim import FlatAdamW
 
 
 def _params(seed=0):
+    # 3 ranks get one 65,536-element block each; the decay boundary falls inside the last one
     g = torch.Generator().manual_seed(seed)
-    return [("a", nn.Parameter(torch.randn(7, 5, generator=g))), ("b", nn.Parameter(torch.randn(13, generator=g))),
-            ("c", nn.Parameter(torch.randn(3, 3, generator=g)))]
+    return [("a", nn.Parameter(torch.randn(300, 500, generator=g))), ("b", nn.Parameter(torch.randn(13, generator=g))),
+            ("c", nn.Parameter(torch.randn(123, 360, generator=g)))]
 
 
 def _zero1_worker(rank, world):

@@ -1,0 +1,205 @@
+"""Routed-expert compute on rows grouped by expert: the layout, the gather into it, the grouped SwiGLU,
+and the weighted gather back out. Used by the single-device MoE and, on the rows a rank received,
+by the expert-parallel layer.
+
+Each token n has K slots; slot (n, k) names an expert (or -1: computed elsewhere, under expert
+parallelism). `group_by_expert` lays the slots out as rows grouped by expert, in (token, slot)
+order inside an expert, each group padded to a multiple of `align` rows; it returns two index maps,
+row -> slot and slot -> row, with one sentinel (a zero row) for padding and absent slots. Both
+directions of both data movements are then plain gathers (`index_select`): dispatch forward gathers
+token rows, its backward gathers the K slot gradients of each token and sums them in fp32 in slot
+order; combine forward gathers each token's K outputs and weights them, its backward gathers the
+weighted output gradient per row. No scatter-add anywhere: deterministic on every device, and on CPU
+measured faster than the autograd of `x[order // K]` (an accumulating index_put).
+
+`expert_ffn` runs one `torch._grouped_mm` per projection where this torch build supports it for the
+device and dtype, else a loop over the non-empty experts on slices of the grouped rows. Measured on
+2 CPU cores (16 experts, 8192 rows, H 256, I 128, uneven groups, forward + backward of one
+projection): grouped_mm 8 ms (fp32) / 4 ms (bf16), the slice loop 15 / 8 ms; bmm on padded blocks
+is as fast only when groups are equal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+# On CPU a bf16/fp16 grouped matmul runs one oneDNN matmul per group, and oneDNN JIT-compiles a kernel
+# for every new row count. With routing nearly every group of every step is a new shape: measured
+# (16 groups, 8192 rows, one projection forward) 11.7 ms, and 1.3 ms once groups are padded to
+# multiples of 64 rows, whose few shapes the primitive cache keeps. fp32 does not JIT and is not padded.
+CPU_LOW_PRECISION_ALIGN = 64
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward here, checked once per (device type, dtype)
+    on a small problem against the plain loop; the choice is logged."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = False
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                g = torch.Generator().manual_seed(0)
+                # uneven and empty groups, as real routing produces (some kernels need aligned groups)
+                x = torch.randn(32, 16, generator=g).to(device, dtype).requires_grad_()
+                w = torch.randn(3, 16, 16, generator=g).to(device, dtype).requires_grad_()
+                offs = torch.tensor([5, 5, 32], dtype=torch.int32, device=device)
+                y = torch._grouped_mm(x, w, offs=offs)
+                ref = torch.cat([x[:5] @ w[0], x[5:] @ w[2]])
+                y.backward(torch.ones_like(y))
+                ok = bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2)) and w.grad is not None
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+        log.info("routed experts on %s/%s: %s", device.type, dtype,
+                 "torch._grouped_mm" if ok else "loop over non-empty experts (grouped_mm unsupported here)")
+    return _GROUPED_MM_OK[key]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's when it is on (_grouped_mm is not on its cast list)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def row_alignment(device: torch.device, dtype: torch.dtype) -> int:
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cpu" and low_precision and grouped_mm_supported(device, dtype):
+        return CPU_LOW_PRECISION_ALIGN
+    return 1
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+@dataclass
+class GroupedLayout:
+    counts: torch.Tensor       # [E] rows per expert group, padding included
+    copy_of_row: torch.Tensor  # [P] the slot n*K + k each grouped row holds; N*K for a padding row
+    row_of_slot: torch.Tensor  # [N*K] the grouped row of each slot; P for a slot computed elsewhere
+    n_tokens: int
+    k: int
+
+
+def group_by_expert(slot_expert: torch.Tensor, n_experts: int, align: int = 1) -> GroupedLayout:
+    """slot_expert [N, K] int64 expert ids (-1: not here) -> the grouped layout (see the module docstring)."""
+    n, k = slot_expert.shape
+    flat = slot_expert.reshape(-1)
+    here = flat >= 0
+    # slots grouped by expert, (token, slot) order inside a group; absent slots sort last and are cut
+    order = torch.where(here, flat, n_experts).argsort(stable=True)[: int(here.sum())]
+    counts = torch.bincount(flat[here], minlength=n_experts)
+    padded = (counts + align - 1) // align * align if align > 1 else counts
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padding inserted before each group
+    rows = torch.arange(order.numel(), device=flat.device) + torch.repeat_interleave(shift, counts,
+                                                                                     output_size=order.numel())
+    p = int(padded.sum())
+    copy_of_row = torch.full((p,), n * k, dtype=torch.long, device=flat.device).index_copy_(0, rows, order)
+    row_of_slot = torch.full((n * k,), p, dtype=torch.long, device=flat.device).index_copy_(0, order, rows)
+    return GroupedLayout(padded, copy_of_row, row_of_slot, n, k)
+
+
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(1, t.shape[1])])
+
+
+class _Dispatch(torch.autograd.Function):
+    """x [N, H] -> grouped rows [P, H] in `dtype` (zero rows for padding)."""
+
+    @staticmethod
+    def forward(ctx, x, layout: GroupedLayout, dtype):
+        ctx.layout, ctx.x_dtype = layout, x.dtype
+        return _with_zero_row(x.to(dtype)).index_select(0, layout.copy_of_row // layout.k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lay = ctx.layout
+        per_slot = _with_zero_row(grad).index_select(0, lay.row_of_slot).view(lay.n_tokens, lay.k, grad.shape[1])
+        acc = torch.promote_types(per_slot.dtype, torch.float32)  # bf16 slot gradients summed in fp32
+        return per_slot.sum(1, dtype=acc).to(ctx.x_dtype), None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Grouped outputs y [P, H] and slot weights w [N, K] -> sum_k w[n, k] y[row of (n, k)]: [N, H]."""
+
+    @staticmethod
+    def forward(ctx, y, weights, layout: GroupedLayout):
+        ctx.layout = layout
+        ctx.save_for_backward(y, weights)
+        per_slot = _with_zero_row(y).index_select(0, layout.row_of_slot).view(layout.n_tokens, layout.k, y.shape[1])
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), per_slot).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weights = ctx.saved_tensors
+        lay = ctx.layout
+        grad = grad.to(y.dtype)
+        per_slot = _with_zero_row(y).index_select(0, lay.row_of_slot).view(lay.n_tokens, lay.k, grad.shape[1])
+        grad_w = torch.bmm(per_slot, grad.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
+        weighted = (grad.unsqueeze(1) * weights.to(y.dtype).unsqueeze(-1)).view(lay.n_tokens * lay.k, y.shape[1])
+        grad_y = _with_zero_row(weighted).index_select(0, lay.copy_of_row)
+        return grad_y, grad_w, None
+
+
+def dispatch_rows(x: torch.Tensor, layout: GroupedLayout, dtype: torch.dtype) -> torch.Tensor:
+    return _Dispatch.apply(x, layout, dtype)
+
+
+def combine_rows(y: torch.Tensor, weights: torch.Tensor, layout: GroupedLayout) -> torch.Tensor:
+    return _Combine.apply(y, weights, layout)
+
+
+# ---------------------------------------------------------------------------------- grouped SwiGLU
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (the grouped-matmul backward
+    rejects expanded gradients such as the one `y.sum().backward()` produces)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    """Rows of x [N, in] grouped by expert (counts [E]) times w[e]^T ([E, out, in]) -> [N, out]."""
+    if offs is not None:
+        return torch._grouped_mm(_ContiguousGrad.apply(x), w.transpose(-2, -1), offs=offs)
+    out = []
+    for e, (rows, n) in enumerate(zip(x.split(counts.tolist()), counts.tolist())):
+        if n:
+            out.append(rows @ w[e].t())
+    return torch.cat(out) if out else x.new_zeros(0, w.shape[1])
+
+
+def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+               w3: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of every row with its own expert: rows of x_grouped [N, H] are grouped by expert in order,
+    counts [E] (int) rows each (sum(counts) == N); w1/w3 [E, I, H], w2 [E, H, I]. Computes in
+    x_grouped's dtype (the weights are cast to it). Returns [N, H]."""
+    dt = x_grouped.dtype
+    w1, w2, w3 = w1.to(dt), w2.to(dt), w3.to(dt)
+    if x_grouped.shape[0] == 0:
+        return x_grouped.new_zeros(0, w2.shape[1]) + 0 * (w1.sum() + w2.sum() + w3.sum())  # keep the graph
+    offs = counts.cumsum(0).to(torch.int32) if grouped_mm_supported(x_grouped.device, dt) else None
+    h = F.silu(_grouped_linear(x_grouped, w1, counts, offs)) * _grouped_linear(x_grouped, w3, counts, offs)
+    return _grouped_linear(h, w2, counts, offs)
+
+
+def grouped_experts_forward(x: torch.Tensor, slot_expert: torch.Tensor, slot_weights: torch.Tensor,
+                            w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """x [N, H], slot_expert [N, K] (ids into the experts of w1/w2/w3; -1: not here), slot_weights [N, K]
+    -> sum over the slots here of weight * expert(x) [N, H], in the compute dtype."""
+    dtype = compute_dtype(x)
+    layout = group_by_expert(slot_expert, w1.shape[0], row_alignment(x.device, dtype))
+    y = expert_ffn(dispatch_rows(x, layout, dtype), layout.counts, w1, w2, w3)
+    return combine_rows(y, slot_weights, layout)
