@@ -253,7 +253,9 @@ class LoggingConfig:
 @dataclass
 class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (master weights are always fp32)
+    # compute dtype: "auto" (bfloat16 where the hardware has native bf16 matmuls, else float32; see
+    # sourcelm/train/device.py), "float32" or "bfloat16". Master weights and optimizer state are always fp32.
+    dtype: str = "auto"
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     compile: bool = False
 
@@ -311,7 +313,7 @@ class Config:
             raise ConfigError(f"schedule.warmup_steps = {s.warmup_steps} must be >= 0")
         if s.batch_ramp_steps and not 0 < s.ramp_start_batch <= s.global_batch:
             raise ConfigError("schedule.ramp_start_batch must be in 1..global_batch when batch_ramp_steps > 0")
-        _choice("train", "dtype", self.train.dtype, ("float32", "bfloat16"))
+        _choice("train", "dtype", self.train.dtype, ("auto", "float32", "bfloat16"))
         _choice("train", "device", self.train.device, ("auto", "cpu", "cuda"))
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
         if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:

@@ -31,21 +31,13 @@ from sourcelm.provenance.manifest import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
+from sourcelm.train.device import resolve_device, resolve_dtype
 from sourcelm.train.metrics import MetricsLogger, device_peak_flops
 from sourcelm.train.optim import FlatAdamW
 from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
                                      samples_before)
 
 log = logging.getLogger("sourcelm.train")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        from sourcelm.config import ConfigError
-        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device; set train.device = 'cpu' or 'auto'")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 class TooManyBadSteps(RuntimeError):
@@ -72,6 +64,8 @@ class Trainer:
         self.show_progress = cfg.logging.progress if progress is None else progress
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.train.device)
+        # recorded resolved: config.json and every checkpoint name the dtype this run computes in
+        cfg.train.dtype = resolve_dtype(cfg.train.dtype, self.device)
         # built and initialised on the CPU (the same bits on every device), then moved
         self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
         if cfg.train.compile:  # after any expert-parallel swap; names and parameters are unchanged

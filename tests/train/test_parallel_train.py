@@ -51,8 +51,10 @@ def test_zero1_sharded_adamw_is_bit_identical_to_unsharded():
 
 
 def _train(args, run_dir, *extra, nproc=1, rpn=0, ep=1):
-    cmd = [sys.executable, "-m", "sourcelm", "train", *args, f"parallel.ep={ep}", "schedule.micro_batch=1", *extra,
-           "--run-dir", str(run_dir)]
+    # fp32: layouts agree to rounding (1e-5); in bf16 the experts' weight gradients, summed over rows in the
+    # order each layout receives them, round differently
+    cmd = [sys.executable, "-m", "sourcelm", "train", *args, f"parallel.ep={ep}", "schedule.micro_batch=1",
+           "train.dtype=float32", *extra, "--run-dir", str(run_dir)]
     if nproc > 1:
         cmd += ["--nproc", str(nproc), "--ranks-per-node", str(rpn)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
