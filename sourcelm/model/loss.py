@@ -18,6 +18,8 @@ Chunks are processed in a fixed order, so the result is deterministic.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 IGNORE = -100
@@ -36,26 +38,39 @@ def _chunk_rows(n_rows: int, vocab: int, budget_bytes: int = 8 << 20) -> int:
     return max(1, min(n_rows, budget_bytes // (4 * vocab)))
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, need_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's elementwise part: logits [c, V] (compute dtype) and labels [c] -> (sum of CE over the
+    valid labels (fp32), d(sum)/d(logits) = softmax - one-hot (zero rows for ignored labels), in the
+    logits' dtype, or None). Log-softmax and softmax in fp32. A separate function so that
+    `train.compile` can fuse its passes into one kernel (`DeepseekV3.compile_blocks`)."""
+    logp = logits.float().log_softmax(-1)  # [c, V], fp32
+    valid = labels != IGNORE
+    target = labels.clamp_min(0)[:, None]
+    loss = -(logp.gather(1, target).squeeze(1) * valid).sum()
+    if not need_grad:
+        return loss, None
+    p = logp.exp_()  # softmax, in place
+    p.scatter_add_(1, target, -valid[:, None].float())  # minus the one-hot of the target
+    # eager skips the masking pass when every label counts; compiled code is fused and must not branch on data
+    if torch.compiler.is_compiling() or not bool(valid.all()):
+        p.mul_(valid[:, None])
+    return loss, p.to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, compute_dtype, chunk_rows, need_grad):
+    def forward(ctx, h, weight, labels, compute_dtype, chunk_rows, need_grad, chunk_fn):
         hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
         n = hc.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(hc) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
         for s in range(0, n, chunk_rows):
-            x, y = hc[s:s + chunk_rows], labels[s:s + chunk_rows]
-            logp = (x @ wc.t()).float().log_softmax(-1)  # [c, V], fp32
-            valid = y != IGNORE
-            target = y.clamp_min(0)[:, None]
-            loss -= (logp.gather(1, target).squeeze(1) * valid).sum()
+            x = hc[s:s + chunk_rows]
+            chunk_loss, p = chunk_fn(x @ wc.t(), labels[s:s + chunk_rows], need_grad)
+            loss += chunk_loss
             if need_grad:
-                p = logp.exp_()  # softmax, in place
-                p.scatter_add_(1, target, -valid[:, None].float())  # minus the one-hot of the target
-                if not bool(valid.all()):
-                    p.mul_(valid[:, None])
-                p = p.to(compute_dtype)
                 torch.mm(p, wc, out=grad_h[s:s + chunk_rows])
                 grad_w += p.t() @ x
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
@@ -68,17 +83,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         del ctx.grads
         if grad_h is None:
             raise RuntimeError("linear_cross_entropy was run without gradients; it cannot be differentiated")
-        return (grad_h * grad_loss).to(ctx.h_dtype), (grad_w * grad_loss).to(ctx.w_dtype), None, None, None, None
+        return (grad_h * grad_loss).to(ctx.h_dtype), (grad_w * grad_loss).to(ctx.w_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, chunk_fn: Callable = chunk_loss_and_grad) -> torch.Tensor:
     """Sum over labels != -100 of CE(h W^T, labels): h [..., H], weight [V, H], labels [...] (int64).
-    Returns an fp32 scalar; differentiable in h and weight."""
+    Returns an fp32 scalar; differentiable in h and weight. `chunk_fn`: `chunk_loss_and_grad` or a
+    compiled version of it."""
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
     rows = chunk_rows or _chunk_rows(h2.shape[0], weight.shape[0])
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     dtype = _compute_dtype(h, weight)
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h2, weight, y, dtype, rows, need_grad)
+        return _LinearCrossEntropy.apply(h2, weight, y, dtype, rows, need_grad, chunk_fn)

@@ -35,7 +35,7 @@ from torch import nn
 
 from sourcelm.config import ModelConfig
 from sourcelm.model.attention import MLA
-from sourcelm.model.loss import linear_cross_entropy
+from sourcelm.model.loss import chunk_loss_and_grad, linear_cross_entropy
 from sourcelm.model.moe import MLP, MoE
 from sourcelm.model.norm_rope import RMSNorm, RotaryEmbedding
 
@@ -106,6 +106,7 @@ class DeepseekV3(nn.Module):
         n = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, n + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
+        self.ce_chunk = chunk_loss_and_grad  # the fused loss's elementwise step (compiled by compile_blocks)
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(qualified name, MoE module) of every MoE layer: main layers in order, then the MTP blocks."""
@@ -115,10 +116,11 @@ class DeepseekV3(nn.Module):
 
     def compile_blocks(self) -> None:
         """torch.compile (opt-in: `train.compile`) of the parts of every block, MTP included, that are static
-        dense code: the attention half (norms, MLA, residual), the router, the dense FFN and the shared
-        expert. The routed experts stay eager: their per-expert group sizes change every step, and an
+        dense code: the attention half (norms, MLA, residual), the router, the dense FFN, the shared
+        expert, and the fused loss's per-chunk softmax and gradient. The routed experts stay eager: their per-expert group sizes change every step, and an
         expert-parallel layer swapped in from outside runs collectives. Names and parameters are
         unchanged (compiled methods and `Module.compile`), so checkpoints and EP are unaffected."""
+        self.ce_chunk = torch.compile(chunk_loss_and_grad)
         for layer in [*self.model.layers, *self.mtp]:
             layer.attention_block = torch.compile(layer.attention_block)
             if layer.is_moe:
@@ -165,7 +167,7 @@ class DeepseekV3(nn.Module):
 
         n_targets = (labels != -100).sum().clamp_min(1)
         main_loss = (_ce_sum(logits, labels) if logits is not None
-                     else linear_cross_entropy(h, self.lm_head.weight, labels)) / n_targets
+                     else linear_cross_entropy(h, self.lm_head.weight, labels, chunk_fn=self.ce_chunk)) / n_targets
         mtp_losses = []
         t = input_ids.shape[1]
         prev = h
@@ -182,8 +184,8 @@ class DeepseekV3(nn.Module):
             if c is not None:
                 counts.append(c)
                 balances.append(b)
-            mtp_losses.append(linear_cross_entropy(layer.shared_head.norm(x), self.lm_head.weight, labels[:, k:])
-                              / n_targets)
+            mtp_losses.append(linear_cross_entropy(layer.shared_head.norm(x), self.lm_head.weight, labels[:, k:],
+                                                   chunk_fn=self.ce_chunk) / n_targets)
             prev = x
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else main_loss.new_zeros(())
         balance = torch.stack(balances).sum() if balances else main_loss.new_zeros(())
