@@ -117,9 +117,10 @@ class DeepseekV3(nn.Module):
     def compile_blocks(self) -> None:
         """torch.compile (opt-in: `train.compile`) of the parts of every block, MTP included, that are static
         dense code: the attention half (norms, MLA, residual), the router, the dense FFN, the shared
-        expert, and the fused loss's per-chunk softmax and gradient. The routed experts stay eager: their per-expert group sizes change every step, and an
-        expert-parallel layer swapped in from outside runs collectives. Names and parameters are
-        unchanged (compiled methods and `Module.compile`), so checkpoints and EP are unaffected."""
+        expert, and the fused loss's per-chunk softmax and gradient. The routed experts stay eager: their
+        per-expert group sizes change every step, and an expert-parallel layer swapped in from outside runs
+        collectives. Names and parameters are unchanged (compiled methods and `Module.compile`), so
+        checkpoints and EP are unaffected."""
         self.ce_chunk = torch.compile(chunk_loss_and_grad)
         for layer in [*self.model.layers, *self.mtp]:
             layer.attention_block = torch.compile(layer.attention_block)

@@ -101,13 +101,7 @@ class Hop:
         if self.group is None:
             return Pending([], send)
         self._count(stats, self.send_splits, send[0])
-        outs, works = [], []
-        for s in send:
-            out = s.new_empty((sum(self.recv_splits),) + tuple(s.shape[1:]))
-            works.append(dist.all_to_all_single(out, s.contiguous(), self.recv_splits, self.send_splits,
-                                                group=self.group, async_op=True))
-            outs.append(out)
-        return Pending(works, outs)
+        return self._all_to_all(send, out_splits=self.recv_splits, in_splits=self.send_splits)
 
     def reverse(self, tensors: list[torch.Tensor], stats: LinkStats | None, alias: bool = False) -> Pending:
         """Sends received rows back to where they came from (asynchronously), then sums the copies."""
@@ -116,13 +110,19 @@ class Hop:
         if self.group is None:
             return Pending([], [t.contiguous() for t in tensors], self._fold_all)
         self._count(stats, self.recv_splits, tensors[0])
+        return self._all_to_all(tensors, out_splits=self.send_splits, in_splits=self.recv_splits,
+                                finish=self._fold_all)
+
+    def _all_to_all(self, tensors: list[torch.Tensor], out_splits: list[int], in_splits: list[int],
+                    finish=None) -> Pending:
+        """One asynchronous all_to_all_single per tensor over this hop's group."""
         outs, works = [], []
         for t in tensors:
-            out = t.new_empty((sum(self.send_splits),) + tuple(t.shape[1:]))
-            works.append(dist.all_to_all_single(out, t.contiguous(), self.send_splits, self.recv_splits,
-                                                group=self.group, async_op=True))
+            out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
+            works.append(dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=self.group,
+                                                async_op=True))
             outs.append(out)
-        return Pending(works, outs, self._fold_all)
+        return Pending(works, outs, finish)
 
     def _fold_all(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self._fold(o) for o in outs]
