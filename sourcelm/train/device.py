@@ -8,15 +8,25 @@ validation loss within seed noise of fp32 (`bench/RESULTS_train.md`), while a CP
 instructions emulates bf16 matmuls and would run several times slower than in fp32.
 The trainer writes the resolved dtype into the run's config and checkpoints, so a replay computes
 in the same dtype whatever machine it runs on.
+
+`keep_freed_cpu_memory` tunes glibc's allocator for training on the CPU (see its docstring).
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import platform
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
+
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 << 20
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,3 +54,22 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Makes glibc keep freed blocks below 32 MiB in the process heap instead of handing them back to the
+    kernel. A training step on the CPU allocates and frees hundreds of 1-8 MB activations; by default glibc
+    serves blocks above its (adaptive) mmap threshold with a fresh mmap and unmaps them on free, so every
+    step faults the same pages in again, zero-filled. Measured on the tiny preset (2 cores, bf16): 27k page
+    faults per step without, 3k with, and steps 7-12 % faster. The cost: the heap keeps its high-water mark
+    (the peak RSS is unchanged). Returns whether the setting took (False off glibc, e.g. macOS or musl)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # a fixed mmap threshold also stops glibc adapting the trim threshold, so set both
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    log.debug("glibc malloc: blocks under %d MiB stay in the heap: %s", MMAP_THRESHOLD_MAX >> 20, ok)
+    return ok

@@ -31,7 +31,7 @@ from sourcelm.provenance.manifest import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
-from sourcelm.train.device import resolve_device, resolve_dtype
+from sourcelm.train.device import keep_freed_cpu_memory, resolve_device, resolve_dtype
 from sourcelm.train.metrics import MetricsLogger, device_peak_flops
 from sourcelm.train.optim import FlatAdamW
 from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
@@ -64,6 +64,8 @@ class Trainer:
         self.show_progress = cfg.logging.progress if progress is None else progress
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()
         # recorded resolved: config.json and every checkpoint name the dtype this run computes in
         cfg.train.dtype = resolve_dtype(cfg.train.dtype, self.device)
         # built and initialised on the CPU (the same bits on every device), then moved
