@@ -60,9 +60,11 @@ def keep_freed_cpu_memory() -> bool:
     """Makes glibc keep freed blocks below 32 MiB in the process heap instead of handing them back to the
     kernel. A training step on the CPU allocates and frees hundreds of 1-8 MB activations; by default glibc
     serves blocks above its (adaptive) mmap threshold with a fresh mmap and unmaps them on free, so every
-    step faults the same pages in again, zero-filled. Measured on the tiny preset (2 cores, bf16): 27k page
-    faults per step without, 3k with, and steps 7-12 % faster. The cost: the heap keeps its high-water mark
-    (the peak RSS is unchanged). Returns whether the setting took (False off glibc, e.g. macOS or musl)."""
+    step faults the same pages in again, zero-filled. How often depends on the allocation history, through
+    glibc's adaptive threshold. Measured on the tiny preset (2 cores, bf16): 4-6k page faults per step or,
+    after a small change in what a step allocates, 27k (steps 7-12 % slower); with this setting, 3k every
+    time. The cost: the heap keeps its high-water mark (the peak RSS is unchanged). Returns whether the
+    setting took (False off glibc, e.g. macOS or musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
