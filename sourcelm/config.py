@@ -254,7 +254,7 @@ class LoggingConfig:
 class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     # compute dtype: "auto" (bfloat16 where the hardware has native bf16 matmuls, else float32; see
-    # sourcelm/train/device.py), "float32" or "bfloat16". Master weights and optimizer state are always fp32.
+    # sourcelm/model/hardware.py), "float32" or "bfloat16". Master weights and optimizer state are always fp32.
     dtype: str = "auto"
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     compile: bool = False

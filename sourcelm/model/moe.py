@@ -28,6 +28,7 @@ from torch import nn
 from sourcelm.config import ModelConfig
 from sourcelm.model.grouped_experts import grouped_experts_forward
 
+
 class MLP(nn.Module):
     """SwiGLU FFN: down(silu(gate(x)) * up(x)); used for dense layers and shared experts."""
 

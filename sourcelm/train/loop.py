@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from sourcelm.config import Config, check_batch_layout
+from sourcelm.model.hardware import resolve_device, resolve_dtype
 from sourcelm.provenance.manifest import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
-from sourcelm.train.device import keep_freed_cpu_memory, resolve_device, resolve_dtype
+from sourcelm.train.device import keep_freed_cpu_memory
 from sourcelm.train.metrics import MetricsLogger, device_peak_flops
 from sourcelm.train.optim import FlatAdamW
 from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
