@@ -111,3 +111,16 @@ def test_moe_on_an_empty_batch(impl, shape):
     if impl == "grouped":  # the fast path keeps the experts in the graph (zero gradient, not None)
         assert grad is not None and grad.abs().sum() == 0
     assert layer.shared_experts.up_proj.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("chunk_rows,group_chunks", [(64, 1), (64, 2), (97, 3)])
+def test_fused_matches_plain_when_the_weight_gradient_is_split_into_row_groups(monkeypatch, chunk_rows, group_chunks):
+    """Heads too large for one kept [rows, V] gradient sum their weight gradient over row groups."""
+    from sourcelm.model import loss as loss_mod
+    monkeypatch.setattr(loss_mod, "_group_rows", lambda n, vocab, chunk, itemsize: min(n, group_chunks * chunk))
+    h, w, labels = _problem()
+    ref = _run(_plain, h, w, labels)
+    got = _run(lambda a, b, y: linear_cross_entropy(a, b, y, chunk_rows), h, w, labels)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=0)
+    for i in (1, 2):
+        torch.testing.assert_close(got[i], ref[i], rtol=1e-5, atol=1e-5 * float(ref[i].abs().max()))

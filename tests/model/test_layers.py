@@ -1,4 +1,4 @@
-"""Fast paths against their plain references: sdpa vs eager MLA, grouped vs loop experts, the router
+"""Fast paths against their plain references: sdpa and bmm vs eager MLA, grouped vs loop experts, the router
 against transformers' router, and the balance loss against a direct evaluation of report eq. 17-20."""
 
 import dataclasses
@@ -27,7 +27,7 @@ def _grads(module):
 
 
 @pytest.mark.parametrize("over", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN, "max_position_embeddings": 512}])
-def test_sdpa_matches_eager(over):
+def test_sdpa_and_bmm_match_eager(over):
     torch.manual_seed(0)
     cfg = tiny(**over)
     attn = MLA(cfg)
@@ -38,16 +38,52 @@ def test_sdpa_matches_eager(over):
     cos, sin = RotaryEmbedding(cfg)(torch.arange(40), torch.float32)
     x = torch.randn(3, 40, cfg.hidden_size)
     outs, grads = [], []
-    for impl in ("sdpa", "eager"):
+    impls = ("eager", "sdpa", "bmm")
+    for impl in impls:
         attn.impl = impl
         attn.zero_grad()
         y = attn(x, cos, sin)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append(y.detach())
         grads.append(_grads(attn))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    for k in grads[0]:
-        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
+    for i in (1, 2):
+        torch.testing.assert_close(outs[i], outs[0], rtol=1e-5, atol=1e-6)
+        for k in grads[0]:
+            torch.testing.assert_close(grads[i][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_bmm_attention_in_bf16_is_as_close_to_fp64_as_flash():
+    """bmm rounds the scores to bf16 before the softmax, flash keeps them in fp32: both stay at bf16's level."""
+    from sourcelm.model.attention import bmm_causal, sdpa_causal
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 96, 48, generator=g) for _ in range(2))
+    v, grad_out = (torch.randn(2, 4, 96, 32, generator=g) for _ in range(2))
+    scale = 48 ** -0.5
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, scale)
+        out.backward(grad_out.to(dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    truth = run(sdpa_causal, torch.float64)
+    flash, bmm = run(sdpa_causal, torch.bfloat16), run(bmm_causal, torch.bfloat16)
+    for t, f, b in zip(truth, flash, bmm):
+        err_flash, err_bmm = float((f - t).norm() / t.norm()), float((b - t).norm() / t.norm())
+        assert err_bmm < 0.01 and err_bmm < 3 * err_flash
+
+
+def test_auto_attention_picks_bmm_for_short_cpu_sequences_only():
+    from sourcelm.model.attention import BMM_SCORES_BUDGET, choose_attention
+
+    def shape(b, heads, t):  # a CPU tensor of that shape without the memory
+        return torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16).expand(b, heads, t, 48)
+
+    assert choose_attention(shape(8, 4, 256)) == "bmm"
+    t = int((BMM_SCORES_BUDGET // (8 * 4 * 2)) ** 0.5)  # the longest sequence whose scores fit the budget
+    assert choose_attention(shape(8, 4, t)) == "bmm" and choose_attention(shape(8, 4, t + 1)) == "sdpa"
+    assert choose_attention(torch.zeros(1, 1, 1, 1, device="meta").expand(8, 4, 256, 48)) == "sdpa"  # not the CPU
 
 
 def test_yarn_frequencies_and_scale_match_reference_numbers():
