@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from sourcelm.model import native_loss
+
 IGNORE = -100
 
 
@@ -110,15 +112,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h.mul_(grad_loss).to(ctx.h_dtype), grad_w.mul_(grad_loss).to(ctx.w_dtype), None, None, None, None, None
 
 
+def default_chunk_fn(device: torch.device) -> Callable:
+    """The per-chunk step for `device`: the native kernel on the CPU where it builds (`native_loss.py`),
+    else the torch code."""
+    if device.type == "cpu" and (native := native_loss.kernel()) is not None:
+        return native
+    return chunk_loss_and_grad
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_rows: int | None = None, chunk_fn: Callable = chunk_loss_and_grad) -> torch.Tensor:
+                         chunk_rows: int | None = None, chunk_fn: Callable | None = None) -> torch.Tensor:
     """Sum over labels != -100 of CE(h W^T, labels): h [..., H], weight [V, H], labels [...] (int64).
-    Returns an fp32 scalar; differentiable in h and weight. `chunk_fn`: `chunk_loss_and_grad` or a
-    compiled version of it."""
+    Returns an fp32 scalar; differentiable in h and weight. `chunk_fn`: the per-chunk step
+    (`chunk_loss_and_grad`, a compiled version of it, or the native kernel); None = `default_chunk_fn`."""
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
     rows = chunk_rows or _chunk_rows(h2.shape[0], weight.shape[0])
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     dtype = _compute_dtype(h, weight)
+    chunk_fn = chunk_fn or default_chunk_fn(h.device)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h2, weight, y, dtype, rows, need_grad, chunk_fn)

@@ -35,7 +35,7 @@ from torch import nn
 
 from sourcelm.config import ModelConfig
 from sourcelm.model.attention import MLA
-from sourcelm.model.loss import chunk_loss_and_grad, linear_cross_entropy
+from sourcelm.model.loss import chunk_loss_and_grad, default_chunk_fn, linear_cross_entropy
 from sourcelm.model.moe import MLP, MoE
 from sourcelm.model.norm_rope import RMSNorm, RotaryEmbedding
 
@@ -106,7 +106,7 @@ class DeepseekV3(nn.Module):
         n = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, n + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
-        self.ce_chunk = chunk_loss_and_grad  # the fused loss's elementwise step (compiled by compile_blocks)
+        self.ce_chunk = None  # the fused loss's per-chunk step: None = the device's default (loss.default_chunk_fn)
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(qualified name, MoE module) of every MoE layer: main layers in order, then the MTP blocks."""
@@ -117,11 +117,12 @@ class DeepseekV3(nn.Module):
     def compile_blocks(self) -> None:
         """torch.compile (opt-in: `train.compile`) of the parts of every block, MTP included, that are static
         dense code: the attention half (norms, MLA, residual), the router, the dense FFN, the shared
-        expert, and the fused loss's per-chunk softmax and gradient. The routed experts stay eager: their
-        per-expert group sizes change every step, and an expert-parallel layer swapped in from outside runs
-        collectives. Names and parameters are unchanged (compiled methods and `Module.compile`), so
+        expert, and the fused loss's per-chunk softmax and gradient unless the native CPU kernel, faster
+        still, runs it. The routed experts stay eager: their per-expert group sizes change every step, and
+        an expert-parallel layer swapped in from outside runs collectives. Names and parameters are unchanged (compiled methods and `Module.compile`), so
         checkpoints and EP are unaffected."""
-        self.ce_chunk = torch.compile(chunk_loss_and_grad)
+        if default_chunk_fn(next(self.parameters()).device) is chunk_loss_and_grad:
+            self.ce_chunk = torch.compile(chunk_loss_and_grad)
         for layer in [*self.model.layers, *self.mtp]:
             layer.attention_block = torch.compile(layer.attention_block)
             if layer.is_moe:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sourcelm.config import load_config
 from sourcelm.model import build_model
-from sourcelm.model.loss import linear_cross_entropy
+from sourcelm.model.loss import chunk_loss_and_grad, linear_cross_entropy
 from sourcelm.model.moe import MoE
 
 
@@ -38,11 +38,13 @@ def _plain(h, w, labels):
     return F.cross_entropy(F.linear(h, w).float(), labels, ignore_index=-100, reduction="sum")
 
 
+@pytest.mark.parametrize("chunk_fn", [None, chunk_loss_and_grad], ids=["default", "torch"])
 @pytest.mark.parametrize("chunk_rows", [None, 1, 64, 97, 300])
-def test_fused_matches_plain_cross_entropy_fp32(chunk_rows):
+def test_fused_matches_plain_cross_entropy_fp32(chunk_rows, chunk_fn):
+    """The device's default per-chunk step (the native kernel on this CPU where it builds) and the torch code."""
     h, w, labels = _problem()
     ref = _run(_plain, h, w, labels)
-    got = _run(lambda a, b, y: linear_cross_entropy(a, b, y, chunk_rows), h, w, labels)
+    got = _run(lambda a, b, y: linear_cross_entropy(a, b, y, chunk_rows, chunk_fn), h, w, labels)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=0)
     for i in (1, 2):  # sums in another order: differences at the ulp level of the largest entries
         torch.testing.assert_close(got[i], ref[i], rtol=1e-5, atol=1e-5 * float(ref[i].abs().max()))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sourcelm.model.loss import chunk_loss_and_grad
+from sourcelm.model.loss import chunk_loss_and_grad, default_chunk_fn
 from sourcelm.train.loop import Trainer
 
 
@@ -36,6 +36,8 @@ def test_compiled_training_matches_eager_and_resumes_bit_identically(config, dig
     compiled_losses = [r["loss"] for r in map(json.loads, straight.metrics.path.read_text().splitlines()) if "loss" in r]
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4)
     assert type(straight.model.model.layers[0].attention_block).__name__ != "method"  # really compiled
-    assert straight.model.ce_chunk is not chunk_loss_and_grad  # the fused loss's elementwise step too
+    # the fused loss's per-chunk step: compiled too, unless the native CPU kernel (faster) runs it
+    assert straight.model.ce_chunk is not chunk_loss_and_grad
+    assert (straight.model.ce_chunk is None) == (default_chunk_fn(torch.device("cpu")) is not chunk_loss_and_grad)
     assert torch.equal(straight.model.model.layers[0].mlp.gate_proj.weight, straight.model.state_dict()[
         "model.layers.0.mlp.gate_proj.weight"])  # names unchanged by compilation

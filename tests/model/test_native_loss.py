@@ -1,0 +1,128 @@
+"""The native CPU kernel of the fused loss's per-chunk step against the torch code and against fp64."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from sourcelm.model import native_loss
+from sourcelm.model.loss import IGNORE, chunk_loss_and_grad, default_chunk_fn
+
+# a machine with a C compiler must build the kernel; only one without may skip
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+
+
+def _chunk(dtype, rows=300, vocab=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[::7] = IGNORE
+    return logits, labels
+
+
+def _both(logits, labels):
+    ref_grad, got_grad = torch.empty_like(logits), torch.full_like(logits, 7.0)
+    ref = chunk_loss_and_grad(logits, labels, ref_grad)
+    got = native_loss.native_chunk_loss_and_grad(logits, labels, got_grad)
+    return ref, ref_grad, got, got_grad
+
+
+def test_kernel_builds_and_is_the_cpu_default():
+    assert native_loss.kernel() is native_loss.native_chunk_loss_and_grad
+    assert default_chunk_fn(torch.device("cpu")) is native_loss.native_chunk_loss_and_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_the_torch_step(dtype):
+    logits, labels = _chunk(dtype)
+    ref, ref_grad, got, got_grad = _both(logits, labels)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    assert got_grad[::7].abs().max() == 0  # ignored rows: zero gradient, written over the 7s
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-7)
+    else:  # the same fp32 value up to a few ulps, rounded to bf16: equal or one bf16 ulp apart
+        ulp = torch.finfo(torch.bfloat16).eps * ref_grad.float().abs().clamp_min(torch.finfo(torch.float32).tiny)
+        assert bool(((got_grad.float() - ref_grad.float()).abs() <= ulp).all())
+        assert float((got_grad != ref_grad).float().mean()) < 1e-3
+    # the target column carries the -1 of the one-hot; a row of the gradient sums to 0
+    row = 1
+    assert float(got_grad[row, labels[row]]) < 0
+    assert abs(float(got_grad[row].double().sum())) < 1e-2
+
+
+def test_kernel_is_as_accurate_as_the_torch_step_against_fp64():
+    logits, labels = _chunk(torch.float32, rows=64, vocab=4096)
+    logits[0, :100] = -200.0  # far below the row's max: exp underflows (clamped) to ~0
+    x = logits.double()
+    valid = labels != IGNORE
+    truth = x.softmax(-1)
+    truth[valid, labels[valid]] -= 1
+    truth[~valid] = 0
+    truth_loss = float((x.logsumexp(-1) - x.gather(1, labels.clamp_min(0)[:, None]).squeeze(1))[valid].sum())
+
+    def errors(step):
+        grad = torch.empty_like(logits)
+        loss = float(step(logits, labels, grad))
+        diff = (grad.double() - truth).abs()
+        big = truth.abs() > 1e-30
+        return abs(loss - truth_loss) / truth_loss, float(diff.max()), float((diff[big] / truth.abs()[big]).max())
+
+    ref, got = errors(chunk_loss_and_grad), errors(native_loss.native_chunk_loss_and_grad)
+    assert got[0] < 1e-6
+    assert got[1] <= 1.1 * ref[1] and got[2] <= 1.1 * ref[2]  # absolute and relative error of the gradient
+    assert got[2] < 1e-5
+
+
+def test_kernel_without_gradient_gives_the_same_loss():
+    logits, labels = _chunk(torch.bfloat16)
+    grad = torch.empty_like(logits)
+    assert torch.equal(native_loss.native_chunk_loss_and_grad(logits, labels, None),
+                       native_loss.native_chunk_loss_and_grad(logits, labels, grad))
+
+
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    logits, labels = _chunk(torch.bfloat16, rows=257)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grad = torch.empty_like(logits)
+            outs.append((native_loss.native_chunk_loss_and_grad(logits, labels, grad), grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in outs[1:]:
+        assert torch.equal(loss, outs[0][0]) and torch.equal(grad, outs[0][1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_give_a_non_finite_loss(bad):
+    logits, labels = _chunk(torch.bfloat16)
+    logits[3, 5] = bad
+    loss = native_loss.native_chunk_loss_and_grad(logits, labels, torch.empty_like(logits))
+    assert not torch.isfinite(loss)
+
+
+def test_wrong_gradient_buffer_is_refused():
+    logits, labels = _chunk(torch.bfloat16)
+    with pytest.raises(ValueError, match="grad_out"):
+        native_loss.native_chunk_loss_and_grad(logits, labels, torch.empty(logits.shape))  # fp32 for bf16 logits
+
+
+def test_switch_off_and_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOURCELM_CACHE", str(tmp_path))
+    native_loss._library.cache_clear()
+    try:
+        assert native_loss.kernel() is not None
+        built = list((tmp_path / "kernels").glob("native_loss-*.so"))
+        assert len(built) == 1  # compiled into the cache, no temporary left behind
+        assert list((tmp_path / "kernels").iterdir()) == built
+        native_loss._library.cache_clear()
+        assert native_loss.kernel() is not None and list((tmp_path / "kernels").iterdir()) == built  # reused
+        monkeypatch.setenv("SOURCELM_NATIVE", "0")
+        native_loss._library.cache_clear()
+        assert native_loss.kernel() is None
+        assert default_chunk_fn(torch.device("cpu")) is chunk_loss_and_grad
+    finally:
+        native_loss._library.cache_clear()
