@@ -9,8 +9,9 @@ them alike; the figures are medians over the rounds. sourcelm runs its real loop
 Variants (each in every compute dtype given by --dtypes):
   sourcelm      the preset as is: the MTP block and loss included, work HF's model does not do
   sourcelm-nomtp  model.num_nextn_predict_layers=0: the same work as HF's model (equal-work ratio)
-  transformers  DeepseekV3ForCausalLM (sdpa attention), torch.optim.AdamW, torch.autocast for bf16
-                (with --hf-same-allocator, also the glibc tuning the trainer applies on the CPU)
+  transformers  DeepseekV3ForCausalLM (sdpa attention, or --hf-attn eager), torch.optim.AdamW,
+                torch.autocast for bf16 (with --hf-same-allocator, also the glibc tuning the trainer
+                applies on the CPU)
 
 Two rates per run: tokens per wall-clock second (what a user sees on a quiet machine), and tokens per
 second of the process's own CPU time. On a machine shared with other jobs the first swings with their
@@ -22,6 +23,7 @@ the trainer's matmul probe for that dtype (itself slowed down on a loaded machin
     .venv/bin/python bench/train_throughput.py [--rounds 3 --steps 8 --dtypes float32,bfloat16 --threads 2]
     .venv/bin/python bench/train_throughput.py --compile --dtypes float32   # train.compile=true; first step shown
     .venv/bin/python bench/train_throughput.py --hf-same-allocator          # fairness check for the allocator tuning
+    .venv/bin/python bench/train_throughput.py --hf-attn eager              # HF with its materialised-scores attention
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def run_hf(args, dtype: str) -> dict:
 
     mcfg = load_config(args.preset).model
     hf_cfg = DeepseekV3Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures",)})
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg._attn_implementation = args.hf_attn
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(hf_cfg)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -151,6 +153,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="sourcelm with train.compile=true")
     p.add_argument("--hf-same-allocator", action="store_true",
                    help="give transformers the glibc tuning sourcelm's trainer applies (keep_freed_cpu_memory)")
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers' attention implementation")
     p.add_argument("--moe-impl", default="grouped", choices=["grouped", "loop"])
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from sourcelm.model import native_loss
+from sourcelm.model import native
 
 IGNORE = -100
 
@@ -113,11 +113,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def default_chunk_fn(device: torch.device) -> Callable:
-    """The per-chunk step for `device`: the native kernel on the CPU where it builds (`native_loss.py`),
-    else the torch code."""
-    if device.type == "cpu" and (native := native_loss.kernel()) is not None:
-        return native
-    return chunk_loss_and_grad
+    """The per-chunk step for `device`: the native kernel on the CPU where it builds (`native.py`), else the
+    torch code."""
+    return native.chunk_loss_and_grad if device.type == "cpu" and native.available() else chunk_loss_and_grad
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

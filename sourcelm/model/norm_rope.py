@@ -2,7 +2,8 @@
 
 Semantics follow transformers' DeepSeek-V3 (and the released checkpoint):
 
-* RMSNorm normalises in fp32, casts back to the input dtype, then scales by its weight.
+* RMSNorm normalises in fp32, casts back to the input dtype, then scales by its weight. On the CPU with
+  an fp32 weight it runs as one C kernel forward and one backward (`native.rms_norm`), same semantics.
 * RoPE acts only on the `qk_rope_head_dim` slice. The checkpoint lays those dims out as interleaved
   pairs (x0, x1), (x2, x3), ...; pair i turns at frequency theta^(-2i/d). We rotate the even/odd
   slices directly and write the result de-interleaved (all rotated "real" parts, then all "imaginary"
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from sourcelm.config import ModelConfig
+from sourcelm.model import native
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +35,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and native.takes(x):
+            return native.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

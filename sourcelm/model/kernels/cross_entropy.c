@@ -1,4 +1,4 @@
-/* The fused loss's per-chunk step on the CPU (sourcelm/model/native_loss.py loads it).
+/* The fused loss's per-chunk step on the CPU (sourcelm/model/native.py builds and loads it).
 
    For each row r of logits [rows, vocab] (bf16 or fp32) with label t = labels[r]:
      loss[r] = logsumexp(x_r) - x_r[t]
@@ -14,19 +14,8 @@
    non-finite check catches. */
 
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
 
-static inline float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
-
-/* round to nearest even, as torch's conversion does for finite values */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "common.h"
 
 /* exp(x) for x <= 0 (x - max of the row); clamped at -87, where exp is at the bottom of the normal range */
 static inline float exp_nonpositive(float x) {
@@ -44,18 +33,7 @@ static inline float exp_nonpositive(float x) {
     return p * bits_to_f32((uint32_t)((int32_t)n + 127) << 23);  /* times 2^n */
 }
 
-static inline __attribute__((always_inline)) float load(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline __attribute__((always_inline)) void store(void *p, int64_t i, float v, int bf16) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
-/* one row; `bf16` is a constant at each call site, so each dtype gets its own vectorised loops */
+/* one row */
 static inline __attribute__((always_inline)) void row(const void *restrict x, int64_t target, int64_t vocab,
                                                       int64_t ignore, void *restrict grad, float *restrict loss,
                                                       int bf16) {

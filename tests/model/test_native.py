@@ -1,4 +1,4 @@
-"""The native CPU kernel of the fused loss's per-chunk step against the torch code and against fp64."""
+"""The native CPU kernels (the fused loss's per-chunk step, RMSNorm) against their torch code and fp64."""
 
 import os
 import shutil
@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-from sourcelm.model import native_loss
+from sourcelm.model import native
 from sourcelm.model.loss import IGNORE, chunk_loss_and_grad, default_chunk_fn
+from sourcelm.model.norm_rope import RMSNorm
 
 # a machine with a C compiler must build the kernel; only one without may skip
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -24,13 +25,13 @@ def _chunk(dtype, rows=300, vocab=1000, seed=0):
 def _both(logits, labels):
     ref_grad, got_grad = torch.empty_like(logits), torch.full_like(logits, 7.0)
     ref = chunk_loss_and_grad(logits, labels, ref_grad)
-    got = native_loss.native_chunk_loss_and_grad(logits, labels, got_grad)
+    got = native.chunk_loss_and_grad(logits, labels, got_grad)
     return ref, ref_grad, got, got_grad
 
 
 def test_kernel_builds_and_is_the_cpu_default():
-    assert native_loss.kernel() is native_loss.native_chunk_loss_and_grad
-    assert default_chunk_fn(torch.device("cpu")) is native_loss.native_chunk_loss_and_grad
+    assert native.available()
+    assert default_chunk_fn(torch.device("cpu")) is native.chunk_loss_and_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,7 +69,7 @@ def test_kernel_is_as_accurate_as_the_torch_step_against_fp64():
         big = truth.abs() > 1e-30
         return abs(loss - truth_loss) / truth_loss, float(diff.max()), float((diff[big] / truth.abs()[big]).max())
 
-    ref, got = errors(chunk_loss_and_grad), errors(native_loss.native_chunk_loss_and_grad)
+    ref, got = errors(chunk_loss_and_grad), errors(native.chunk_loss_and_grad)
     assert got[0] < 1e-6
     assert got[1] <= 1.1 * ref[1] and got[2] <= 1.1 * ref[2]  # absolute and relative error of the gradient
     assert got[2] < 1e-5
@@ -77,8 +78,8 @@ def test_kernel_is_as_accurate_as_the_torch_step_against_fp64():
 def test_kernel_without_gradient_gives_the_same_loss():
     logits, labels = _chunk(torch.bfloat16)
     grad = torch.empty_like(logits)
-    assert torch.equal(native_loss.native_chunk_loss_and_grad(logits, labels, None),
-                       native_loss.native_chunk_loss_and_grad(logits, labels, grad))
+    assert torch.equal(native.chunk_loss_and_grad(logits, labels, None),
+                       native.chunk_loss_and_grad(logits, labels, grad))
 
 
 def test_kernel_results_do_not_depend_on_the_thread_count():
@@ -89,7 +90,7 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             grad = torch.empty_like(logits)
-            outs.append((native_loss.native_chunk_loss_and_grad(logits, labels, grad), grad))
+            outs.append((native.chunk_loss_and_grad(logits, labels, grad), grad))
     finally:
         torch.set_num_threads(threads)
     for loss, grad in outs[1:]:
@@ -100,29 +101,91 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
 def test_non_finite_logits_give_a_non_finite_loss(bad):
     logits, labels = _chunk(torch.bfloat16)
     logits[3, 5] = bad
-    loss = native_loss.native_chunk_loss_and_grad(logits, labels, torch.empty_like(logits))
+    loss = native.chunk_loss_and_grad(logits, labels, torch.empty_like(logits))
     assert not torch.isfinite(loss)
 
 
 def test_wrong_gradient_buffer_is_refused():
     logits, labels = _chunk(torch.bfloat16)
     with pytest.raises(ValueError, match="grad_out"):
-        native_loss.native_chunk_loss_and_grad(logits, labels, torch.empty(logits.shape))  # fp32 for bf16 logits
+        native.chunk_loss_and_grad(logits, labels, torch.empty(logits.shape))  # fp32 for bf16 logits
 
 
 def test_switch_off_and_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SOURCELM_CACHE", str(tmp_path))
-    native_loss._library.cache_clear()
+    native._library.cache_clear()
     try:
-        assert native_loss.kernel() is not None
-        built = list((tmp_path / "kernels").glob("native_loss-*.so"))
+        assert native.available()
+        built = list((tmp_path / "kernels").glob("sourcelm_kernels-*.so"))
         assert len(built) == 1  # compiled into the cache, no temporary left behind
         assert list((tmp_path / "kernels").iterdir()) == built
-        native_loss._library.cache_clear()
-        assert native_loss.kernel() is not None and list((tmp_path / "kernels").iterdir()) == built  # reused
+        native._library.cache_clear()
+        assert native.available() and list((tmp_path / "kernels").iterdir()) == built  # reused
         monkeypatch.setenv("SOURCELM_NATIVE", "0")
-        native_loss._library.cache_clear()
-        assert native_loss.kernel() is None
+        native._library.cache_clear()
+        assert not native.available()
         assert default_chunk_fn(torch.device("cpu")) is chunk_loss_and_grad
     finally:
-        native_loss._library.cache_clear()
+        native._library.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
+
+def _torch_rms_norm(x, weight, eps):  # RMSNorm.forward's torch code
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _scale(t):
+    return max(1.0, float(t.abs().max())) if t.numel() else 1.0
+
+
+def _norm_run(fn, x, weight, dy):
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    y = fn(x, weight, 1e-6)
+    y.backward(dy)
+    return y.detach(), x.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 37, 96), (70, 256), (0, 64)])
+def test_rms_norm_matches_the_torch_code(dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    weight = 1 + 0.2 * torch.randn(shape[-1], generator=g)
+    dy = torch.randn(shape, generator=g)
+    ref, got = _norm_run(_torch_rms_norm, x, weight, dy), _norm_run(native.rms_norm, x, weight, dy)
+    assert [t.dtype for t in got] == [t.dtype for t in ref] == [torch.float32, dtype, torch.float32]
+    if dtype == torch.float32:
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * _scale(b))
+    else:  # the same fp32 values up to an ulp or two before each rounding to bf16
+        y_ulp = 2 * torch.finfo(torch.bfloat16).eps * (ref[0].abs() + 1e-6)
+        assert bool(((got[0] - ref[0]).abs() <= y_ulp).all())
+        dx_ulp = 2 * torch.finfo(torch.bfloat16).eps * (ref[1].float().abs() + 1e-6)
+        assert bool(((got[1].float() - ref[1].float()).abs() <= dx_ulp).all())
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-3, atol=1e-3 * _scale(ref[2]))
+
+
+def test_rms_norm_weight_gradient_does_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(1000, 256, generator=g), torch.randn(1000, 256, generator=g)
+    weight = torch.ones(256)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_norm_run(native.rms_norm, x, weight, dy))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+def test_rms_norm_module_takes_the_kernel_on_the_cpu_only_for_an_fp32_weight():
+    norm = RMSNorm(64)
+    x = torch.randn(5, 64, requires_grad=True)
+    assert type(norm(x).grad_fn).__name__ == "_RMSNormBackward"
+    assert type(norm.double()(x.double()).grad_fn).__name__ != "_RMSNormBackward"  # fp64: the torch code

@@ -1,0 +1,84 @@
+"""The native CPU kernels (`sourcelm.model.native`) against the same steps in torch, eager and compiled.
+
+Three implementations of each contract run alternately in one process, median of --repeat calls after
+warm-up, on the tiny preset's shapes:
+  loss chunk   256 rows × V = 8192 logits, labels with every 7th ignored: the summed cross-entropy and
+               softmax - one-hot written into a buffer (`sourcelm.model.loss.chunk_loss_and_grad`)
+  rms_norm     forward + backward of an RMSNorm over [2048, 256] (the residual stream of 8 × 256 tokens)
+               and [2048, 96] (MLA's q latent), fp32 weight (`sourcelm.model.norm_rope.RMSNorm`)
+  torch        the torch code (the reference; what runs off the CPU)
+  compiled     torch.compile of it (inductor's fused C++ kernels; what `train.compile = true` uses)
+  native       the C kernel (the default on the CPU)
+
+    .venv/bin/python bench/native_kernels.py [--threads 2 --repeat 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sourcelm.model import native
+from sourcelm.model.loss import IGNORE, chunk_loss_and_grad
+
+
+def timed(fn, repeat: int) -> float:
+    for _ in range(5):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`RMSNorm.forward`'s torch code."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def row(name: str, ms: dict) -> None:
+    print(f"{name:28s} {ms['torch']:8.2f} {ms['compiled']:9.2f} {ms['native']:8.2f} "
+          f"{ms['torch'] / ms['native']:12.1f}x {ms['compiled'] / ms['native']:15.1f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=50)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not native.available():
+        raise SystemExit("the native kernels did not build (see the log); nothing to compare")
+    g = torch.Generator().manual_seed(0)
+    print(f"{args.threads} threads, median of {args.repeat} calls (ms)")
+    print(f"{'step':28s} {'torch':>8s} {'compiled':>9s} {'native':>8s} {'torch/native':>13s} {'compiled/native':>16s}")
+
+    steps = {"torch": chunk_loss_and_grad, "compiled": torch.compile(chunk_loss_and_grad),
+             "native": native.chunk_loss_and_grad}
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = (torch.randn(256, 8192, generator=g) * 4).to(dtype)
+        labels = torch.randint(0, 8192, (256,), generator=g)
+        labels[::7] = IGNORE
+        grad = torch.empty_like(logits)
+        row(f"loss chunk 256x8192 {str(dtype)[6:]}",
+            {k: timed(lambda f=f: f(logits, labels, grad), args.repeat) for k, f in steps.items()})
+
+    norms = {"torch": torch_rms_norm, "compiled": torch.compile(torch_rms_norm), "native": native.rms_norm}
+    for dim in (256, 96):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2048, dim, generator=g).to(dtype).requires_grad_()
+            weight = (1 + 0.1 * torch.randn(dim, generator=g)).requires_grad_()
+            dy = torch.randn(2048, dim, generator=g)
+            row(f"rms_norm fwd+bwd 2048x{dim} {str(dtype)[6:]}",
+                {k: timed(lambda f=f: f(x, weight, 1e-6).backward(dy), args.repeat) for k, f in norms.items()})
+
+
+if __name__ == "__main__":
+    main()
