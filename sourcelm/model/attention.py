@@ -13,6 +13,8 @@ so the state dict maps 1:1. The absorbed-weight form used with the compressed ca
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,16 +95,11 @@ def choose_attention(q: torch.Tensor) -> str:
     return "sdpa"
 
 
-_CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def causal_bias(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[T, T]: 0 on and below the diagonal, -inf above it; built once per (T, dtype, device)."""
-    key = (t, dtype, device)
-    if key not in _CAUSAL_BIAS:
-        above = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
-        _CAUSAL_BIAS[key] = torch.zeros(t, t, dtype=dtype, device=device).masked_fill(above, float("-inf"))
-    return _CAUSAL_BIAS[key]
+    """[T, T]: 0 on and below the diagonal, -inf above it; kept for the last few (T, dtype, device)."""
+    above = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(t, t, dtype=dtype, device=device).masked_fill(above, float("-inf"))
 
 
 def bmm_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

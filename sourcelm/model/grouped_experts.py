@@ -16,10 +16,11 @@ measured faster than the autograd of `x[order // K]` (an accumulating index_put)
 one `torch._grouped_mm` per projection where this torch build supports it for the device and dtype,
 else a loop over the non-empty experts on slices of the grouped rows. Measured on 2 CPU cores (16
 experts, 8192 rows, H 256, I 128, uneven groups, forward + backward of one projection): grouped_mm
-8 ms (fp32) / 4 ms (bf16), the slice loop 15 / 8 ms. On the CPU in bf16 the layout pads every group to the
-largest while that at most doubles the rows (`equal_groups_growth`): a trained router keeps the
-largest group within ~1.2x of the mean, and a bf16 MoE layer of the tiny preset then takes 21.8-22.8 ms
-forward + backward instead of 25.3-27.1 ms with per-group padding and the grouped matmul.
+8 ms (fp32) / 4 ms (bf16), the slice loop 15 / 8 ms. On the CPU in bf16 the layout pads every group
+to the largest while that at most doubles the rows (`equal_groups_growth`). With the balanced routing
+of training (the largest group 1.11-1.16x the mean in the tiny preset's first steps) a bf16 MoE layer
+then takes 21.8-22.8 ms forward + backward instead of 25.3-27.1 ms with per-group padding and the
+grouped matmul.
 """
 
 from __future__ import annotations

@@ -12,15 +12,16 @@ gradient is computed in the same pass (softmax - one-hot, then the two matmuls) 
 the incoming gradient in backward: no second pass over the head, no recomputation.
 
 The head's weight gradient is not summed chunk by chunk: the softmax gradients of a row group (up to
-16 MB, 1024 rows of the tiny preset) are kept, and the group's gradient is one matmul with K = group
-rows, and the next groups are added by the matmul itself (`addmm_`). Per chunk it would be a [V, H]
-product in the compute dtype plus a mixed-precision accumulate (an fp32 copy of it, then the add):
-measured 2.2 ms per chunk in the bf16 step, 18 ms of it.
+16 MB, 1024 rows of the tiny preset) are kept, each group's gradient is one matmul with K = the group's
+rows, and later groups are added by the matmul itself (`addmm_`). Per chunk it would be a [V, H]
+product plus a mixed-precision accumulate (an fp32 copy of it, then the add): measured 2.2 ms per chunk
+in the bf16 step, 18 ms of it.
 
 Precision: the matmuls run in the autocast dtype when autocast is on (bf16 on CPU), as the plain
 path would; log-sum-exp and the softmax are fp32; the head's gradient is rounded to the compute dtype
 once per row group (once in all, like the plain path, when one group holds every row), each group's
-product added to the previous groups' sum inside the matmul's fp32 accumulator. Chunks are processed in a fixed order, so the result is deterministic.
+product added to the previous groups' sum in the matmul's fp32 accumulator. Chunks are processed in a
+fixed order, so the result is deterministic.
 """
 
 from __future__ import annotations
