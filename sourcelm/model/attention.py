@@ -87,8 +87,8 @@ BMM_SCORES_BUDGET = 64 << 20  # bytes of one layer's [B, heads, T, T] scores up 
 def choose_attention(q: torch.Tensor) -> str:
     """What `attn_impl = "auto"` runs: "bmm" on the CPU while one layer's scores ([B, heads, T, T] in the compute
     dtype) fit in 64 MB, else "sdpa". On the CPU, torch's flash-attention backward is slow at short sequences:
-    fwd + bwd of the tiny preset's attention core (B 8, 4 heads, T 256, bf16, 2 threads) took 8.4-9.3 ms with
-    "sdpa" and 3.5-3.7 ms with "bmm". GPUs always get the flash kernels."""
+    fwd + bwd of the tiny preset's attention core (B 8, 4 heads, T 256, 2 threads) took 8.4-9.3 ms with "sdpa"
+    and 3.5-3.9 ms with "bmm" in bf16, 7.7-8.4 and 7.2 ms in fp32. GPUs always get the flash kernels."""
     b, h, t, _ = q.shape
     if q.device.type == "cpu" and b * h * t * t * q.element_size() <= BMM_SCORES_BUDGET:
         return "bmm"
