@@ -122,6 +122,10 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates interleaved pairs of the last dim of x [..., T, d] by cos/sin [T, d/2] (broadcast over the
-    leading dims); returns the rotated pairs de-interleaved: [real parts | imaginary parts]."""
+    leading dims); returns the rotated pairs de-interleaved: [real parts | imaginary parts], in x's dtype.
+    The rotation runs in the promoted dtype (fp32 for bf16 projections under autocast, whose cos/sin
+    follow the fp32 residual stream) and is rounded once at the end: the rotated part then joins its
+    bf16 neighbours as bf16, where an fp32 result would turn the whole query and key fp32 and leave the
+    attention matmuls (autocast) to cast them, and the causal mask, back, a copy each (~1 ms per layer)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
