@@ -5,7 +5,8 @@ by the expert-parallel layer.
 Each token n has K slots; slot (n, k) names an expert (or -1: computed elsewhere, under expert
 parallelism). `group_by_expert` lays the slots out as rows grouped by expert, in (token, slot)
 order inside an expert, each group padded to a multiple of `align` rows; it returns two index maps,
-row -> slot and slot -> row, with one sentinel (a zero row) for padding and absent slots. Both
+row -> slot and slot -> row, with one sentinel (a zero row, appended to the gathered tensor only when
+some row or slot points at it) for padding and absent slots. Both
 directions of both data movements are then plain gathers (`index_select`): dispatch forward gathers
 token rows, its backward gathers the K slot gradients of each token and sums them in fp32 in slot
 order; combine forward gathers each token's K outputs and weights them, its backward gathers the
@@ -104,6 +105,7 @@ class GroupedLayout:
     row_of_slot: torch.Tensor  # [N*K] the grouped row of each slot; P for a slot computed elsewhere
     n_tokens: int
     k: int
+    complete: bool  # every slot is here (no expert parallelism): slot -> row needs no sentinel
 
 
 def group_by_expert(slot_expert: torch.Tensor, n_experts: int, align: int = 1,
@@ -128,11 +130,18 @@ def group_by_expert(slot_expert: torch.Tensor, n_experts: int, align: int = 1,
     p = int(padded.sum())
     copy_of_row = torch.full((p,), n * k, dtype=torch.long, device=flat.device).index_copy_(0, rows, order)
     row_of_slot = torch.full((n * k,), p, dtype=torch.long, device=flat.device).index_copy_(0, order, rows)
-    return GroupedLayout(padded, copy_of_row, row_of_slot, n, k)
+    return GroupedLayout(padded, copy_of_row, row_of_slot, n, k, order.numel() == n * k)
 
 
 def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(1, t.shape[1])])
+
+
+def _rows_of_slots(t: torch.Tensor, layout: GroupedLayout) -> torch.Tensor:
+    """Grouped rows t [P, H] -> the row of each slot, [N, K, H]; zeros for slots computed elsewhere (the
+    sentinel row, appended only when there are such slots: a copy of t saved otherwise)."""
+    src = t if layout.complete else _with_zero_row(t)
+    return src.index_select(0, layout.row_of_slot).view(layout.n_tokens, layout.k, t.shape[1])
 
 
 class _Dispatch(torch.autograd.Function):
@@ -141,12 +150,14 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout: GroupedLayout, dtype):
         ctx.layout, ctx.x_dtype = layout, x.dtype
-        return _with_zero_row(x.to(dtype)).index_select(0, layout.copy_of_row // layout.k)
+        rows = x.new_empty(x.shape[0] + 1, x.shape[1], dtype=dtype)  # the tokens, cast, then the zero row
+        rows[:-1].copy_(x)
+        rows[-1].zero_()
+        return rows.index_select(0, layout.copy_of_row // layout.k)
 
     @staticmethod
     def backward(ctx, grad):
-        lay = ctx.layout
-        per_slot = _with_zero_row(grad).index_select(0, lay.row_of_slot).view(lay.n_tokens, lay.k, grad.shape[1])
+        per_slot = _rows_of_slots(grad, ctx.layout)
         acc = torch.promote_types(per_slot.dtype, torch.float32)  # bf16 slot gradients summed in fp32
         return per_slot.sum(1, dtype=acc).to(ctx.x_dtype), None, None
 
@@ -158,16 +169,14 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y, weights, layout: GroupedLayout):
         ctx.layout = layout
         ctx.save_for_backward(y, weights)
-        per_slot = _with_zero_row(y).index_select(0, layout.row_of_slot).view(layout.n_tokens, layout.k, y.shape[1])
-        return torch.bmm(weights.to(y.dtype).unsqueeze(1), per_slot).squeeze(1)
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), _rows_of_slots(y, layout)).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad):
         y, weights = ctx.saved_tensors
         lay = ctx.layout
         grad = grad.to(y.dtype)
-        per_slot = _with_zero_row(y).index_select(0, lay.row_of_slot).view(lay.n_tokens, lay.k, grad.shape[1])
-        grad_w = torch.bmm(per_slot, grad.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
+        grad_w = torch.bmm(_rows_of_slots(y, lay), grad.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
         weighted = (grad.unsqueeze(1) * weights.to(y.dtype).unsqueeze(-1)).view(lay.n_tokens * lay.k, y.shape[1])
         grad_y = _with_zero_row(weighted).index_select(0, lay.copy_of_row)
         return grad_y, grad_w, None
