@@ -111,8 +111,11 @@ class FlatAdamW:
         lo, hi = self.lo, self.hi
         if hi > lo:
             g = self.sync_grads()
-            if grad_scale != 1.0:
-                g[lo:hi].mul_(grad_scale)  # the buffer is zeroed before the next accumulation
+            # the clip factor goes into the fused kernel, as the divisor its own `grad_scale` argument is
+            # (1 / factor); it scales each gradient as it reads it, and writes it back (the buffer is zeroed
+            # before the next accumulation): one pass over the gradients less than a separate mul_,
+            # measured 6.5 against 8.3 ms at 9.8M parameters
+            unscale = {} if grad_scale == 1.0 else {"grad_scale": torch.tensor(1.0 / grad_scale, device=self.device)}
             step = torch.tensor(float(self.step_count), device=self.device)
             b1, b2 = self.betas
             for decayed in (True, False):  # matrices (decayed) come first in the buffer, then vectors
@@ -122,7 +125,8 @@ class FlatAdamW:
                         [self.flat_param[f] for f, _ in blocks], [g[f] for f, _ in blocks],
                         [self.exp_avg[m] for _, m in blocks], [self.exp_avg_sq[m] for _, m in blocks], [],
                         [step] * len(blocks), lr=lr, beta1=b1, beta2=b2, eps=self.eps,
-                        weight_decay=self.weight_decay if decayed else 0.0, amsgrad=False, maximize=False)
+                        weight_decay=self.weight_decay if decayed else 0.0, amsgrad=False, maximize=False,
+                        **unscale)
         if self.world > 1:
             mine = self.flat_param[self.lo:self.lo + self.shard].clone()  # this rank's slot, padding included
             dist.all_gather(list(self.flat_param.chunk(self.world)), mine, group=self.group)
