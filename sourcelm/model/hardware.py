@@ -29,13 +29,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The CPU's feature flags as Linux lists them ("flags" on x86, "Features" on Arm); [] elsewhere."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(f in flags for f in CPU_BF16_FLAGS)
+        return []
+    return next((line.split(":", 1)[1].split() for line in text.splitlines()
+                 if line.startswith(("flags", "Features"))), [])
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    return any(f in cpu_flags(cpuinfo) for f in CPU_BF16_FLAGS)
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:

@@ -5,7 +5,9 @@ dtypes, `torch.compile`): `loss.chunk_loss_and_grad` and `norm_rope.RMSNorm`'s o
 because on the CPU those steps are chains of elementwise torch kernels, each a pass over a tensor that
 does not stay in cache, and the kernels make one pass (what each computes: the comment atop its file).
 Measured (2 threads, `bench/native_kernels.py`): a loss chunk of the tiny preset (256 × 8192) bf16
-6.1 ms in torch, 1.4 ms compiled by inductor, 0.7 ms here; fp32 1.9, 1.6 and 0.6 ms.
+1.6-6.1 ms in torch (its bf16 log-softmax is bimodal from process to process), 1.2-1.5 ms compiled by
+inductor, 0.6 ms here; fp32 1.4, 1.3 and 0.55 ms; RMSNorm [2048, 256] forward + backward 1.5-1.6,
+0.5-0.7 and 0.4 ms.
 
 The build: the system C compiler (`$CC`, else `cc`) with `-O3 -march=native -fopenmp`, under a second,
 once per machine; the library is cached under `$SOURCELM_CACHE` (default `~/.cache/sourcelm`) by a hash
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from sourcelm.model.hardware import cpu_flags
+
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
@@ -50,16 +54,6 @@ SIGNATURES = {  # C function -> argument types (all return void)
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _build() -> Path:
     """Compiles `kernels/*.c` into one library in the cache (if not there yet); returns its path."""
     cc = os.environ.get("CC", "cc")
@@ -68,7 +62,8 @@ def _build() -> Path:
     sources = sorted(KERNELS.glob("*.[ch]"))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     text = [p.name + "\n" + p.read_text() for p in sources]
-    key = hashlib.sha256("\0".join([*text, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    cpu = " ".join(cpu_flags()) or platform.processor()
+    key = hashlib.sha256("\0".join([*text, " ".join(FLAGS), version, cpu]).encode()).hexdigest()
     cache = Path(os.environ.get("SOURCELM_CACHE", Path.home() / ".cache" / "sourcelm")) / "kernels"
     lib = cache / f"sourcelm_kernels-{key[:16]}.so"
     if lib.exists():

@@ -119,8 +119,8 @@ class DeepseekV3(nn.Module):
         dense code: the attention half (norms, MLA, residual), the router, the dense FFN, the shared
         expert, and the fused loss's per-chunk softmax and gradient unless the native CPU kernel, faster
         still, runs it. The routed experts stay eager: their per-expert group sizes change every step, and
-        an expert-parallel layer swapped in from outside runs collectives. Names and parameters are unchanged (compiled methods and `Module.compile`), so
-        checkpoints and EP are unaffected."""
+        an expert-parallel layer swapped in from outside runs collectives. Names and parameters are
+        unchanged (compiled methods and `Module.compile`), so checkpoints and EP are unaffected."""
         if default_chunk_fn(next(self.parameters()).device) is chunk_loss_and_grad:
             self.ce_chunk = torch.compile(chunk_loss_and_grad)
         for layer in [*self.model.layers, *self.mtp]:
