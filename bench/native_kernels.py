@@ -23,6 +23,7 @@ import torch
 
 from sourcelm.model import native
 from sourcelm.model.loss import IGNORE, chunk_loss_and_grad
+from sourcelm.model.norm_rope import rms_norm
 
 
 def timed(fn, repeat: int) -> float:
@@ -34,13 +35,6 @@ def timed(fn, repeat: int) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1e3
-
-
-def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`RMSNorm.forward`'s torch code."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def row(name: str, ms: dict) -> None:
@@ -70,7 +64,7 @@ def main() -> None:
         row(f"loss chunk 256x8192 {str(dtype)[6:]}",
             {k: timed(lambda f=f: f(logits, labels, grad), args.repeat) for k, f in steps.items()})
 
-    norms = {"torch": torch_rms_norm, "compiled": torch.compile(torch_rms_norm), "native": native.rms_norm}
+    norms = {"torch": rms_norm, "compiled": torch.compile(rms_norm), "native": native.rms_norm}
     for dim in (256, 96):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(2048, dim, generator=g).to(dtype).requires_grad_()
