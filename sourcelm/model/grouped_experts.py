@@ -11,7 +11,9 @@ directions of both data movements are then plain gathers (`index_select`): dispa
 token rows, its backward gathers the K slot gradients of each token and sums them in fp32 in slot
 order; combine forward gathers each token's K outputs and weights them, its backward gathers the
 weighted output gradient per row. No scatter-add anywhere: deterministic on every device, and on CPU
-measured faster than the autograd of `x[order // K]` (an accumulating index_put).
+measured faster than the autograd of `x[order // K]` (an accumulating index_put). On the CPU the four
+run as native kernels (`native.gather_rows`, `sum_rows`, `slot_dots`): each gather fused with its cast,
+weighting or slot sum, one pass instead of a gathered [N*K, H] temporary and two or three passes over it.
 
 `expert_ffn` runs one batched matmul (`bmm`) per projection when all groups have the same size, else
 one `torch._grouped_mm` per projection where this torch build supports it for the device and dtype,
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sourcelm.model import native
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,8 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout: GroupedLayout, dtype):
         ctx.layout, ctx.x_dtype = layout, x.dtype
+        if native.takes(x) and dtype in (torch.bfloat16, torch.float32):  # the cast and the gather in one pass
+            return native.gather_rows(x.contiguous(), layout.copy_of_row, layout.k, None, dtype)
         rows = x.new_empty(x.shape[0] + 1, x.shape[1], dtype=dtype)  # the tokens, cast, then the zero row
         rows[:-1].copy_(x)
         rows[-1].zero_()
@@ -157,18 +163,25 @@ class _Dispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        per_slot = _rows_of_slots(grad, ctx.layout)
+        lay = ctx.layout
+        if native.takes(grad):  # each token's K slot gradients summed in fp32, in slot order, as below
+            return native.sum_rows(grad.contiguous(), lay.row_of_slot, lay.k, None, ctx.x_dtype), None, None
+        per_slot = _rows_of_slots(grad, lay)
         acc = torch.promote_types(per_slot.dtype, torch.float32)  # bf16 slot gradients summed in fp32
         return per_slot.sum(1, dtype=acc).to(ctx.x_dtype), None, None
 
 
 class _Combine(torch.autograd.Function):
-    """Grouped outputs y [P, H] and slot weights w [N, K] -> sum_k w[n, k] y[row of (n, k)]: [N, H]."""
+    """Grouped outputs y [P, H] and slot weights w [N, K] -> sum_k w[n, k] y[row of (n, k)]: [N, H].
+    The torch code weights in y's dtype; the native kernels (CPU) in fp32, rounding once."""
 
     @staticmethod
     def forward(ctx, y, weights, layout: GroupedLayout):
         ctx.layout = layout
         ctx.save_for_backward(y, weights)
+        if native.takes(y):
+            w = weights.reshape(-1).to(torch.float32).contiguous()
+            return native.sum_rows(y.contiguous(), layout.row_of_slot, layout.k, w, y.dtype)
         return torch.bmm(weights.to(y.dtype).unsqueeze(1), _rows_of_slots(y, layout)).squeeze(1)
 
     @staticmethod
@@ -176,6 +189,11 @@ class _Combine(torch.autograd.Function):
         y, weights = ctx.saved_tensors
         lay = ctx.layout
         grad = grad.to(y.dtype)
+        if native.takes(y):
+            y, grad = y.contiguous(), grad.contiguous()
+            grad_w = native.slot_dots(y, lay.row_of_slot, grad, lay.k).view_as(weights).to(weights.dtype)
+            w = weights.reshape(-1).to(torch.float32).contiguous()
+            return native.gather_rows(grad, lay.copy_of_row, lay.k, w, y.dtype), grad_w, None
         grad_w = torch.bmm(_rows_of_slots(y, lay), grad.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
         weighted = (grad.unsqueeze(1) * weights.to(y.dtype).unsqueeze(-1)).view(lay.n_tokens * lay.k, y.shape[1])
         grad_y = _with_zero_row(weighted).index_select(0, lay.copy_of_row)

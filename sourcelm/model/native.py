@@ -1,7 +1,9 @@
-"""C kernels for the CPU (`kernels/*.c`), built on first use: the fused loss's per-chunk step and RMSNorm.
+"""C kernels for the CPU (`kernels/*.c`), built on first use: the fused loss's per-chunk step, RMSNorm and
+the routed experts' row movements.
 
 Each has a torch twin that stays the reference and the path everywhere else (other devices, other
-dtypes, `torch.compile`): `loss.chunk_loss_and_grad` and `norm_rope.RMSNorm`'s own code. They exist
+dtypes, `torch.compile`): `loss.chunk_loss_and_grad`, `norm_rope.RMSNorm`'s own code and the torch
+branches of `grouped_experts._Dispatch` / `_Combine`. They exist
 because on the CPU those steps are chains of elementwise torch kernels, each a pass over a tensor that
 does not stay in cache, and the kernels make one pass (what each computes: the comment atop its file).
 Measured (2 threads, `bench/native_kernels.py`): a loss chunk of the tiny preset (256 × 8192) bf16
@@ -50,6 +52,10 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "rms_norm_forward_f32": [_P, _P, _I, _I, _F, _P, _P],
     "rms_norm_backward_bf16": [_P, _P, _P, _P, _I, _I, _P, _P, _P],
     "rms_norm_backward_f32": [_P, _P, _P, _P, _I, _I, _P, _P, _P],
+    **{f"gather_rows_{s}_{d}": [_P, _I, _P, _I, _P, _I, _I, _P] for s in ("f32", "bf16") for d in ("f32", "bf16")},
+    **{f"sum_rows_{s}_{d}": [_P, _I, _P, _P, _I, _I, _I, _P] for s in ("f32", "bf16") for d in ("f32", "bf16")},
+    "slot_dots_f32": [_P, _I, _P, _P, _I, _I, _I, _P],
+    "slot_dots_bf16": [_P, _I, _P, _P, _I, _I, _I, _P],
 }
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
 
@@ -104,8 +110,12 @@ def available() -> bool:
     return _library() is not None
 
 
-def _variant(name: str, dtype: torch.dtype):
-    return getattr(_library(), f"{name}_{'bf16' if dtype == torch.bfloat16 else 'f32'}")
+def _tag(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "f32"
+
+
+def _variant(name: str, *dtypes: torch.dtype):
+    return getattr(_library(), "_".join([name, *map(_tag, dtypes)]))
 
 
 def takes(x: torch.Tensor) -> bool:
@@ -119,7 +129,8 @@ def takes(x: torch.Tensor) -> bool:
 def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor | None,
                         ignore_index: int = -100) -> torch.Tensor:
     """Same contract as `loss.chunk_loss_and_grad`: the summed loss (fp32 scalar); the gradient of that sum
-    with respect to the logits written into `grad_out` (same shape and dtype as the logits) if given."""
+    with respect to the logits written into `grad_out` (same shape and dtype as the logits; may be the
+    logits themselves) if given."""
     if not takes(logits):
         raise ValueError(f"the native loss kernel takes bf16 or fp32 CPU logits, not {logits.dtype} on {logits.device}")
     if grad_out is not None and (grad_out.shape != logits.shape or grad_out.dtype != logits.dtype
@@ -166,3 +177,60 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not (takes(x) and weight.dtype == torch.float32 and weight.device.type == "cpu"):
         raise ValueError("the native RMSNorm takes a bf16 or fp32 CPU input and an fp32 CPU weight")
     return _RMSNorm.apply(x, weight.contiguous(), eps)
+
+
+# ------------------------------------------------------------------------------- routed-expert rows
+
+def _checked(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not (takes(t) and t.is_contiguous()):
+            raise ValueError(f"the native row kernels take contiguous bf16 or fp32 CPU tensors, not {t.dtype} "
+                             f"on {t.device}")
+
+
+def _index(index: torch.Tensor) -> torch.Tensor:
+    if index.dtype != torch.int64 or not index.is_contiguous():
+        raise ValueError("the native row kernels take a contiguous int64 index")
+    return index
+
+
+def _weights(w: torch.Tensor | None) -> int | None:
+    if w is not None and (w.dtype != torch.float32 or not w.is_contiguous()):
+        raise ValueError("the native row kernels take contiguous fp32 weights")
+    return None if w is None else w.data_ptr()
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, div: int, weights: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """out[r] = weights[s] * src[s // div] for s = index[r] (zero row where s is outside [0, rows * div));
+    src [rows, dim], index int64 [R], weights fp32 (indexed by s) or None -> [R, dim] in `dtype`."""
+    _checked(src)
+    _index(index)
+    out = torch.empty(index.numel(), src.shape[1], dtype=dtype)
+    _variant("gather_rows", src.dtype, dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), div, _weights(weights),
+                                              index.numel(), src.shape[1], out.data_ptr())
+    return out
+
+
+def sum_rows(src: torch.Tensor, index: torch.Tensor, k: int, weights: torch.Tensor | None,
+             dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum over j < k of weights[t*k + j] * src[index[t*k + j]] (zero terms for indices outside
+    src), in fp32 and slot order; src [rows, dim], index int64 [T*k], weights fp32 [T*k] or None ->
+    [T, dim] in `dtype`."""
+    _checked(src)
+    _index(index)
+    out = torch.empty(index.numel() // k, src.shape[1], dtype=dtype)
+    _variant("sum_rows", src.dtype, dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), _weights(weights),
+                                           out.shape[0], k, src.shape[1], out.data_ptr())
+    return out
+
+
+def slot_dots(src: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
+    """out[s] = <src[index[s]], grad[s // k]> (0 where index[s] is outside src), fp32 [S]; src [rows, dim]
+    and grad [S / k, dim] of one dtype."""
+    _checked(src, grad)
+    _index(index)
+    out = torch.empty(index.numel(), dtype=torch.float32)
+    _variant("slot_dots", src.dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), grad.data_ptr(), index.numel(),
+                                     k, src.shape[1], out.data_ptr())
+    return out

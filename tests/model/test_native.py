@@ -82,6 +82,18 @@ def test_kernel_without_gradient_gives_the_same_loss():
                        native.chunk_loss_and_grad(logits, labels, grad))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("step", [chunk_loss_and_grad, native.chunk_loss_and_grad], ids=["torch", "native"])
+def test_gradient_may_overwrite_the_logits(step, dtype):
+    """The fused loss lets the head's matmul write the logits into the gradient buffer and the step
+    overwrite them there: the same loss and gradient, bit for bit, as with a separate buffer."""
+    logits, labels = _chunk(dtype)
+    grad = torch.empty_like(logits)
+    loss = step(logits, labels, grad)
+    in_place = logits.clone()
+    assert torch.equal(step(in_place, labels, in_place), loss) and torch.equal(in_place, grad)
+
+
 def test_kernel_results_do_not_depend_on_the_thread_count():
     logits, labels = _chunk(torch.bfloat16, rows=257)
     threads = torch.get_num_threads()
@@ -183,3 +195,75 @@ def test_rms_norm_module_takes_the_kernel_on_the_cpu_only_for_an_fp32_weight():
     x = torch.randn(5, 64, requires_grad=True)
     assert type(norm(x).grad_fn).__name__ == "_RMSNormBackward"
     assert type(norm.double()(x.double()).grad_fn).__name__ != "_RMSNormBackward"  # fp64: the torch code
+
+
+# ------------------------------------------------------------------------------- routed-expert rows
+
+def _routing(seed=0, n=37, k=3, e=5, h=24):
+    """A layout with absent slots (expert parallelism) and padded groups, tokens and slot weights."""
+    from sourcelm.model import grouped_experts as ge
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, e, (n, k), generator=g)
+    idx[torch.rand(n, k, generator=g) < 0.25] = -1
+    return ge.group_by_expert(idx, e, align=4), torch.randn(n, h, generator=g), torch.rand(n, k, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernels_match_the_torch_dispatch_and_combine(dtype, monkeypatch):
+    """Dispatch and combine, values and gradients, with the kernels and with the torch code: fp32 equal up
+    to summation order; bf16 within one rounding (the kernels weight in fp32, torch in bf16)."""
+    from sourcelm.model import grouped_experts as ge
+    layout, x, w = _routing()
+
+    def run():
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        rows = ge.dispatch_rows(xs, layout, dtype)
+        y = rows * torch.linspace(0.5, 1.5, rows.shape[1], dtype=dtype)  # an "expert" that keeps rows apart
+        out = ge.combine_rows(y, ws, layout)
+        out.float().mul(torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return rows.detach(), out.detach(), xs.grad, ws.grad
+
+    got = run()
+    monkeypatch.setattr(native, "takes", lambda t: False)
+    ref = run()
+    assert torch.equal(got[0], ref[0])  # dispatch forward: a cast and a gather
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    assert bool((got[0][layout.copy_of_row == layout.n_tokens * layout.k] == 0).all())  # padding rows are zero
+
+
+def test_row_kernels_against_a_plain_loop():
+    """Each kernel on its own, sentinels included, against Python loops in fp64."""
+    g = torch.Generator().manual_seed(1)
+    src, grad = torch.randn(6, 8, generator=g), torch.randn(4, 8, generator=g)
+    index = torch.tensor([0, 5, 6, -1, 2, 2, 3, 9])  # 6, -1 and 9 name the zero row
+    w = torch.rand(12, generator=g)  # one per slot of src's 6 rows x 2
+    row = lambda t, i: t[i].double() if 0 <= i < t.shape[0] else torch.zeros(t.shape[1], dtype=torch.float64)
+    gathered = native.gather_rows(src, index, 2, w, torch.float32)  # src rows of slots index // 2, weighted
+    want = torch.stack([w[i] * row(src, i // 2) if 0 <= i < 12 else torch.zeros(8, dtype=torch.float64)
+                        for i in index.tolist()])
+    torch.testing.assert_close(gathered.double(), want)
+    w = w[:8].contiguous()  # one per (token, j) of 4 tokens x 2
+    summed = native.sum_rows(src, index, 2, w, torch.float32)
+    want = torch.stack([sum(w[t * 2 + j] * row(src, int(index[t * 2 + j])) for j in range(2)) for t in range(4)])
+    torch.testing.assert_close(summed.double(), want)
+    dots = native.slot_dots(src, index, grad, 2)
+    want = torch.stack([row(src, int(index[s])) @ grad[s // 2].double() for s in range(8)])
+    torch.testing.assert_close(dots.double(), want)
+
+
+def test_row_kernels_do_not_depend_on_the_thread_count():
+    layout, x, w = _routing(seed=2, n=301)
+    y = torch.randn(layout.copy_of_row.numel(), x.shape[1]).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append((native.sum_rows(y, layout.row_of_slot, layout.k, w.reshape(-1), torch.bfloat16),
+                         native.slot_dots(y, layout.row_of_slot, y[:x.shape[0]].contiguous(), layout.k)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in outs[1:]:
+        assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])

@@ -4,6 +4,7 @@
      loss[r] = logsumexp(x_r) - x_r[t]
      grad[r] = softmax(x_r) - onehot(t), written in the logits' dtype (if grad is not NULL)
    Rows whose label is `ignore` get loss 0 and a zero gradient row. All arithmetic is fp32.
+   grad may be the logits themselves: each element is read before it is written (no `restrict`).
 
    Why by hand: in torch this is a cast, a log-softmax, a gather, an exp, a scatter and a cast back, six
    passes over a [rows, vocab] block that does not stay in cache (2-8 MB per chunk); here each row is read
@@ -34,8 +35,8 @@ static inline float exp_nonpositive(float x) {
 }
 
 /* one row */
-static inline __attribute__((always_inline)) void row(const void *restrict x, int64_t target, int64_t vocab,
-                                                      int64_t ignore, void *restrict grad, float *restrict loss,
+static inline __attribute__((always_inline)) void row(const void *x, int64_t target, int64_t vocab,
+                                                      int64_t ignore, void *grad, float *restrict loss,
                                                       int bf16) {
     if (target == ignore) {
         if (grad)
