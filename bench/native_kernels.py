@@ -6,6 +6,9 @@ warm-up, on the tiny preset's shapes:
                softmax - one-hot written into a buffer (`sourcelm.model.loss.chunk_loss_and_grad`)
   rms_norm     forward + backward of an RMSNorm over [2048, 256] (the residual stream of 8 × 256 tokens)
                and [2048, 96] (MLA's q latent), fp32 weight (`sourcelm.model.norm_rope.RMSNorm`)
+  moe rows     forward + backward of the routed experts' dispatch and combine (2048 tokens, top-4 of 16
+               experts, H 256, bf16 rows from fp32 tokens; `sourcelm.model.grouped_experts`); the torch
+               code is not compiled (it is autograd Functions around gathers), so that column is empty
   torch        the torch code (the reference; what runs off the CPU)
   compiled     torch.compile of it (inductor's fused C++ kernels; what `train.compile = true` uses)
   native       the C kernel (the default on the CPU)
@@ -38,8 +41,31 @@ def timed(fn, repeat: int) -> float:
 
 
 def row(name: str, ms: dict) -> None:
-    print(f"{name:28s} {ms['torch']:8.2f} {ms['compiled']:9.2f} {ms['native']:8.2f} "
-          f"{ms['torch'] / ms['native']:12.1f}x {ms['compiled'] / ms['native']:15.1f}x")
+    compiled = f"{ms['compiled']:9.2f}" if "compiled" in ms else f"{'-':>9s}"
+    versus = f"{ms['compiled'] / ms['native']:15.1f}x" if "compiled" in ms else f"{'-':>16s}"
+    print(f"{name:28s} {ms['torch']:8.2f} {compiled} {ms['native']:8.2f} {ms['torch'] / ms['native']:12.1f}x {versus}")
+
+
+def moe_rows(g: torch.Generator, repeat: int) -> dict:
+    """Dispatch + combine forward and backward with the native kernels and with the torch code."""
+    from unittest import mock
+
+    from sourcelm.model import grouped_experts as ge
+
+    n, k, e, h = 2048, 4, 16, 256
+    x = torch.randn(n, h, generator=g).requires_grad_()
+    weights = torch.rand(n, k, generator=g).requires_grad_()
+    layout = ge.group_by_expert(torch.rand(n, e, generator=g).topk(k, -1).indices, e, align=64)
+    up = torch.randn(n, h, generator=g).to(torch.bfloat16)
+
+    def step():
+        rows = ge.dispatch_rows(x, layout, torch.bfloat16)
+        ge.combine_rows(rows * 0.5, weights, layout).backward(up)
+
+    out = {"native": timed(step, repeat)}
+    with mock.patch.object(native, "takes", lambda t: False):
+        out["torch"] = timed(step, repeat)
+    return out
 
 
 def main() -> None:
@@ -72,6 +98,8 @@ def main() -> None:
             dy = torch.randn(2048, dim, generator=g)
             row(f"rms_norm fwd+bwd 2048x{dim} {str(dtype)[6:]}",
                 {k: timed(lambda f=f: f(x, weight, 1e-6).backward(dy), args.repeat) for k, f in norms.items()})
+
+    row("moe rows fwd+bwd 2048x4x256", moe_rows(g, args.repeat))
 
 
 if __name__ == "__main__":
