@@ -1,9 +1,9 @@
-"""C kernels for the CPU (`kernels/*.c`), built on first use: the fused loss's per-chunk step, RMSNorm and
-the routed experts' row movements.
+"""C kernels for the CPU (`kernels/*.c`), built on first use: the fused loss's per-chunk step, RMSNorm, the
+routed experts' row movements and MLA's rotary embedding.
 
 Each has a torch twin that stays the reference and the path everywhere else (other devices, other
 dtypes, `torch.compile`): `loss.chunk_loss_and_grad`, `norm_rope.RMSNorm`'s own code and the torch
-branches of `grouped_experts._Dispatch` / `_Combine`. They exist
+branches of `grouped_experts._Dispatch` / `_Combine` and `norm_rope.apply_rope`. They exist
 because on the CPU those steps are chains of elementwise torch kernels, each a pass over a tensor that
 does not stay in cache, and the kernels make one pass (what each computes: the comment atop its file).
 Measured (2 threads, `bench/native_kernels.py`): a loss chunk of the tiny preset (256 × 8192) bf16
@@ -57,6 +57,10 @@ SIGNATURES = {  # C function -> argument types (all return void)
     **{f"sum_rows_{s}_{d}": [_P, _I, _P, _P, _I, _I, _I, _P] for s in ("f32", "bf16") for d in ("f32", "bf16")},
     "slot_dots_f32": [_P, _I, _P, _P, _I, _I, _I, _P],
     "slot_dots_bf16": [_P, _I, _P, _P, _I, _I, _I, _P],
+    "rope_forward_bf16": [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P],
+    "rope_forward_f32": [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P],
+    "rope_backward_bf16": [_P, _I, _I, _I, _P, _P, _P],
+    "rope_backward_f32": [_P, _I, _I, _I, _P, _P, _P],
 }
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
 
@@ -178,6 +182,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not (takes(x) and weight.dtype == torch.float32 and weight.device.type == "cpu"):
         raise ValueError("the native RMSNorm takes a bf16 or fp32 CPU input and an fp32 CPU weight")
     return _RMSNorm.apply(x, weight.contiguous(), eps)
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        x4 = x if x.dim() == 4 else x.unsqueeze(1)  # [n0, n1, T, d]; keys come without the head dim
+        n0, n1, t, d = x4.shape
+        y = torch.empty(x4.shape, dtype=x.dtype)
+        _variant("rope_forward", x.dtype)(x4.data_ptr(), n0, n1, t, d, x4.stride(0), x4.stride(1), x4.stride(2),
+                                          cos.data_ptr(), sin.data_ptr(), y.data_ptr())
+        ctx.save_for_backward(cos, sin)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch.empty_like(dy)
+        _variant("rope_backward", dy.dtype)(dy.data_ptr(), dy.numel() // dy.shape[-1], cos.shape[0], dy.shape[-1],
+                                            cos.data_ptr(), sin.data_ptr(), dx.data_ptr())
+        return dx, None, None
+
+
+def rope_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope` runs this call: a CPU x (bf16 or fp32) [n0, n1, T, d] or [n0, T, d] with unit stride
+    along d, and fp32 cos/sin [T, d/2] outside autograd."""
+    return (takes(x) and x.dim() in (3, 4) and x.stride(-1) == 1 and x.shape[-1] % 2 == 0
+            and all(c.dtype == torch.float32 and c.device.type == "cpu" and c.is_contiguous() and not c.requires_grad
+                    and c.shape == (x.shape[-2], x.shape[-1] // 2) for c in (cos, sin)))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`norm_rope.apply_rope` (the rotated pairs de-interleaved, in x's dtype) as one kernel forward and one
+    backward; the call must satisfy `rope_takes`."""
+    if not rope_takes(x, cos, sin):
+        raise ValueError("the native RoPE takes a [.., T, d] CPU x with unit stride along d and fp32 [T, d/2] cos/sin")
+    return _Rope.apply(x, cos, sin)
 
 
 # ------------------------------------------------------------------------------- routed-expert rows

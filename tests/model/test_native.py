@@ -267,3 +267,37 @@ def test_row_kernels_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in outs[1:]:
         assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])
+
+
+# ------------------------------------------------------------------------------------------- RoPE
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_matches_the_torch_code(dtype):
+    """The queries' rotary slice (a strided view of [B, T, heads, qk] transposed to heads-first) and the
+    keys' ([B, T, d], shared by the heads): values and gradients against the torch code (`rotate_pairs`)."""
+    from sourcelm.model.norm_rope import apply_rope, rotate_pairs
+    g = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)
+    q = torch.randn(2, 7, 3, 24, generator=g).to(dtype)
+    for x in (q.transpose(1, 2)[..., 8:], torch.randn(2, 7, 16, generator=g).to(dtype)):
+        assert native.rope_takes(x, cos, sin)
+        got_x, ref_x = (x.detach().clone().requires_grad_() for _ in range(2))
+        got, ref = apply_rope(got_x, cos, sin), rotate_pairs(ref_x, cos, sin)
+        up = torch.randn(ref.shape, generator=g).to(dtype)
+        got.backward(up)
+        ref.backward(up)
+        assert got.dtype == dtype and got.is_contiguous()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got_x.grad, ref_x.grad, rtol=1e-6, atol=1e-6)
+        else:  # forward: the same fp32 value rounded once; backward: torch sums the two parts in bf16
+            assert torch.equal(got, ref)
+            torch.testing.assert_close(got_x.grad, ref_x.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_rope_kernel_declines_what_it_does_not_handle():
+    x, cos = torch.randn(2, 7, 16), torch.randn(7, 8)
+    assert native.rope_takes(x, cos, cos)
+    assert not native.rope_takes(x, cos.requires_grad_(), cos)  # a learned angle would need its gradient
+    assert not native.rope_takes(x.double(), cos.detach(), cos.detach())
+    assert not native.rope_takes(x[..., ::2].contiguous()[..., :7], cos.detach()[:, :3], cos.detach()[:, :3])  # odd d
