@@ -119,22 +119,29 @@ def group_by_expert(slot_expert: torch.Tensor, n_experts: int, align: int = 1,
     makes at most `equal_growth` times the rows of per-group padding, so `expert_ffn` can batch them."""
     n, k = slot_expert.shape
     flat = slot_expert.reshape(-1)
-    here = flat >= 0
-    # slots grouped by expert, (token, slot) order inside a group; absent slots sort last and are cut
-    order = torch.where(here, flat, n_experts).argsort(stable=True)[: int(here.sum())]
-    counts = torch.bincount(flat[here], minlength=n_experts)
+    by_kernel = native.ids_take(flat)  # the CPU: a counting sort in C, the same maps
+    if by_kernel:
+        counts = native.expert_counts(flat, n_experts)
+    else:
+        here = flat >= 0
+        # slots grouped by expert, (token, slot) order inside a group; absent slots sort last and are cut
+        order = torch.where(here, flat, n_experts).argsort(stable=True)[: int(here.sum())]
+        counts = torch.bincount(flat[here], minlength=n_experts)
     padded = (counts + align - 1) // align * align if align > 1 else counts
     if equal_growth > 0 and n_experts > 0:
         largest = (int(counts.max()) + align - 1) // align * align
         if n_experts * largest <= equal_growth * int(padded.sum()):
             padded = torch.full_like(counts, largest)
-    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padding inserted before each group
-    rows = torch.arange(order.numel(), device=flat.device) + torch.repeat_interleave(shift, counts,
-                                                                                     output_size=order.numel())
     p = int(padded.sum())
-    copy_of_row = torch.full((p,), n * k, dtype=torch.long, device=flat.device).index_copy_(0, rows, order)
-    row_of_slot = torch.full((n * k,), p, dtype=torch.long, device=flat.device).index_copy_(0, order, rows)
-    return GroupedLayout(padded, copy_of_row, row_of_slot, n, k, order.numel() == n * k)
+    if by_kernel:
+        copy_of_row, row_of_slot = native.slot_layout(flat, padded, p)
+    else:
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padding inserted before each group
+        rows = torch.arange(order.numel(), device=flat.device) + torch.repeat_interleave(shift, counts,
+                                                                                         output_size=order.numel())
+        copy_of_row = torch.full((p,), n * k, dtype=torch.long, device=flat.device).index_copy_(0, rows, order)
+        row_of_slot = torch.full((n * k,), p, dtype=torch.long, device=flat.device).index_copy_(0, order, rows)
+    return GroupedLayout(padded, copy_of_row, row_of_slot, n, k, int(counts.sum()) == n * k)
 
 
 def _with_zero_row(t: torch.Tensor) -> torch.Tensor:

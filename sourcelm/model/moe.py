@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sourcelm.config import ModelConfig
+from sourcelm.model import native
 from sourcelm.model.grouped_experts import grouped_experts_forward
 
 
@@ -65,18 +66,27 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under autocast too
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
         with torch.no_grad():  # selection is discrete: no gradient flows through it
-            biased = scores + self.e_score_correction_bias.float()
-            if self.n_group > 1:
-                grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
-                group_scores = grouped.topk(self.per_group_top, dim=-1).values.sum(-1)
-                keep = group_scores.topk(self.topk_group, dim=-1).indices
-                group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-                biased = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, self.n_experts)
-            topk_idx = biased.topk(self.top_k, dim=-1).indices
+            if native.route_takes(scores, self.n_group, self.topk_group, self.top_k):  # the CPU: one C pass
+                topk_idx = native.route_topk(scores, self.e_score_correction_bias, self.n_group, self.per_group_top,
+                                             self.topk_group, self.top_k)
+            else:
+                topk_idx = self._select(scores)
         weights = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return topk_idx, weights * self.scaling, scores
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """The selection's torch code (the path off the CPU and the native kernel's reference): top-K of
+        s' = s + b among the `topk_group` groups with the best sums of their top `per_group_top`."""
+        biased = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(self.per_group_top, dim=-1).values.sum(-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, self.n_experts)
+        return biased.topk(self.top_k, dim=-1).indices
 
 
 class RoutedExperts(nn.Module):

@@ -1,5 +1,5 @@
 """C kernels for the CPU (`kernels/*.c`), built on first use: the fused loss's per-chunk step, RMSNorm, the
-routed experts' row movements and MLA's rotary embedding.
+routed experts' row movements, the router's selection and layout, and MLA's rotary embedding.
 
 Each has a torch twin that stays the reference and the path everywhere else (other devices, other
 dtypes, `torch.compile`): `loss.chunk_loss_and_grad`, `norm_rope.RMSNorm`'s own code and the torch
@@ -46,7 +46,7 @@ if platform.machine() in ("x86_64", "AMD64"):
     FLAGS.append("-mprefer-vector-width=512")  # gcc's default is 256-bit vectors even where AVX-512 is there
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {  # C function -> argument types (all return void)
+SIGNATURES = {  # C function -> argument types (these return void)
     "cross_entropy_rows_bf16": [_P, _P, _I, _I, _I, _P, _P],
     "cross_entropy_rows_f32": [_P, _P, _I, _I, _I, _P, _P],
     "rms_norm_forward_bf16": [_P, _P, _I, _I, _F, _P, _P],
@@ -61,7 +61,10 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "rope_forward_f32": [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P],
     "rope_backward_bf16": [_P, _I, _I, _I, _P, _P, _P],
     "rope_backward_f32": [_P, _I, _I, _I, _P, _P, _P],
+    "route_topk": [_P, _P, _I, _I, _I, _I, _I, _I, _P],
+    "lay_out_slots": [_P, _I, _I, _P, _I, _P, _P, _P],
 }
+RETURNING = {"count_experts": ([_P, _I, _I, _P], _I)}  # C functions with a result
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
 
 
@@ -104,9 +107,9 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("native CPU kernels unavailable, the torch code runs instead: %s", err)
         return None
-    for name, args in SIGNATURES.items():
+    for name, (args, result) in {**{n: (a, None) for n, a in SIGNATURES.items()}, **RETURNING}.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, result
     return lib
 
 
@@ -278,3 +281,55 @@ def slot_dots(src: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, k: int
     _variant("slot_dots", src.dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), grad.data_ptr(), index.numel(),
                                      k, src.shape[1], out.data_ptr())
     return out
+
+
+# ------------------------------------------------------------------------------------------ routing
+
+MAX_EXPERTS = 4096  # routing.c's per-token scratch
+
+
+def route_takes(scores: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> bool:
+    """Whether `route_topk` runs this router: fp32 CPU scores [tokens, E] with E up to MAX_EXPERTS and as
+    many experts in the kept groups as the top-k takes (else torch would pick masked experts)."""
+    e = scores.shape[-1]
+    return (takes(scores) and scores.dtype == torch.float32 and scores.dim() == 2 and e <= MAX_EXPERTS
+            and e % n_group == 0 and top_k <= topk_group * (e // n_group))
+
+
+def route_topk(scores: torch.Tensor, bias: torch.Tensor, n_group: int, per_group_top: int, topk_group: int,
+               top_k: int) -> torch.Tensor:
+    """DeepSeek-V3's expert selection (`moe.Router.forward`): int64 [tokens, top_k], best first."""
+    if not route_takes(scores, n_group, topk_group, top_k):
+        raise ValueError("the native router takes fp32 CPU scores [tokens, E] whose kept groups hold top_k experts")
+    scores, bias = scores.contiguous(), bias.to(torch.float32).contiguous()
+    out = torch.empty(scores.shape[0], top_k, dtype=torch.int64)
+    _library().route_topk(scores.data_ptr(), bias.data_ptr(), scores.shape[0], scores.shape[1], n_group,
+                          per_group_top, topk_group, top_k, out.data_ptr())
+    return out
+
+
+def ids_take(ids: torch.Tensor) -> bool:
+    """Whether `expert_counts` and `slot_layout` take these expert ids: contiguous int64 on the CPU."""
+    return (ids.device.type == "cpu" and ids.dtype == torch.int64 and ids.is_contiguous()
+            and not torch.compiler.is_compiling() and available())
+
+
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Slots per expert, int64 [n_experts], of ids [S] (ids < 0: not here; an id >= n_experts is an error)."""
+    counts = torch.empty(n_experts, dtype=torch.int64)
+    bad = _library().count_experts(ids.data_ptr(), ids.numel(), n_experts, counts.data_ptr())
+    if bad:
+        raise ValueError(f"{bad} expert ids >= {n_experts}")
+    return counts
+
+
+def slot_layout(ids: torch.Tensor, padded: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grouped_experts.group_by_expert`'s index maps: groups in expert order, each padded[e] rows long
+    (sum = rows), slots in (token, slot) order inside a group -> (copy_of_row [rows], row_of_slot [S])."""
+    padded = padded.to(torch.int64).contiguous()
+    copy_of_row = torch.empty(rows, dtype=torch.int64)
+    row_of_slot = torch.empty(ids.numel(), dtype=torch.int64)
+    cursor = torch.empty(padded.numel(), dtype=torch.int64)
+    _library().lay_out_slots(ids.data_ptr(), ids.numel(), padded.numel(), padded.data_ptr(), rows, cursor.data_ptr(),
+                             copy_of_row.data_ptr(), row_of_slot.data_ptr())
+    return copy_of_row, row_of_slot

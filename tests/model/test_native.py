@@ -1,14 +1,18 @@
 """The native CPU kernels (the fused loss's per-chunk step, RMSNorm) against their torch code and fp64."""
 
+import dataclasses
 import os
 import shutil
 
 import pytest
 import torch
 
+from sourcelm.config import load_config
+from sourcelm.model import grouped_experts as ge
 from sourcelm.model import native
 from sourcelm.model.loss import IGNORE, chunk_loss_and_grad, default_chunk_fn
-from sourcelm.model.norm_rope import RMSNorm, rms_norm
+from sourcelm.model.moe import Router
+from sourcelm.model.norm_rope import RMSNorm, apply_rope, rms_norm, rotate_pairs
 
 # a machine with a C compiler must build the kernel; only one without may skip
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -201,7 +205,6 @@ def test_rms_norm_module_takes_the_kernel_on_the_cpu_only_for_an_fp32_weight():
 
 def _routing(seed=0, n=37, k=3, e=5, h=24):
     """A layout with absent slots (expert parallelism) and padded groups, tokens and slot weights."""
-    from sourcelm.model import grouped_experts as ge
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, e, (n, k), generator=g)
     idx[torch.rand(n, k, generator=g) < 0.25] = -1
@@ -212,7 +215,6 @@ def _routing(seed=0, n=37, k=3, e=5, h=24):
 def test_row_kernels_match_the_torch_dispatch_and_combine(dtype, monkeypatch):
     """Dispatch and combine, values and gradients, with the kernels and with the torch code: fp32 equal up
     to summation order; bf16 within one rounding (the kernels weight in fp32, torch in bf16)."""
-    from sourcelm.model import grouped_experts as ge
     layout, x, w = _routing()
 
     def run():
@@ -275,7 +277,6 @@ def test_row_kernels_do_not_depend_on_the_thread_count():
 def test_rope_kernel_matches_the_torch_code(dtype):
     """The queries' rotary slice (a strided view of [B, T, heads, qk] transposed to heads-first) and the
     keys' ([B, T, d], shared by the heads): values and gradients against the torch code (`rotate_pairs`)."""
-    from sourcelm.model.norm_rope import apply_rope, rotate_pairs
     g = torch.Generator().manual_seed(0)
     cos, sin = torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)
     q = torch.randn(2, 7, 3, 24, generator=g).to(dtype)
@@ -301,3 +302,52 @@ def test_rope_kernel_declines_what_it_does_not_handle():
     assert not native.rope_takes(x, cos.requires_grad_(), cos)  # a learned angle would need its gradient
     assert not native.rope_takes(x.double(), cos.detach(), cos.detach())
     assert not native.rope_takes(x[..., ::2].contiguous()[..., :7], cos.detach()[:, :3], cos.detach()[:, :3])  # odd d
+
+
+# ------------------------------------------------------------------------------------------ routing
+
+def _router(e, k, groups, keep, seed=0):
+    cfg = dataclasses.replace(load_config("tiny").model, n_routed_experts=e, num_experts_per_tok=k, n_group=groups,
+                              topk_group=keep)
+    router = Router(cfg)
+    g = torch.Generator().manual_seed(seed)
+    router.e_score_correction_bias.copy_(torch.randn(e, generator=g) * 0.1)
+    return router, torch.rand(3001, e, generator=g)
+
+
+@pytest.mark.parametrize("e,k,groups,keep", [(16, 4, 4, 2), (256, 8, 8, 4), (64, 6, 1, 1), (16, 4, 4, 4)])
+def test_router_selection_kernel_equals_the_torch_code(e, k, groups, keep):
+    """The same experts in the same order (best first) as the torch selection, DeepSeek-V3's shape included."""
+    router, scores = _router(e, k, groups, keep)
+    assert native.route_takes(scores, groups, keep, k)
+    got = native.route_topk(scores, router.e_score_correction_bias, groups, router.per_group_top, keep, k)
+    assert torch.equal(got, router._select(scores))
+
+
+def test_router_selection_kernel_survives_nan_scores():
+    router, scores = _router(16, 4, 4, 2)
+    scores[0] = float("nan")
+    scores[1, :5] = float("nan")
+    got = native.route_topk(scores, router.e_score_correction_bias, 4, 2, 2, 4)
+    assert bool(((got >= 0) & (got < 16)).all())  # valid experts; the loss, NaN, stops the step anyway
+    assert torch.equal(got[2:], router._select(scores[2:]))
+    assert bool((got[1, None] != torch.arange(5)[:, None]).all())  # a number beats a NaN
+
+
+@pytest.mark.parametrize("align,equal_growth", [(1, 0.0), (64, 0.0), (4, 100.0)])
+def test_layout_kernel_equals_the_torch_code(align, equal_growth, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 7, (501, 3), generator=g)
+    ids[torch.rand(501, 3, generator=g) < 0.2] = -1  # absent slots (expert parallelism)
+    ids[:, 0] = 5  # one large group
+    got = ge.group_by_expert(ids, 7, align, equal_growth)
+    monkeypatch.setattr(native, "ids_take", lambda t: False)
+    want = ge.group_by_expert(ids, 7, align, equal_growth)
+    for name in ("counts", "copy_of_row", "row_of_slot"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.complete == want.complete is False
+
+
+def test_layout_kernel_refuses_an_expert_id_out_of_range():
+    with pytest.raises(ValueError, match="expert ids"):
+        native.expert_counts(torch.tensor([0, 3, 9]), 4)
