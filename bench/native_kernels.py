@@ -9,6 +9,10 @@ warm-up, on the tiny preset's shapes:
   moe rows     forward + backward of the routed experts' dispatch and combine (2048 tokens, top-4 of 16
                experts, H 256, bf16 rows from fp32 tokens; `sourcelm.model.grouped_experts`); the torch
                code is not compiled (it is autograd Functions around gathers), so that column is empty
+  rope         forward + backward of MLA's rotary slice of the queries, [8, 4 heads, 256, 16] strided
+               (`sourcelm.model.norm_rope.apply_rope`)
+  routing      the router's grouped top-4 of 16 experts for 2048 tokens (`moe.Router`'s selection) and the
+               grouped layout's counting sort of the 8192 slots (`grouped_experts.group_by_expert`)
   torch        the torch code (the reference; what runs off the CPU)
   compiled     torch.compile of it (inductor's fused C++ kernels; what `train.compile = true` uses)
   native       the C kernel (the default on the CPU)
@@ -21,12 +25,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 
+from sourcelm.config import load_config
+from sourcelm.model import grouped_experts as ge
 from sourcelm.model import native
 from sourcelm.model.loss import IGNORE, chunk_loss_and_grad
-from sourcelm.model.norm_rope import rms_norm
+from sourcelm.model.moe import Router
+from sourcelm.model.norm_rope import rms_norm, rotate_pairs
 
 
 def timed(fn, repeat: int) -> float:
@@ -48,10 +56,6 @@ def row(name: str, ms: dict) -> None:
 
 def moe_rows(g: torch.Generator, repeat: int) -> dict:
     """Dispatch + combine forward and backward with the native kernels and with the torch code."""
-    from unittest import mock
-
-    from sourcelm.model import grouped_experts as ge
-
     n, k, e, h = 2048, 4, 16, 256
     x = torch.randn(n, h, generator=g).requires_grad_()
     weights = torch.rand(n, k, generator=g).requires_grad_()
@@ -100,6 +104,24 @@ def main() -> None:
                 {k: timed(lambda f=f: f(x, weight, 1e-6).backward(dy), args.repeat) for k, f in norms.items()})
 
     row("moe rows fwd+bwd 2048x4x256", moe_rows(g, args.repeat))
+
+    cos, sin = torch.randn(256, 8, generator=g), torch.randn(256, 8, generator=g)
+    q = torch.randn(8, 256, 4, 48, generator=g).to(torch.bfloat16).transpose(1, 2)[..., 32:].requires_grad_()
+    up = torch.randn(8, 4, 256, 16, generator=g).to(torch.bfloat16)
+    ropes = {"torch": rotate_pairs, "compiled": torch.compile(rotate_pairs), "native": native.rope}
+    row("rope fwd+bwd 8x4x256x16 bf16", {k: timed(lambda f=f: f(q, cos, sin).backward(up), args.repeat)
+                                          for k, f in ropes.items()})
+
+    router = Router(load_config("tiny").model)
+    scores = torch.rand(2048, 16, generator=g)
+    selects = {"torch": router._select, "compiled": torch.compile(router._select),
+               "native": lambda s: native.route_topk(s, router.e_score_correction_bias, 4, 2, 2, 4)}
+    row("router top-4 of 16, 2048", {k: timed(lambda f=f: f(scores), args.repeat) for k, f in selects.items()})
+    ids = native.route_topk(scores, router.e_score_correction_bias, 4, 2, 2, 4)
+    with mock.patch.object(native, "ids_take", lambda t: False):
+        torch_layout = timed(lambda: ge.group_by_expert(ids, 16, 64), args.repeat)
+    row("layout 8192 slots, 16 experts", {"torch": torch_layout, "native": timed(lambda: ge.group_by_expert(ids, 16, 64),
+                                                                                  args.repeat)})
 
 
 if __name__ == "__main__":
