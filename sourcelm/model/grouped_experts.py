@@ -13,7 +13,8 @@ order; combine forward gathers each token's K outputs and weights them, its back
 weighted output gradient per row. No scatter-add anywhere: deterministic on every device, and on CPU
 measured faster than the autograd of `x[order // K]` (an accumulating index_put). On the CPU the four
 run as native kernels (`native.gather_rows`, `sum_rows`, `slot_dots`): each gather fused with its cast,
-weighting or slot sum, one pass instead of a gathered [N*K, H] temporary and two or three passes over it.
+weighting or slot sum, one pass instead of a gathered [N*K, H] temporary and two or three passes over it;
+the layout itself is a counting sort there (`native.expert_counts`, `slot_layout`), the same maps.
 
 `expert_ffn` runs one batched matmul (`bmm`) per projection when all groups have the same size, else
 one `torch._grouped_mm` per projection where this torch build supports it for the device and dtype,

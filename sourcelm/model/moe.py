@@ -10,6 +10,8 @@ Routing (`Router.forward`, fp32 throughout):
   group; K / topk_group = 2 for DeepSeek-V3 (8 / 4) and for the presets, so the two agree there.
   Some HF-derived copies mask with 0.0 instead; that differs when a kept expert's s' < 0, which
   happens once the balancer has pushed an overloaded expert's bias below -s: -inf is the safe choice.
+  On the CPU the selection runs as one C pass per token (`native.route_topk`), equal index for index to
+  its torch code (`Router._select`), which every other device runs.
 
 Routed experts (`RoutedExperts`) keep their weights as 3-D parameters w1/w3 [E, I, H] (gate/up) and
 w2 [E, H, I] (down). The fast path (`grouped_experts.py`) gathers the token copies into rows grouped
