@@ -62,9 +62,8 @@ SIGNATURES = {  # C function -> argument types (these return void)
     "rope_backward_bf16": [_P, _I, _I, _I, _P, _P, _P],
     "rope_backward_f32": [_P, _I, _I, _I, _P, _P, _P],
     "route_topk": [_P, _P, _I, _I, _I, _I, _I, _I, _P],
-    "lay_out_slots": [_P, _I, _I, _P, _I, _P, _P, _P],
 }
-RETURNING = {"count_experts": ([_P, _I, _I, _P], _I)}  # C functions with a result
+RETURNING = {"count_experts": ([_P, _I, _I, _P], _I), "lay_out_slots": ([_P, _I, _I, _P, _I, _P, _P, _P], _I)}
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
 
 
@@ -212,7 +211,7 @@ class _Rope(torch.autograd.Function):
 
 def rope_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether `rope` runs this call: a CPU x (bf16 or fp32) [n0, n1, T, d] or [n0, T, d] with unit stride
-    along d, and fp32 cos/sin [T, d/2] outside autograd."""
+    along d, and fp32 cos/sin [T, d/2] that need no gradient."""
     return (takes(x) and x.dim() in (3, 4) and x.stride(-1) == 1 and x.shape[-1] % 2 == 0
             and all(c.dtype == torch.float32 and c.device.type == "cpu" and c.is_contiguous() and not c.requires_grad
                     and c.shape == (x.shape[-2], x.shape[-1] // 2) for c in (cos, sin)))
@@ -235,10 +234,9 @@ def _checked(*tensors: torch.Tensor) -> None:
                              f"on {t.device}")
 
 
-def _index(index: torch.Tensor) -> torch.Tensor:
+def _check_index(index: torch.Tensor) -> None:
     if index.dtype != torch.int64 or not index.is_contiguous():
         raise ValueError("the native row kernels take a contiguous int64 index")
-    return index
 
 
 def _weights(w: torch.Tensor | None) -> int | None:
@@ -252,7 +250,9 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, div: int, weights: torch
     """out[r] = weights[s] * src[s // div] for s = index[r] (zero row where s is outside [0, rows * div));
     src [rows, dim], index int64 [R], weights fp32 (indexed by s) or None -> [R, dim] in `dtype`."""
     _checked(src)
-    _index(index)
+    _check_index(index)
+    if weights is not None and weights.numel() < src.shape[0] * div:
+        raise ValueError("gather_rows needs a weight for every slot of src")
     out = torch.empty(index.numel(), src.shape[1], dtype=dtype)
     _variant("gather_rows", src.dtype, dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), div, _weights(weights),
                                               index.numel(), src.shape[1], out.data_ptr())
@@ -265,7 +265,9 @@ def sum_rows(src: torch.Tensor, index: torch.Tensor, k: int, weights: torch.Tens
     src), in fp32 and slot order; src [rows, dim], index int64 [T*k], weights fp32 [T*k] or None ->
     [T, dim] in `dtype`."""
     _checked(src)
-    _index(index)
+    _check_index(index)
+    if index.numel() % k or (weights is not None and weights.numel() != index.numel()):
+        raise ValueError("sum_rows needs k slots per token and one weight per slot")
     out = torch.empty(index.numel() // k, src.shape[1], dtype=dtype)
     _variant("sum_rows", src.dtype, dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), _weights(weights),
                                            out.shape[0], k, src.shape[1], out.data_ptr())
@@ -276,7 +278,9 @@ def slot_dots(src: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, k: int
     """out[s] = <src[index[s]], grad[s // k]> (0 where index[s] is outside src), fp32 [S]; src [rows, dim]
     and grad [S / k, dim] of one dtype."""
     _checked(src, grad)
-    _index(index)
+    _check_index(index)
+    if grad.shape != (index.numel() // k, src.shape[1]) or index.numel() % k:
+        raise ValueError("slot_dots needs grad [slots / k, dim] for src [rows, dim]")
     out = torch.empty(index.numel(), dtype=torch.float32)
     _variant("slot_dots", src.dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), grad.data_ptr(), index.numel(),
                                      k, src.shape[1], out.data_ptr())
@@ -329,7 +333,9 @@ def slot_layout(ids: torch.Tensor, padded: torch.Tensor, rows: int) -> tuple[tor
     padded = padded.to(torch.int64).contiguous()
     copy_of_row = torch.empty(rows, dtype=torch.int64)
     row_of_slot = torch.empty(ids.numel(), dtype=torch.int64)
-    cursor = torch.empty(padded.numel(), dtype=torch.int64)
-    _library().lay_out_slots(ids.data_ptr(), ids.numel(), padded.numel(), padded.data_ptr(), rows, cursor.data_ptr(),
-                             copy_of_row.data_ptr(), row_of_slot.data_ptr())
+    scratch = torch.empty(2 * padded.numel(), dtype=torch.int64)
+    bad = _library().lay_out_slots(ids.data_ptr(), ids.numel(), padded.numel(), padded.data_ptr(), rows,
+                                   scratch.data_ptr(), copy_of_row.data_ptr(), row_of_slot.data_ptr())
+    if bad:
+        raise ValueError(f"{bad} slots with an expert id >= {padded.numel()} or beyond their group's padded size")
     return copy_of_row, row_of_slot

@@ -348,6 +348,10 @@ def test_layout_kernel_equals_the_torch_code(align, equal_growth, monkeypatch):
     assert got.complete == want.complete is False
 
 
-def test_layout_kernel_refuses_an_expert_id_out_of_range():
+def test_layout_kernels_refuse_bad_ids_and_full_groups():
     with pytest.raises(ValueError, match="expert ids"):
         native.expert_counts(torch.tensor([0, 3, 9]), 4)
+    with pytest.raises(ValueError, match="expert id"):
+        native.slot_layout(torch.tensor([0, 3, 9]), torch.tensor([1, 0, 0, 1]), 2)
+    with pytest.raises(ValueError, match="padded size"):  # two slots of expert 0 in a group of one row
+        native.slot_layout(torch.tensor([0, 0, 1]), torch.tensor([1, 1]), 2)

@@ -92,23 +92,31 @@ int64_t count_experts(const int64_t *ids, int64_t slots, int64_t n_experts, int6
 }
 
 /* row_of_slot[s] = the row of slot s (rows: total rows; absent slots get `rows`, the sentinel);
-   copy_of_row[r] = the slot row r holds (`slots` for padding rows) */
-void lay_out_slots(const int64_t *ids, int64_t slots, int64_t n_experts, const int64_t *padded, int64_t rows,
-                   int64_t *cursor, int64_t *copy_of_row, int64_t *row_of_slot) {
-    int64_t start = 0;
+   copy_of_row[r] = the slot row r holds (`slots` for padding rows). `scratch` holds 2 * n_experts values.
+   Returns the number of slots whose id is >= n_experts or whose group is full (padded[e] below its
+   count): a caller's bug, reported without writing past a group. */
+int64_t lay_out_slots(const int64_t *ids, int64_t slots, int64_t n_experts, const int64_t *padded, int64_t rows,
+                      int64_t *scratch, int64_t *copy_of_row, int64_t *row_of_slot) {
+    int64_t *next = scratch, *end = scratch + n_experts, start = 0, bad = 0;
     for (int64_t e = 0; e < n_experts; e++) {
-        cursor[e] = start;
+        next[e] = start;
         start += padded[e];
+        end[e] = start < rows ? start : rows;
     }
     for (int64_t r = 0; r < rows; r++)
         copy_of_row[r] = slots;
     for (int64_t s = 0; s < slots; s++) {
-        if (ids[s] < 0) {
-            row_of_slot[s] = rows;
+        const int64_t e = ids[s];
+        row_of_slot[s] = rows;
+        if (e < 0)
+            continue;
+        if (e >= n_experts || next[e] >= end[e]) {
+            bad++;
             continue;
         }
-        const int64_t r = cursor[ids[s]]++;
+        const int64_t r = next[e]++;
         row_of_slot[s] = r;
         copy_of_row[r] = s;
     }
+    return bad;
 }
