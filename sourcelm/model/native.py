@@ -297,7 +297,7 @@ def route_takes(scores: torch.Tensor, n_group: int, topk_group: int, top_k: int)
     many experts in the kept groups as the top-k takes (else torch would pick masked experts)."""
     e = scores.shape[-1]
     return (takes(scores) and scores.dtype == torch.float32 and scores.dim() == 2 and e <= MAX_EXPERTS
-            and e % n_group == 0 and top_k <= topk_group * (e // n_group))
+            and n_group >= 1 and e % n_group == 0 and topk_group <= n_group and top_k <= topk_group * (e // n_group))
 
 
 def route_topk(scores: torch.Tensor, bias: torch.Tensor, n_group: int, per_group_top: int, topk_group: int,

@@ -45,6 +45,8 @@ static void route_token(const float *restrict scores, const float *restrict bias
             float sum = 0.0f;
             for (int64_t j = 0; j < per_group; j++) {
                 const int64_t b = best_of(biased + g * size, ok + g * size, size);
+                if (b < 0)
+                    break;
                 sum += biased[g * size + b];
                 ok[g * size + b] = 0;
             }
@@ -57,6 +59,8 @@ static void route_token(const float *restrict scores, const float *restrict bias
             group_ok[g] = 1, kept[g] = 0;
         for (int64_t j = 0; j < keep_groups; j++) {
             const int64_t g = best_of(group_score, group_ok, groups);
+            if (g < 0)
+                break;
             group_ok[g] = 0;
             kept[g] = 1;
         }
@@ -65,8 +69,9 @@ static void route_token(const float *restrict scores, const float *restrict bias
     }
     for (int64_t j = 0; j < k; j++) {
         const int64_t b = best_of(biased, ok, e);
-        out[j] = b;
-        ok[b] = 0;
+        out[j] = b;  /* -1 only if fewer than k experts are allowed, which native.route_takes excludes */
+        if (b >= 0)
+            ok[b] = 0;
     }
 }
 
