@@ -19,7 +19,7 @@
 #define NORM_BLOCK 32
 
 static inline __attribute__((always_inline)) void forward_row(const void *restrict x, const float *restrict w,
-                                              int64_t dim, float eps, float *restrict y,
+                                                              int64_t dim, float eps, float *restrict y,
                                                               float *restrict rstd, int bf16) {
     float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
