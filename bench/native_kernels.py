@@ -11,6 +11,9 @@ warm-up, on the tiny preset's shapes:
                code is not compiled (it is autograd Functions around gathers), so that column is empty
   rope         forward + backward of MLA's rotary slice of the queries, [8, 4 heads, 256, 16] strided
                (`sourcelm.model.norm_rope.apply_rope`)
+  swiglu       forward + backward of silu(gate) * up on the fused gate/up output of a routed-expert layer
+               (16 experts × 576 rows × 2 × 128) and of the dense FFN (2048 × 2 × 768), bf16
+               (`sourcelm.model.grouped_experts.swiglu`)
   routing      the router's grouped top-4 of 16 experts for 2048 tokens (`moe.Router`'s selection) and the
                grouped layout's counting sort of the 8192 slots (`grouped_experts.group_by_expert`)
   torch        the torch code (the reference; what runs off the CPU)
@@ -111,6 +114,13 @@ def main() -> None:
     ropes = {"torch": rotate_pairs, "compiled": torch.compile(rotate_pairs), "native": native.rope}
     row("rope fwd+bwd 8x4x256x16 bf16", {k: timed(lambda f=f: f(q, cos, sin).backward(up), args.repeat)
                                           for k, f in ropes.items()})
+
+    swiglus = {"torch": ge.swiglu_torch, "compiled": torch.compile(ge.swiglu_torch), "native": native.swiglu}
+    for shape in ((16, 576, 256), (2048, 1536)):
+        gu = torch.randn(shape, generator=g).to(torch.bfloat16).requires_grad_()
+        dh = torch.randn(*shape[:-1], shape[-1] // 2, generator=g).to(torch.bfloat16)
+        row(f"swiglu fwd+bwd {'x'.join(map(str, shape))} bf16",
+            {k: timed(lambda f=f: f(gu).backward(dh), args.repeat) for k, f in swiglus.items()})
 
     router = Router(load_config("tiny").model)
     scores = torch.rand(2048, 16, generator=g)

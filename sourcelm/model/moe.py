@@ -29,11 +29,12 @@ from torch import nn
 
 from sourcelm.config import ModelConfig
 from sourcelm.model import native
-from sourcelm.model.grouped_experts import grouped_experts_forward
+from sourcelm.model.grouped_experts import grouped_experts_forward, swiglu
 
 
 class MLP(nn.Module):
-    """SwiGLU FFN: down(silu(gate(x)) * up(x)); used for dense layers and shared experts."""
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)); used for dense layers and shared experts. The gate and up
+    projections run as one matmul on their stacked weights (`grouped_experts.swiglu`)."""
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
@@ -42,7 +43,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        return self.down_proj(swiglu(F.linear(x, gate_up)))
 
 
 class Router(nn.Module):

@@ -62,6 +62,10 @@ SIGNATURES = {  # C function -> argument types (these return void)
     "rope_backward_bf16": [_P, _I, _I, _I, _P, _P, _P],
     "rope_backward_f32": [_P, _I, _I, _I, _P, _P, _P],
     "route_topk": [_P, _P, _I, _I, _I, _I, _I, _I, _P],
+    "swiglu_forward_bf16": [_P, _I, _I, _I, _P],
+    "swiglu_forward_f32": [_P, _I, _I, _I, _P],
+    "swiglu_backward_bf16": [_P, _P, _I, _I, _I, _P],
+    "swiglu_backward_f32": [_P, _P, _I, _I, _I, _P],
 }
 RETURNING = {"count_experts": ([_P, _I, _I, _P], _I), "lay_out_slots": ([_P, _I, _I, _P, _I, _P, _P, _P], _I)}
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
@@ -223,6 +227,50 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if not rope_takes(x, cos, sin):
         raise ValueError("the native RoPE takes a [.., T, d] CPU x with unit stride along d and fp32 [T, d/2] cos/sin")
     return _Rope.apply(x, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------- SwiGLU
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gu):
+        rows2d = gu.reshape(-1, gu.shape[-1])  # a view: rows keep gu's row stride
+        n = gu.shape[-1] // 2
+        h = torch.empty(*gu.shape[:-1], n, dtype=gu.dtype)
+        _variant("swiglu_forward", gu.dtype)(rows2d.data_ptr(), rows2d.shape[0], n, rows2d.stride(0), h.data_ptr())
+        ctx.save_for_backward(gu)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        (gu,) = ctx.saved_tensors
+        rows2d = gu.reshape(-1, gu.shape[-1])
+        dh = dh.to(gu.dtype).contiguous()
+        dgu = torch.empty(gu.shape, dtype=gu.dtype)
+        _variant("swiglu_backward", gu.dtype)(rows2d.data_ptr(), dh.data_ptr(), rows2d.shape[0], gu.shape[-1] // 2,
+                                              rows2d.stride(0), dgu.data_ptr())
+        return dgu
+
+
+def swiglu_takes(gu: torch.Tensor) -> bool:
+    """Whether `swiglu` runs this call: a CPU gu (bf16 or fp32) [..., 2n] whose rows have unit stride and one
+    row stride (a contiguous tensor, or rows sliced out of a wider one)."""
+    if not (takes(gu) and gu.dim() >= 1 and gu.shape[-1] % 2 == 0 and gu.stride(-1) == 1):
+        return False
+    try:
+        gu.view(-1, gu.shape[-1])
+    except RuntimeError:
+        return False
+    return True
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gu = [gate | up] along the last dimension, as one kernel forward and one backward
+    (whose gradient comes back in the same [gate | up] layout); the call must satisfy `swiglu_takes`."""
+    if not swiglu_takes(gu):
+        raise ValueError("the native SwiGLU takes a bf16 or fp32 CPU gu [..., 2n] with unit stride along the last "
+                         "dimension")
+    return _SwiGLU.apply(gu)
 
 
 # ------------------------------------------------------------------------------- routed-expert rows

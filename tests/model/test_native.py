@@ -1,4 +1,5 @@
-"""The native CPU kernels (the fused loss's per-chunk step, RMSNorm) against their torch code and fp64."""
+"""The native CPU kernels (the fused loss's per-chunk step, RMSNorm, the routed experts' rows, RoPE, SwiGLU,
+the router) against their torch code and fp64."""
 
 import dataclasses
 import os
@@ -302,6 +303,79 @@ def test_rope_kernel_declines_what_it_does_not_handle():
     assert not native.rope_takes(x, cos.requires_grad_(), cos)  # a learned angle would need its gradient
     assert not native.rope_takes(x.double(), cos.detach(), cos.detach())
     assert not native.rope_takes(x[..., ::2].contiguous()[..., :7], cos.detach()[:, :3], cos.detach()[:, :3])  # odd d
+
+
+# ------------------------------------------------------------------------------------------- SwiGLU
+
+def _swiglu_run(fn, gu, dh):
+    x = gu.detach().clone().requires_grad_()
+    y = fn(x)
+    y.backward(dh)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_is_as_accurate_as_the_torch_code_against_fp64(dtype):
+    """Values and the [gate | up] gradient, on gate values across silu's range (large negative and positive
+    included): fp32 within a few ulps of fp64; bf16 rounds once, so within the torch code's own error."""
+    g = torch.Generator().manual_seed(0)
+    gu = torch.cat([torch.randn(3, 50, 64, generator=g) * 6, torch.randn(3, 50, 64, generator=g)], dim=-1)
+    gu[0, 0, :8] = torch.tensor([-100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0, -0.5])
+    dh = torch.randn(3, 50, 64, generator=g)
+    ref, ref_grad = _swiglu_run(ge.swiglu_torch, gu.double(), dh.double())
+    assert native.swiglu_takes(gu.to(dtype))
+    got, got_grad = _swiglu_run(native.swiglu, gu.to(dtype), dh.to(dtype))
+    assert got.dtype == got_grad.dtype == dtype and got_grad.shape == gu.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+        return
+    tv, tg = _swiglu_run(ge.swiglu_torch, gu.to(dtype), dh.to(dtype))
+    for mine, theirs, exact in ((got, tv, ref), (got_grad, tg, ref_grad)):
+        err_mine = (mine.double() - exact).abs().max()
+        err_torch = (theirs.double() - exact).abs().max()
+        assert err_mine <= err_torch
+
+
+def test_swiglu_kernel_takes_rows_sliced_from_a_wider_tensor():
+    """gu as the rows of a wider buffer (row stride > 2n) gives the values and gradient of its copy; a view
+    whose rows are not evenly strided is declined (the torch code runs it)."""
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(40, 100, generator=g)
+    gu, dh = wide[:, 10:74], torch.randn(40, 32, generator=g)
+    assert not gu.is_contiguous() and native.swiglu_takes(gu)
+    got, got_grad = _swiglu_run(native.swiglu, gu, dh)
+    ref, ref_grad = _swiglu_run(native.swiglu, gu.contiguous(), dh)
+    assert torch.equal(got, ref) and torch.equal(got_grad, ref_grad)
+    assert not native.swiglu_takes(torch.randn(4, 6, 10)[:, ::2].transpose(0, 1))
+    assert not native.swiglu_takes(torch.randn(4, 7))
+    assert not native.swiglu_takes(torch.randn(4, 8).double())
+
+
+def test_ffns_run_the_same_swiglu_with_and_without_the_kernel(monkeypatch):
+    """The dense FFN and the routed experts through `grouped_experts.swiglu`: kernel and torch code agree
+    in fp32 (values and every parameter's gradient)."""
+    from sourcelm.model.moe import MLP
+
+    torch.manual_seed(0)
+    mlp, x = MLP(24, 40), torch.randn(2, 9, 24)
+    w1, w2, w3 = torch.randn(3, 8, 24), torch.randn(3, 24, 8), torch.randn(3, 8, 24)
+    rows, counts = torch.randn(10, 24), torch.tensor([4, 0, 6])
+
+    def run():
+        params = [*mlp.parameters(), *(w.detach().requires_grad_() for w in (w1, w2, w3))]
+        for p in params:
+            p.grad = None
+        out = mlp(x).sum() + ge.expert_ffn(rows, counts, *params[3:]).square().sum()
+        out.backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    got = run()
+    monkeypatch.setattr(native, "swiglu_takes", lambda gu: False)
+    ref = run()
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
+    for a, b in zip(got[1], ref[1]):  # sums of products of O(10) values: fp32 rounding differs in the last bits
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 # ------------------------------------------------------------------------------------------ routing

@@ -18,22 +18,6 @@
 
 #include "common.h"
 
-/* exp(x) for x <= 0 (x - max of the row); clamped at -87, where exp is at the bottom of the normal range */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);  /* x = n ln2 + r, |r| <= ln2 / 2 */
-    float r = x - n * 0.693359375f;                            /* ln2 in two parts (Cody-Waite) */
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * bits_to_f32((uint32_t)((int32_t)n + 127) << 23);  /* times 2^n */
-}
-
 /* one row */
 static inline __attribute__((always_inline)) void row(const void *x, int64_t target, int64_t vocab,
                                                       int64_t ignore, void *grad, float *restrict loss,
