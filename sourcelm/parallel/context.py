@@ -24,6 +24,7 @@ from torch import nn
 
 from sourcelm.parallel.experts import (apply_expert_parallel, expert_shards, gather_expert_state, gather_over_ep,
                                        load_expert_state, topology_from_config)
+from sourcelm.train.optim import FlatAdamW
 
 
 class DistributedContext:
@@ -59,12 +60,12 @@ class DistributedContext:
     def is_expert_param(self, name: str) -> bool:
         return name in self.shards
 
-    def reduce_gradients(self, dense: torch.Tensor, experts: torch.Tensor) -> None:
+    def reduce_gradients(self, dense: FlatAdamW, experts: FlatAdamW) -> None:
         # the optimizers' flat gradient buffers: one collective each, in a fixed parameter order
-        dist.all_reduce(dense, group=self.topo.groups["dp"])
+        dist.all_reduce(dense.sync_grads(), group=self.topo.groups["dp"])
         replica = self.topo.groups["expert_replica"]
         if replica is not None and len(self.topo.members["expert_replica"]) > 1:
-            dist.all_reduce(experts, group=replica)
+            dist.all_reduce(experts.sync_grads(), group=replica)
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()

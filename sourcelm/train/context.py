@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sourcelm.train.optim import FlatAdamW
+
 
 class SingleProcess:
     rank = 0
@@ -31,9 +33,9 @@ class SingleProcess:
     def is_expert_param(self, name: str) -> bool:
         return ".mlp.experts." in name
 
-    def reduce_gradients(self, dense: torch.Tensor, experts: torch.Tensor) -> None:
-        """Sums, in place, the flat gradient buffers of the dense and the expert parameters over the ranks
-        that hold them."""
+    def reduce_gradients(self, dense: FlatAdamW, experts: FlatAdamW) -> None:
+        """Sums, in place, the gradients of the dense and the expert parameters (their optimizers' flat
+        buffers, `FlatAdamW.sync_grads`) over the ranks that hold them."""
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over all ranks (expert counts, loss sums)."""

@@ -183,7 +183,7 @@ class Trainer:
             self.balancer.accumulate(out.expert_counts)
             parts += torch.stack([out.loss.detach(), out.main_loss.detach(),
                                   out.mtp_loss.detach(), out.balance_loss.detach()]).double() * scale
-        ctx.reduce_gradients(self.dense_opt.sync_grads(), self.expert_opt.sync_grads())
+        ctx.reduce_gradients(self.dense_opt, self.expert_opt)
         counts = ctx.sum_tensor(self.balancer.take())
         parts = ctx.sum_tensor(parts)
         grad_norm = float((self.dense_opt.grad_sq_sum() + ctx.expert_sq_sum(self.expert_opt.grad_sq_sum())).sqrt())

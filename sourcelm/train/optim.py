@@ -2,17 +2,22 @@
 
 The report trains with AdamW(β1 0.9, β2 0.95, weight decay 0.1) and shards optimizer state over
 data-parallel ranks (ZeRO-1). One implementation serves both cases: the parameters of a group live
-in one persistent flat fp32 buffer (each parameter's `.data` is a view of it) and their gradients in
-another (each `.grad` a view, accumulated in place by autograd). A rank owns the contiguous slice
-[lo, hi) (the whole buffer without sharding), keeps Adam moments for that slice only, updates it in
-place with torch's fused AdamW kernel, and the updated slices are all-gathered back into the buffer.
-The update is elementwise, but the fused kernel rounds an element differently in its vector body and
-its scalar tail (1 ulp), so the buffer is updated in fixed blocks: cut at multiples of `BLOCK`
-elements and at the decay boundary, the same cuts whatever the sharding (slices are whole blocks).
-A sharded run thus produces the same bits as an unsharded one. Nothing is
-concatenated or copied back per step: on the tiny preset (12.2M parameters, 2 threads) optimizer
-step plus gradient norm went from 69 ms (a torch.cat of parameters and of gradients, unfused update,
-write-back, fp64 norm) to 15 ms.
+in one persistent flat fp32 buffer (each parameter's `.data` is a view of it). A rank owns the
+contiguous slice [lo, hi) (the whole buffer without sharding), keeps Adam moments for that slice only,
+updates it in place with torch's fused AdamW kernel, and the updated slices are all-gathered back
+into the buffer. The update is elementwise, but the fused kernel rounds an element differently in its
+vector body and its scalar tail (1 ulp), so the buffer is updated in fixed blocks: cut at multiples of
+`BLOCK` elements, at the decay boundary and at parameter boundaries, the same cuts whatever the
+sharding (slices are whole blocks). A sharded run thus produces the same bits as an unsharded one.
+
+Gradients: `zero_grad` drops every `.grad`, so backward hands each parameter its gradient as a fresh
+tensor, and the update reads the blocks straight out of those (a block never spans two parameters).
+Only a layout that reduces gradients over ranks copies them into a flat buffer first (`sync_grads`,
+one collective), which the blocks then read. Accumulating into a zeroed flat buffer instead costs a
+zeroing pass and a read-add-write pass over all gradients every step (3 ms for the zeroing alone on
+the tiny preset, 2 threads). Nothing is concatenated or copied back per step: on the tiny preset
+(12.2M parameters, 2 threads) optimizer step plus gradient norm went from 69 ms (a torch.cat of
+parameters and of gradients, unfused update, write-back, fp64 norm) to 15 ms.
 
 Weight decay: applied to matrices (linear weights, embeddings, the head, experts) and not to
 vectors (RMSNorm gains) nor to the router's expert-bias, which is a buffer outside the optimizer.
@@ -58,51 +63,69 @@ class FlatAdamW:
         self.lo, self.hi = rank * self.shard, min((rank + 1) * self.shard, self.numel)
         # the persistent flat buffers; the parameter buffer is padded to world × shard for the all-gather
         self.flat_param = torch.zeros(self.shard * self.world, dtype=torch.float32, device=self.device)
-        self.flat_grad = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        self._grad_views, offset = [], 0
+        self.flat_grad = None  # allocated by the first `sync_grads`
+        self._offsets, offset = [], 0
         for p in self.params:
             k = p.numel()
             self.flat_param[offset:offset + k].copy_(p.data.reshape(-1))
             p.data = self.flat_param[offset:offset + k].view_as(p)
-            self._grad_views.append(self.flat_grad[offset:offset + k].view_as(p))
+            self._offsets.append(offset)
             offset += k
-        self.zero_grad()
         n = max(self.hi - self.lo, 0)
         self.exp_avg = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.step_count = 0
         self._blocks = self._cut_blocks()
 
-    def _cut_blocks(self) -> list[tuple[bool, slice, slice]]:
-        """(decayed?, slice of the flat buffers, slice of the moments) for each block of [lo, hi)."""
+    def _cut_blocks(self) -> list[tuple[bool, slice, slice, int, slice]]:
+        """(decayed?, slice of the flat buffer, slice of the moments, parameter index, slice of that
+        parameter's flattened gradient) for each block of [lo, hi)."""
+        if self.hi <= self.lo:  # a rank past the end of a small buffer owns nothing
+            return []
+        ends = [o + p.numel() for o, p in zip(self._offsets, self.params)]
         cuts = sorted({self.lo, self.hi, *range(self.lo - self.lo % BLOCK + BLOCK, self.hi, BLOCK),
-                       *([self.decay_end] if self.lo < self.decay_end < self.hi else [])})
-        return [(a < self.decay_end, slice(a, b), slice(a - self.lo, b - self.lo)) for a, b in zip(cuts, cuts[1:])]
+                       *(e for e in [self.decay_end, *ends] if self.lo < e < self.hi)})
+        blocks, i = [], 0
+        for a, b in zip(cuts, cuts[1:]):
+            while ends[i] <= a:
+                i += 1
+            o = self._offsets[i]
+            blocks.append((a < self.decay_end, slice(a, b), slice(a - self.lo, b - self.lo), i, slice(a - o, b - o)))
+        return blocks
 
     def zero_grad(self) -> None:
-        """Zeroes the gradient buffer and (re)attaches each parameter's `.grad` view of it."""
-        self.flat_grad.zero_()
-        for p, view in zip(self.params, self._grad_views):
-            p.grad = view
+        """Drops every `.grad`; the next backward hands each parameter a fresh one (module docstring)."""
+        for p in self.params:
+            p.grad = None
+
+    def _grads(self) -> list[torch.Tensor]:
+        """Each parameter's gradient, flattened (a zero tensor for a parameter that got none)."""
+        out = []
+        for p in self.params:
+            g = p.grad
+            out.append(torch.zeros(p.numel(), device=self.device) if g is None else g.reshape(-1))
+        return out
 
     def sync_grads(self) -> torch.Tensor:
-        """The flat gradient, after taking in any `.grad` that was replaced (set by hand, or set to None:
-        zero) rather than accumulated into its view. With an intact view this is a pointer check."""
-        for p, view in zip(self.params, self._grad_views):
-            if p.grad is None:
-                view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-            p.grad = view
+        """Copies the gradients into the flat buffer, points each `.grad` at its view of it and returns it,
+        for a collective over ranks (the update then reads the buffer). Once per step, after backward."""
+        if self.flat_grad is None:
+            self.flat_grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        for p, g, o in zip(self.params, self._grads(), self._offsets):
+            view = self.flat_grad[o:o + p.numel()]
+            if g.data_ptr() != view.data_ptr():
+                view.copy_(g)
+            p.grad = view.view_as(p)
         return self.flat_grad
 
     def grad_sq_sum(self) -> torch.Tensor:
-        """Σ g² over this group's (replicated or local) gradients, returned as fp64 for the cross-rank sum.
-        One BLAS dot over the flat buffer (relative error ~1e-5 at 9M elements, plenty for clipping at 1.0):
-        measured 0.8 ms against 14 ms for `g.square().sum()`, whose 9M-element temporary the CPU allocator
-        maps fresh, page by page, every step."""
-        g = self.sync_grads()
-        return torch.dot(g, g).double()
+        """Σ g² over this group's (replicated or local) gradients, returned as fp64 for the cross-rank sum:
+        one BLAS dot per parameter (relative error ~1e-5 at 9M elements, plenty for clipping at 1.0),
+        summed in fp64, the same sum whether or not the gradients were synced. `g.square().sum()` took
+        14 ms against 0.8 for the dots: the CPU allocator maps its 9M-element temporary fresh, page by
+        page, every step."""
+        dots = [torch.dot(g, g) for g in self._grads()]
+        return torch.stack(dots).double().sum() if dots else torch.zeros((), dtype=torch.float64, device=self.device)
 
     # -- the update -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -110,20 +133,20 @@ class FlatAdamW:
         self.step_count += 1
         lo, hi = self.lo, self.hi
         if hi > lo:
-            g = self.sync_grads()
+            grads = self._grads()
             # the clip factor goes into the fused kernel, as the divisor its own `grad_scale` argument is
-            # (1 / factor); it scales each gradient as it reads it, and writes it back (the buffer is zeroed
-            # before the next accumulation): one pass over the gradients less than a separate mul_,
+            # (1 / factor); it scales each gradient as it reads it, and writes it back (the gradients are
+            # dropped before the next backward): one pass over the gradients less than a separate mul_,
             # measured 6.5 against 8.3 ms at 9.8M parameters
             unscale = {} if grad_scale == 1.0 else {"grad_scale": torch.tensor(1.0 / grad_scale, device=self.device)}
             step = torch.tensor(float(self.step_count), device=self.device)
             b1, b2 = self.betas
             for decayed in (True, False):  # matrices (decayed) come first in the buffer, then vectors
-                blocks = [(flat, m) for d, flat, m in self._blocks if d == decayed]
+                blocks = [(flat, m, grads[i][g]) for d, flat, m, i, g in self._blocks if d == decayed]
                 if blocks:
                     torch._fused_adamw_(
-                        [self.flat_param[f] for f, _ in blocks], [g[f] for f, _ in blocks],
-                        [self.exp_avg[m] for _, m in blocks], [self.exp_avg_sq[m] for _, m in blocks], [],
+                        [self.flat_param[f] for f, _, _ in blocks], [g for _, _, g in blocks],
+                        [self.exp_avg[m] for _, m, _ in blocks], [self.exp_avg_sq[m] for _, m, _ in blocks], [],
                         [step] * len(blocks), lr=lr, beta1=b1, beta2=b2, eps=self.eps,
                         weight_decay=self.weight_decay if decayed else 0.0, amsgrad=False, maximize=False,
                         **unscale)
