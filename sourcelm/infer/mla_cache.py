@@ -45,10 +45,9 @@ def absorbed_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch
     """x [B, S, H] for positions start..start+S-1 (cos/sin for those positions); writes this step's latents
     into the cache and attends over positions 0..start+S-1. Returns [B, S, H]."""
     b, s, _ = x.shape
-    q = attn.queries(x).transpose(1, 2)  # [B, heads, S, qk]
-    q_nope, q_rope = q.split([attn.nope_dim, attn.rope_dim], dim=-1)
+    q, c_kv, k_rope = attn.project(x)
+    q_nope, q_rope = q.transpose(1, 2).split([attn.nope_dim, attn.rope_dim], dim=-1)  # [B, heads, S, .]
     q_rope = apply_rope(q_rope, cos, sin)
-    c_kv, k_rope = attn.latents(x)
     cache.latent[layer, :, start:start + s] = c_kv
     cache.rope[layer, :, start:start + s] = apply_rope(k_rope, cos, sin)
     latent, rope = cache.latent[layer, :, :start + s], cache.rope[layer, :, :start + s]

@@ -45,27 +45,26 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H] -> q [B, T, heads, qk_dim] (rope part not yet rotated)."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (q [B, T, heads, qk_dim] with its rope part not yet rotated, normalised c^KV
+        [B, T, kv_lora_rank], unrotated k^R [B, T, rope_dim]). With a q latent, the two down-projections
+        of x run as one matmul on their stacked weights: one gradient for x instead of two to sum."""
+        kv_width = self.kv_lora_rank + self.rope_dim
         if self.q_lora_rank is None:
-            q = self.q_proj(x)
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:-1], self.n_heads, self.qk_dim)
-
-    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, H] -> (normalised c^KV [B, T, kv_lora_rank], unrotated k^R [B, T, rope_dim])."""
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), k_rope
+            down = torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight])
+            q_a, kv = F.linear(x, down).split([self.q_lora_rank, kv_width], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return q.view(*x.shape[:-1], self.n_heads, self.qk_dim), self.kv_a_layernorm(c_kv), k_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, H]; cos/sin [T, rope_dim/2] for positions 0..T-1. Causal self-attention."""
         b, t, _ = x.shape
-        q = self.queries(x).transpose(1, 2)  # [B, heads, T, qk]
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q, c_kv, k_rope = self.project(x)
+        q_nope, q_rope = q.transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)  # [B, heads, T, .]
         q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
-
-        c_kv, k_rope = self.latents(x)
         k_rope = apply_rope(k_rope, cos, sin)  # [B, T, rope], shared by all heads
         kv = self.kv_b_proj(c_kv).view(b, t, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
