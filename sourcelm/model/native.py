@@ -1,16 +1,17 @@
 """C kernels for the CPU (`kernels/*.c`), built on first use: the fused loss's per-chunk step, RMSNorm, the
-routed experts' row movements, the router's selection and layout, and MLA's rotary embedding.
+routed experts' row movements, the router's selection and layout, MLA's rotary embedding and SwiGLU.
 
 Each has a torch twin that stays the reference and the path everywhere else (other devices, other
-dtypes, `torch.compile`): `loss.chunk_loss_and_grad`, `norm_rope.RMSNorm`'s own code and the torch
-branches of `grouped_experts._Dispatch` / `_Combine` and `norm_rope.apply_rope`. They exist
-because on the CPU those steps are chains of elementwise torch kernels, each a pass over a tensor that
-does not stay in cache, and the kernels make one pass (what each computes: the comment atop its file).
-Measured (2 threads, `bench/native_kernels.py`): a loss chunk of the tiny preset (256 × 8192) bf16
-1.6-6.1 ms in torch (its bf16 log-softmax is bimodal from process to process), 1.2-1.5 ms compiled by
-inductor, 0.6 ms here; fp32 1.4, 1.3 and 0.55 ms; RMSNorm [2048, 256] forward + backward 1.5-1.6,
-0.5-0.7 and 0.4 ms; with the row kernels a bf16 routed-expert layer of the tiny preset (forward +
-backward) 11.5-12.4 ms against 13.4-15.3 with the torch gathers.
+dtypes, `torch.compile`): `loss.chunk_loss_and_grad`, `norm_rope.RMSNorm`'s own code, the torch
+branches of `grouped_experts._Dispatch` / `_Combine`, `moe.Router._select`, `norm_rope.rotate_pairs` and
+`grouped_experts.swiglu_torch`. They exist because on the CPU those steps are chains of elementwise
+torch kernels, each a pass over a tensor that does not stay in cache, and the kernels make one pass
+(what each computes: the comment atop its file). Measured (2 threads, `bench/native_kernels.py`): a
+loss chunk of the tiny preset (256 × 8192) bf16 1.6-6.6 ms in torch (its bf16 log-softmax is bimodal
+from process to process), 1.4-1.7 ms compiled by inductor, 0.5 ms here; fp32 1.6, 1.5 and 0.6 ms;
+RMSNorm [2048, 256] forward + backward 1.5-1.9, 0.5-0.9 and 0.4-0.6 ms; with the row kernels a bf16
+routed-expert layer of the tiny preset (forward + backward) 11.5-12.4 ms against 13.4-15.3 with the
+torch gathers; SwiGLU of that layer 1.1 ms against 2.1 (1.3 compiled).
 
 The build: the system C compiler (`$CC`, else `cc`) with `-O3 -march=native -fopenmp`, under a second,
 once per machine; the library is cached under `$SOURCELM_CACHE` (default `~/.cache/sourcelm`) by a hash
