@@ -50,10 +50,9 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # C function -> argument types (these return void)
     "cross_entropy_rows_bf16": [_P, _P, _I, _I, _I, _P, _P],
     "cross_entropy_rows_f32": [_P, _P, _I, _I, _I, _P, _P],
-    "rms_norm_forward_bf16": [_P, _P, _I, _I, _F, _P, _P],
-    "rms_norm_forward_f32": [_P, _P, _I, _I, _F, _P, _P],
-    "rms_norm_backward_bf16": [_P, _P, _P, _P, _I, _I, _P, _P, _P],
-    "rms_norm_backward_f32": [_P, _P, _P, _P, _I, _I, _P, _P, _P],
+    **{f"rms_norm_forward_{x}_{y}": [_P, _P, _I, _I, _F, _P, _P] for x in ("f32", "bf16") for y in ("f32", "bf16")},
+    **{f"rms_norm_backward_{x}_{y}": [_P, _P, _P, _P, _I, _I, _P, _P, _P] for x in ("f32", "bf16")
+       for y in ("f32", "bf16")},
     **{f"gather_rows_{s}_{d}": [_P, _I, _P, _I, _P, _I, _I, _P] for s in ("f32", "bf16") for d in ("f32", "bf16")},
     **{f"sum_rows_{s}_{d}": [_P, _I, _P, _P, _I, _I, _I, _P] for s in ("f32", "bf16") for d in ("f32", "bf16")},
     "slot_dots_f32": [_P, _I, _P, _P, _I, _I, _I, _P],
@@ -161,34 +160,38 @@ def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, grad_out: to
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         rows2d = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch.empty(rows2d.shape, dtype=torch.float32)
+        y = torch.empty(rows2d.shape, dtype=out_dtype)
         rstd = torch.empty(rows2d.shape[0], dtype=torch.float32)
-        _variant("rms_norm_forward", x.dtype)(rows2d.data_ptr(), weight.data_ptr(), rows2d.shape[0],
-                                              rows2d.shape[1], eps, y.data_ptr(), rstd.data_ptr())
+        _variant("rms_norm_forward", x.dtype, out_dtype)(rows2d.data_ptr(), weight.data_ptr(), rows2d.shape[0],
+                                                         rows2d.shape[1], eps, y.data_ptr(), rstd.data_ptr())
         ctx.save_for_backward(rows2d, weight, rstd)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.out_dtype = x.shape, out_dtype
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         rows, dim = x.shape
-        dy = dy.reshape(rows, dim).to(torch.float32).contiguous()
+        dy = dy.reshape(rows, dim).to(ctx.out_dtype).contiguous()
         dx = torch.empty_like(x)
         partial = torch.empty((rows + NORM_BLOCK - 1) // NORM_BLOCK, dim, dtype=torch.float32)
         dw = torch.empty(dim, dtype=torch.float32)
-        _variant("rms_norm_backward", x.dtype)(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
-                                               rows, dim, dx.data_ptr(), partial.data_ptr(), dw.data_ptr())
-        return dx.view(ctx.x_shape), dw, None
+        _variant("rms_norm_backward", x.dtype, ctx.out_dtype)(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
+                                                              dy.data_ptr(), rows, dim, dx.data_ptr(),
+                                                              partial.data_ptr(), dw.data_ptr())
+        return dx.view(ctx.x_shape), dw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`norm_rope.RMSNorm`'s forward for a CPU x (bf16 or fp32) and an fp32 weight: fp32 output."""
-    if not (takes(x) and weight.dtype == torch.float32 and weight.device.type == "cpu"):
-        raise ValueError("the native RMSNorm takes a bf16 or fp32 CPU input and an fp32 CPU weight")
-    return _RMSNorm.apply(x, weight.contiguous(), eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`norm_rope.RMSNorm`'s forward for a CPU x (bf16 or fp32) and an fp32 weight: fp32 output, or bf16 (the
+    fp32 output rounded once, for a norm that feeds bf16 matmuls)."""
+    if not (takes(x) and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and out_dtype in (torch.float32, torch.bfloat16)):
+        raise ValueError("the native RMSNorm takes a bf16 or fp32 CPU input and an fp32 CPU weight, and writes fp32 "
+                         "or bf16")
+    return _RMSNorm.apply(x, weight.contiguous(), eps, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------ RoPE

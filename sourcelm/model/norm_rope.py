@@ -4,6 +4,9 @@ Semantics follow transformers' DeepSeek-V3 (and the released checkpoint):
 
 * RMSNorm normalises in fp32, casts back to the input dtype, then scales by its weight. On the CPU with
   an fp32 weight it runs as one C kernel forward and one backward (`native.rms_norm`), same semantics.
+  A norm built with `feeds_matmul=True` (its output only feeds matmuls, which autocast runs in bf16)
+  returns the autocast dtype under autocast: the cast the matmul would make, made by the norm's own
+  store, so the values are the same and one pass over the activation (and one over its gradient) less.
 * RoPE acts only on the `qk_rope_head_dim` slice. The checkpoint lays those dims out as interleaved
   pairs (x0, x1), (x2, x3), ...; pair i turns at frequency theta^(-2i/d). We rotate the even/odd
   slices directly and write the result de-interleaved (all rotated "real" parts, then all "imaginary"
@@ -29,15 +32,20 @@ from sourcelm.model import native
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, feeds_matmul: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and native.takes(x):
-            return native.rms_norm(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+        dev = x.device.type
+        out = torch.get_autocast_dtype(dev) if self.feeds_matmul and torch.is_autocast_enabled(dev) else None
+        if (self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and native.takes(x)
+                and out in (None, torch.float32, torch.bfloat16)):
+            return native.rms_norm(x, self.weight, self.eps, out or torch.float32)
+        y = rms_norm(x, self.weight, self.eps)
+        return y if out is None else y.to(out)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -53,10 +53,11 @@ class ModelOutput:
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)  # MLA's down-projections
+        self.self_attn = MLA(cfg)
+        # a dense FFN only multiplies it; the MoE router scores it in fp32
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=not self.is_moe)
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h, cos, sin, token_mask=None, balance_alpha=0.0):
@@ -79,11 +80,11 @@ class MTPLayer(DecoderLayer):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
-        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)  # both only feed eh_proj
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = nn.Module()
-        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)  # the head's matmuls
 
     def merge(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))

@@ -195,6 +195,38 @@ def test_rms_norm_weight_gradient_does_not_depend_on_the_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_in_bf16_is_the_cast_of_its_fp32_output(dtype):
+    """A norm that feeds bf16 matmuls writes bf16: the same values as its fp32 output cast (what autocast
+    did before the matmul), and from a bf16 gradient the same dx and dw as from that gradient in fp32 (bits
+    for a bf16 x; for an fp32 x the two kernels fuse multiply-adds differently: dx within an ulp)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(70, 256, generator=g) * 3).to(dtype)
+    weight = 1 + 0.2 * torch.randn(256, generator=g)
+    dy = torch.randn(70, 256, generator=g).to(torch.bfloat16)
+    got = _norm_run(lambda a, w, eps: native.rms_norm(a, w, eps, torch.bfloat16), x, weight, dy)
+    ref = _norm_run(native.rms_norm, x, weight, dy.float())
+    assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], ref[0].to(torch.bfloat16))
+    assert torch.equal(got[2], ref[2])
+    if dtype == torch.bfloat16:
+        assert torch.equal(got[1], ref[1])
+    else:
+        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=2 * torch.finfo(torch.float32).eps * _scale(ref[1]))
+
+
+def test_rms_norm_module_feeding_a_matmul_returns_the_autocast_dtype(monkeypatch):
+    norm, plain = RMSNorm(64, feeds_matmul=True), RMSNorm(64)
+    x = torch.randn(5, 64)
+    assert norm(x).dtype == torch.float32  # no autocast: nothing to cast for
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_plain = norm(x), plain(x)
+        monkeypatch.setattr(native, "takes", lambda t: False)
+        y_torch = norm(x)
+    assert y.dtype == y_torch.dtype == torch.bfloat16 and y_plain.dtype == torch.float32
+    assert torch.equal(y, y_plain.to(torch.bfloat16))
+    torch.testing.assert_close(y_torch, y, rtol=1e-2, atol=1e-2)  # the torch code: the same up to a bf16 ulp
+
+
 def test_rms_norm_module_takes_the_kernel_on_the_cpu_only_for_an_fp32_weight():
     norm = RMSNorm(64)
     x = torch.randn(5, 64, requires_grad=True)
