@@ -39,5 +39,8 @@ def test_compiled_training_matches_eager_and_resumes_bit_identically(config, dig
     # the fused loss's per-chunk step: compiled too, unless the native CPU kernel (faster) runs it
     assert straight.model.ce_chunk is not chunk_loss_and_grad
     assert (straight.model.ce_chunk is None) == (default_chunk_fn(torch.device("cpu")) is not chunk_loss_and_grad)
+    # the router and the FFNs: compiled only where the C kernels (faster or equal) do not run them
+    moe = next(layer.mlp for layer in straight.model.model.layers if layer.is_moe)
+    assert (moe.gate._compiled_call_impl is None) == (straight.model.ce_chunk is None)
     assert torch.equal(straight.model.model.layers[0].mlp.gate_proj.weight, straight.model.state_dict()[
         "model.layers.0.mlp.gate_proj.weight"])  # names unchanged by compilation
