@@ -93,8 +93,8 @@ def row_alignment(device: torch.device, dtype: torch.dtype) -> int:
 # after padding every group to the largest: measured (16 groups of 576 rows, H 256, I 128, bf16,
 # 2 threads) 0.34 ms for bmm against 0.79 ms for _grouped_mm, one projection forward. So the CPU pads
 # all non-empty groups to the largest while that at most doubles the rows; past that (a badly
-# unbalanced router) it keeps per-group padding and the grouped matmul. fp32 (MKL, no per-group JIT) gains nothing from it:
-# 43-46 ms per MoE layer forward + backward either way.
+# unbalanced router) it keeps per-group padding and the grouped matmul. fp32 (MKL, no per-group JIT)
+# gains nothing from it: 43-46 ms per MoE layer forward + backward either way.
 CPU_EQUAL_GROUPS_MAX_GROWTH = 2.0
 
 

@@ -149,6 +149,10 @@ def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, grad_out: to
         raise ValueError("grad_out must be a contiguous tensor of the logits' shape and dtype")
     logits, labels = logits.contiguous(), labels.to(torch.int64).contiguous()
     rows, vocab = logits.shape
+    bad = (labels >= vocab) | ((labels < 0) & (labels != ignore_index))
+    if bool(bad.any()):  # the kernel would read outside the row
+        raise ValueError(f"label {int(labels[bad][0])} outside [0, {vocab}) (and not the ignore index "
+                         f"{ignore_index}): the token shards hold ids the model's vocab_size does not cover")
     row_loss = torch.empty(rows, dtype=torch.float32)
     _variant("cross_entropy_rows", logits.dtype)(
         logits.data_ptr(), labels.data_ptr(), rows, vocab, ignore_index,

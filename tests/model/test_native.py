@@ -122,6 +122,13 @@ def test_non_finite_logits_give_a_non_finite_loss(bad):
     assert not torch.isfinite(loss)
 
 
+def test_label_outside_the_vocabulary_is_refused_not_read():
+    logits, labels = _chunk(torch.bfloat16, rows=8, vocab=50)
+    labels[3] = 50
+    with pytest.raises(ValueError, match="label 50 outside"):
+        native.chunk_loss_and_grad(logits, labels, None)
+
+
 def test_wrong_gradient_buffer_is_refused():
     logits, labels = _chunk(torch.bfloat16)
     with pytest.raises(ValueError, match="grad_out"):
