@@ -21,13 +21,13 @@ the layout itself is a counting sort there (`native.expert_counts`, `slot_layout
 one `torch._grouped_mm` per projection where this torch build supports it for the device and dtype,
 else a loop over the non-empty experts on slices of the grouped rows. Measured on 2 CPU cores (16
 experts, 8192 rows, H 256, I 128, uneven groups, forward + backward of one projection): grouped_mm
-8 ms (fp32) / 4 ms (bf16), the slice loop 15 / 8 ms. On the CPU in bf16 the layout pads every
-non-empty group to the largest while that at most doubles the rows (`equal_groups_growth`). With the
-balanced routing of training (the largest group 1.11-1.16x the mean in the tiny preset's first steps) a
-bf16 MoE layer then takes 21.8-22.8 ms forward + backward instead of 25.3-27.1 ms with per-group padding
-and the grouped matmul. When the router has collapsed onto a few experts (the tiny preset's from about
-step 20: four experts take every token), a bmm over those four instead of the grouped matmul over all
-sixteen: 2.8 against 3.3 ms forward + backward per projection, the whole step ~1% faster.
+8 ms (fp32) / 4 ms (bf16), the slice loop 15 / 8 ms. Equal groups come from a collapsed router (the tiny
+preset's from about step 20: four experts take every token), where a bmm over those four beats the
+grouped matmul over all sixteen: 2.8 against 3.3 ms forward + backward per projection.
+Padding every group to the largest so that a bmm always applies was measured and dropped: with the
+balanced routing of the first steps it is no faster (the tiny preset's trainer, steps 3-10: 13.8k tok/s
+either way), and as the router drifts from balance (the largest group 1.3-2.2x the mean by step 10) the
+padded rows cost more than the grouped matmul's per-group calls (steps 10-30: 147 against 155 ms a step).
 """
 
 from __future__ import annotations
@@ -89,21 +89,6 @@ def row_alignment(device: torch.device, dtype: torch.dtype) -> int:
     return 1
 
 
-# On CPU one batched matmul over equal groups beats the grouped matmul's one oneDNN call per group even
-# after padding every group to the largest: measured (16 groups of 576 rows, H 256, I 128, bf16,
-# 2 threads) 0.34 ms for bmm against 0.79 ms for _grouped_mm, one projection forward. So the CPU pads
-# all non-empty groups to the largest while that at most doubles the rows; past that (a badly
-# unbalanced router) it keeps per-group padding and the grouped matmul. fp32 (MKL, no per-group JIT)
-# gains nothing from it: 43-46 ms per MoE layer forward + backward either way.
-CPU_EQUAL_GROUPS_MAX_GROWTH = 2.0
-
-
-def equal_groups_growth(device: torch.device, dtype: torch.dtype) -> float:
-    """How much padding to equal groups may grow the grouped rows before `group_by_expert` declines it
-    (0: never): CPU and bf16/fp16 only."""
-    return CPU_EQUAL_GROUPS_MAX_GROWTH if row_alignment(device, dtype) > 1 else 0.0
-
-
 # ------------------------------------------------------------------------------------------- layout
 
 @dataclass
@@ -116,11 +101,8 @@ class GroupedLayout:
     complete: bool  # every slot is here (no expert parallelism): slot -> row needs no sentinel
 
 
-def group_by_expert(slot_expert: torch.Tensor, n_experts: int, align: int = 1,
-                    equal_growth: float = 0.0) -> GroupedLayout:
-    """slot_expert [N, K] int64 expert ids (-1: not here) -> the grouped layout (see the module docstring).
-    With `equal_growth` > 0 every non-empty group is padded to the largest (rounded up to `align`) when
-    that makes at most `equal_growth` times the rows of per-group padding, so `expert_ffn` can batch them."""
+def group_by_expert(slot_expert: torch.Tensor, n_experts: int, align: int = 1) -> GroupedLayout:
+    """slot_expert [N, K] int64 expert ids (-1: not here) -> the grouped layout (see the module docstring)."""
     n, k = slot_expert.shape
     flat = slot_expert.reshape(-1)
     by_kernel = native.ids_take(flat)  # the CPU: a counting sort in C, the same maps
@@ -132,11 +114,6 @@ def group_by_expert(slot_expert: torch.Tensor, n_experts: int, align: int = 1,
         order = torch.where(here, flat, n_experts).argsort(stable=True)[: int(here.sum())]
         counts = torch.bincount(flat[here], minlength=n_experts)
     padded = (counts + align - 1) // align * align if align > 1 else counts
-    if equal_growth > 0 and n_experts > 0:  # experts without a slot stay empty groups
-        largest = (int(counts.max()) + align - 1) // align * align
-        used = counts > 0
-        if int(used.sum()) * largest <= equal_growth * int(padded.sum()):
-            padded = torch.where(used, largest, 0)
     p = int(padded.sum())
     if by_kernel:
         copy_of_row, row_of_slot = native.slot_layout(flat, padded, p)
@@ -287,7 +264,6 @@ def grouped_experts_forward(x: torch.Tensor, slot_expert: torch.Tensor, slot_wei
     """x [N, H], slot_expert [N, K] (ids into the experts of w1/w2/w3; -1: not here), slot_weights [N, K]
     -> sum over the slots here of weight * expert(x) [N, H], in the compute dtype."""
     dtype = compute_dtype(x)
-    layout = group_by_expert(slot_expert, w1.shape[0], row_alignment(x.device, dtype),
-                             equal_groups_growth(x.device, dtype))
+    layout = group_by_expert(slot_expert, w1.shape[0], row_alignment(x.device, dtype))
     y = expert_ffn(dispatch_rows(x, layout, dtype), layout.counts, w1, w2, w3)
     return combine_rows(y, slot_weights, layout)

@@ -158,13 +158,12 @@ def test_expert_ffn_fallback_matches_grouped_mm(monkeypatch):
     torch.testing.assert_close(ge.expert_ffn(x, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("align,equal_growth,idle_expert", [(1, 0.0, False), (4, 0.0, False), (1, 100.0, False),
-                                                              (4, 100.0, False), (4, 100.0, True), (1, 0.0, True)])
-def test_grouped_dispatch_and_combine_match_plain_autograd(align, equal_growth, idle_expert):
-    """Layout with absent slots (-1, as under expert parallelism) and padded groups, per group or all to
-    the largest (then the experts run as one bmm; with an expert no slot chose, over the others only):
-    values and gradients of x, the weights and the experts equal a per-slot loop differentiated by
-    autograd (float64)."""
+@pytest.mark.parametrize("align,idle_expert", [(1, False), (4, False), (32, False), (32, True), (1, True)])
+def test_grouped_dispatch_and_combine_match_plain_autograd(align, idle_expert):
+    """Layout with absent slots (-1, as under expert parallelism) and padded groups, uneven or (align 32,
+    above every group's size) equal, when the experts run as one bmm; with an expert no slot chose, over
+    the others only: values and gradients of x, the weights and the experts equal a per-slot loop
+    differentiated by autograd (float64)."""
     g = torch.Generator().manual_seed(3)
     n, k, e, h, i = 9, 3, 4, 6, 5
     x = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
@@ -176,10 +175,10 @@ def test_grouped_dispatch_and_combine_match_plain_autograd(align, equal_growth, 
     idx[:, 0] = 2  # one expert gets a group of 9+ rows (uneven groups), token 0..n-1 all route to it
     if idle_expert:  # as a collapsed router leaves them: expert 1 gets no slot (an empty group, its gradient 0)
         idx[idx == 1] = 3
-    layout = ge.group_by_expert(idx, e, align, equal_growth)
+    layout = ge.group_by_expert(idx, e, align)
     assert layout.counts.sum() == layout.copy_of_row.numel() and bool((layout.counts % align == 0).all())
     used = layout.counts[layout.counts > 0]
-    assert bool((used == used[0]).all()) == (equal_growth > 0)
+    assert bool((used == used[0]).all()) == (align == 32)
     assert (int(layout.counts[1]) == 0) == idle_expert
     out = ge.combine_rows(ge.expert_ffn(ge.dispatch_rows(x, layout, x.dtype), layout.counts, w1, w2, w3), w, layout)
     ref = torch.zeros(n, h, dtype=torch.float64)
@@ -282,17 +281,3 @@ def test_autocast_keeps_router_fp32_and_runs_experts_in_bf16():
     assert s.dtype == torch.float32 and torch.equal(idx, ref_idx)
     y.float().pow(2).sum().backward()
     assert layer.experts.w1.grad is not None and layer.experts.w1.grad.dtype == torch.float32
-
-
-def test_equal_groups_only_within_the_growth_bound():
-    """Padding every group to the largest is taken while it at most multiplies the rows by the bound."""
-    idx = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2]])  # counts 3, 2, 2, 1: largest 3 -> 12 rows for 8 slots
-    assert ge.group_by_expert(idx, 4, 1, 1.5).counts.tolist() == [3, 3, 3, 3]
-    assert ge.group_by_expert(idx, 4, 1, 1.4).counts.tolist() == [3, 2, 2, 1]  # 12 > 1.4 * 8
-    assert ge.group_by_expert(idx, 4, 4, 1.0).counts.tolist() == [4, 4, 4, 4]  # per-group padding is 16 rows too
-    assert ge.group_by_expert(idx, 4, 1, 0.0).counts.tolist() == [3, 2, 2, 1]  # off (GPUs)
-    collapsed = torch.tensor([[0, 2], [0, 2], [2, 0]])  # experts 1 and 3 idle: they stay empty groups
-    assert ge.group_by_expert(collapsed, 4, 4, 1.0).counts.tolist() == [4, 0, 4, 0]
-    cpu = torch.device("cpu")
-    assert ge.equal_groups_growth(cpu, torch.bfloat16) > 1
-    assert ge.equal_groups_growth(cpu, torch.float32) == 0 and ge.equal_groups_growth(torch.device("meta"), torch.bfloat16) == 0
