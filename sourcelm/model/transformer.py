@@ -115,6 +115,15 @@ class DeepseekV3(nn.Module):
         out += [(f"mtp.{k}.mlp", layer.mlp) for k, layer in enumerate(self.mtp) if layer.is_moe]
         return out
 
+    def matmul_weights(self) -> list[str]:
+        """Names of the parameters that only enter matmuls, which autocast runs in the compute dtype: every
+        linear layer's weight and the routed experts' (under expert parallelism too: same names). Not the
+        head's: the main and the MTP losses both read it, and their two gradients are summed in fp32. The
+        trainer keeps compute-dtype copies of these (`train.optim.compute_copies`)."""
+        return [n for n, _ in self.named_parameters()
+                if ".mlp.experts." in n or (n.endswith(".weight") and n != "lm_head.weight"
+                                            and isinstance(self.get_submodule(n.rpartition(".")[0]), nn.Linear))]
+
     def compile_blocks(self) -> None:
         """torch.compile (opt-in: `train.compile`) of the parts of every block, MTP included, that are static
         dense code: the attention half (norms, MLA, residual) and, where the native CPU kernels do not run,

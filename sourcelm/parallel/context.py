@@ -62,10 +62,10 @@ class DistributedContext:
 
     def reduce_gradients(self, dense: FlatAdamW, experts: FlatAdamW) -> None:
         # the optimizers' flat gradient buffers: one collective each, in a fixed parameter order
-        dist.all_reduce(dense.sync_grads(), group=self.topo.groups["dp"])
+        dist.all_reduce(dense.fold_grads(), group=self.topo.groups["dp"])
         replica = self.topo.groups["expert_replica"]
         if replica is not None and len(self.topo.members["expert_replica"]) > 1:
-            dist.all_reduce(experts.sync_grads(), group=replica)
+            dist.all_reduce(experts.fold_grads(), group=replica)
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()

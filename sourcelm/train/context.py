@@ -35,7 +35,7 @@ class SingleProcess:
 
     def reduce_gradients(self, dense: FlatAdamW, experts: FlatAdamW) -> None:
         """Sums, in place, the gradients of the dense and the expert parameters (their optimizers' flat
-        buffers, `FlatAdamW.sync_grads`) over the ranks that hold them."""
+        buffers, `FlatAdamW.fold_grads`) over the ranks that hold them."""
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over all ranks (expert counts, loss sums)."""

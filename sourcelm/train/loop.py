@@ -34,7 +34,7 @@ from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
 from sourcelm.train.device import keep_freed_cpu_memory
 from sourcelm.train.metrics import MetricsLogger, device_peak_flops
-from sourcelm.train.optim import FlatAdamW
+from sourcelm.train.optim import ComputeCopies, FlatAdamW
 from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
                                      samples_before)
 
@@ -77,9 +77,13 @@ class Trainer:
         self.expert_params = [(n, p) for n, p in named if self.ctx.is_expert_param(n)]
         self.dense_params = [(n, p) for n, p in named if not self.ctx.is_expert_param(n)]
         o = cfg.optim
+        self.dtype = getattr(torch, cfg.train.dtype)
+        # bf16 compute: the matmul weights get bf16 copies the update writes (`optim.py`, where the kernels run)
+        copies = self.model.matmul_weights() if self.dtype == torch.bfloat16 else []
         self.dense_opt = FlatAdamW(self.dense_params, o.betas, o.eps, o.weight_decay,
-                                   group=self.ctx.zero_group if cfg.parallel.zero1 else None)
-        self.expert_opt = FlatAdamW(self.expert_params, o.betas, o.eps, o.weight_decay)
+                                   group=self.ctx.zero_group if cfg.parallel.zero1 else None, copies=copies)
+        self.expert_opt = FlatAdamW(self.expert_params, o.betas, o.eps, o.weight_decay, copies=copies)
+        self.compute_copies = ComputeCopies(self.model, self.dense_opt, self.expert_opt)
         self.balancer = LoadBalancer(self.model.moe_layers())
         d = cfg.data
         self.train_data = TokenWindows(d.train, d.seq_len, d.seed, split="train", valid_fraction=d.valid_fraction,
@@ -88,7 +92,6 @@ class Trainer:
                            if d.valid else None)
         self.quantum = check_batch_layout(cfg, self.ctx.dp_world)
         self.total_tokens = samples_before(cfg.schedule.steps, cfg.schedule, self.quantum) * cfg.data.seq_len
-        self.dtype = getattr(torch, cfg.train.dtype)
         # the model FLOPs of one training token, MTP included (formula in sourcelm.model.flops)
         self.flops_per_token = model_stats(cfg.model, cfg.data.seq_len, cfg.train.dtype)["train_flops_per_token"]
         self.state = TrainState()
@@ -148,6 +151,8 @@ class Trainer:
         optim_t = self.ctx.local_optimizer_state(optim_t)
         self.dense_opt.load_state_dict(optim_t, st["optimizer_step"])
         self.expert_opt.load_state_dict(optim_t, st["optimizer_step"])
+        self.dense_opt.refresh_copies()  # the masters were just loaded
+        self.expert_opt.refresh_copies()
         self.train_data.load_state(st["loader"])
         ckpt.set_rng_state(st["rng"])
         self.state = TrainState(st["step"], st["consumed_samples"], st["consumed_tokens"], st["bad_in_row"],
@@ -156,10 +161,15 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------------ one step
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+    @contextlib.contextmanager
+    def _compute(self):
+        """Autocast to the compute dtype, on the optimizers' compute copies of the matmul weights."""
+        with self.compute_copies:
+            if self.dtype == torch.float32:
+                yield
+            else:
+                with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+                    yield
 
     def _zero_grad(self) -> None:
         self.dense_opt.zero_grad()
@@ -177,9 +187,12 @@ class Trainer:
         for m in range(n_micro):
             start = s.consumed_samples + m * self.quantum
             batch = self.train_data.batch(start, self.quantum, ctx.dp_rank, ctx.dp_world).to(self.device)
-            with self._autocast():
+            with self._compute():
                 out = self.model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=lam, return_logits=False)
             (out.loss * scale).backward()
+            if n_micro > 1:  # summed in fp32 (the compute copies' gradients are bf16)
+                self.dense_opt.fold_grads()
+                self.expert_opt.fold_grads()
             self.balancer.accumulate(out.expert_counts)
             parts += torch.stack([out.loss.detach(), out.main_loss.detach(),
                                   out.mtp_loss.detach(), out.balance_loss.detach()]).double() * scale
@@ -228,7 +241,7 @@ class Trainer:
         gb = self.cfg.schedule.global_batch
         for start in range(0, self.cfg.logging.valid_batches * gb, self.quantum):
             batch = self.valid_data.batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world).to(self.device)
-            with self._autocast():
+            with self._compute():
                 out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
             total += torch.stack([out.main_loss.detach().double() * batch.shape[0],
                                   torch.tensor(float(batch.shape[0]), dtype=torch.float64, device=self.device)])
@@ -241,7 +254,8 @@ class Trainer:
         """Trains to `schedule.steps` (or `stop_after` more steps), checkpointing on the way."""
         cfg, s = self.cfg, self.state
         # memory per rank: ZeRO-1 shards the dense moments, EP shards the experts and theirs
-        memory = {"param_bytes_per_rank": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+        copies = self.dense_opt.flat_copy.numel() + self.expert_opt.flat_copy.numel()  # bf16 compute copies
+        memory = {"param_bytes_per_rank": sum(p.numel() * p.element_size() for p in self.model.parameters()) + 2 * copies,
                   "optimizer_state_bytes_per_rank": self.dense_opt.memory_bytes() + self.expert_opt.memory_bytes()}
         if self.ctx.is_main:
             atomic_write_bytes(self.run_dir / "config.json", (cfg.to_json() + "\n").encode())

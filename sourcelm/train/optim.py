@@ -4,20 +4,29 @@ The report trains with AdamW(β1 0.9, β2 0.95, weight decay 0.1) and shards opt
 data-parallel ranks (ZeRO-1). One implementation serves both cases: the parameters of a group live
 in one persistent flat fp32 buffer (each parameter's `.data` is a view of it). A rank owns the
 contiguous slice [lo, hi) (the whole buffer without sharding), keeps Adam moments for that slice only,
-updates it in place with torch's fused AdamW kernel, and the updated slices are all-gathered back
-into the buffer. The update is elementwise, but the fused kernel rounds an element differently in its
-vector body and its scalar tail (1 ulp), so the buffer is updated in fixed blocks: cut at multiples of
+updates it in place with a fused AdamW kernel (`kernels/adamw.c` on the CPU, torch's elsewhere), and the
+updated slices are all-gathered back into the buffer. The update is elementwise, but torch's kernel rounds
+an element differently in its vector body and its scalar tail (1 ulp), so the buffer is updated in fixed
+blocks (and the CPU kernel keeps to 64-element chunks inside them): cut at multiples of
 `BLOCK` elements, at the decay boundary and at parameter boundaries, the same cuts whatever the
 sharding (slices are whole blocks). A sharded run thus produces the same bits as an unsharded one.
 
 Gradients: `zero_grad` drops every `.grad`, so backward hands each parameter its gradient as a fresh
 tensor, and the update reads the blocks straight out of those (a block never spans two parameters).
-Only a layout that reduces gradients over ranks copies them into a flat buffer first (`sync_grads`,
-one collective), which the blocks then read. Accumulating into a zeroed flat buffer instead costs a
-zeroing pass and a read-add-write pass over all gradients every step (3 ms for the zeroing alone on
-the tiny preset, 2 threads). Nothing is concatenated or copied back per step: on the tiny preset
-(12.2M parameters, 2 threads) optimizer step plus gradient norm went from 69 ms (a torch.cat of
-parameters and of gradients, unfused update, write-back, fp64 norm) to 15 ms.
+Several micro-batches, or a layout that reduces gradients over ranks (one collective), first fold them
+into an fp32 flat buffer (`fold_grads`), which the blocks then read. Accumulating into a zeroed flat
+buffer every time costs a zeroing pass and a read-add-write pass over all gradients every step (3 ms
+for the zeroing alone on the tiny preset, 2 threads). Nothing is concatenated or copied back per step:
+on the tiny preset (12.2M parameters, 2 threads) optimizer step plus gradient norm went from 69 ms (a
+torch.cat of parameters and of gradients, unfused update, write-back, fp64 norm) to 15 ms.
+
+Compute copies (`copies`, on the CPU where the native kernels run): the weights that only enter matmuls
+(`DeepseekV3.matmul_weights`) also live as bf16 parameters in a flat buffer of their own, which the
+update writes as it writes the fp32 masters (`native.AdamWBlocks`, which also reads bf16 gradients). The
+trainer runs forward and backward on those (`ComputeCopies`): autocast then has no weight to cast
+forward and backward no gradient to cast back to fp32, two passes over every matmul weight a step. The
+values are the ones autocast's casts produced, so training gives the same bits with or without them;
+gradients of several micro-batches are summed in fp32 (`fold_grads`), as before.
 
 Weight decay: applied to matrices (linear weights, embeddings, the head, experts) and not to
 vectors (RMSNorm gains) nor to the router's expert-bias, which is a buffer outside the optimizer.
@@ -27,9 +36,13 @@ towards zero would fight the normalisation); the report does not publish its exc
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from sourcelm.model import native
 
 
 def decays(name: str, param: nn.Parameter) -> bool:
@@ -41,17 +54,27 @@ BLOCK = 1 << 16  # elements per fused-kernel block, and the granularity of a ran
 
 class FlatAdamW:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=0.1, group: dist.ProcessGroup | None = None):
-        # matrices first, then vectors: one boundary index instead of a per-element decay mask
-        ordered = [np for np in named_params if decays(*np)] + [np for np in named_params if not decays(*np)]
+                 weight_decay=0.1, group: dist.ProcessGroup | None = None, copies: Collection[str] = ()):
+        for n, p in named_params:
+            if p.dtype != torch.float32:
+                raise ValueError(f"FlatAdamW keeps fp32 master weights; parameter {n} is {p.dtype}: keep the model "
+                                 f"in fp32 and use train.dtype for the compute dtype")
+        self.device = named_params[0][1].device if named_params else torch.device("cpu")
+        # the native kernel updates the buffer on the CPU (and writes compute copies); torch's fused AdamW elsewhere
+        self.native = native.adamw_takes(self.device)
+        copied = {n for n, _ in named_params if n in set(copies)} if self.native else set()
+        # copied matrices, other matrices, then vectors: two boundary indices instead of per-element masks
+        ordered = ([np for np in named_params if np[0] in copied] +
+                   [np for np in named_params if decays(*np) and np[0] not in copied] +
+                   [np for np in named_params if not decays(*np)])
+        if not copied <= {n for n, p in ordered if decays(n, p)}:
+            raise ValueError(f"compute copies are for matrices; {sorted(copied)[:3]} includes a vector")
         self.names = [n for n, _ in ordered]
         self.params = [p for _, p in ordered]
-        self.device = self.params[0].device if self.params else torch.device("cpu")
         for n, p in ordered:
-            if p.dtype != torch.float32 or p.device != self.device:
-                raise ValueError(f"FlatAdamW keeps fp32 master weights on one device; parameter {n} is "
-                                 f"{p.dtype} on {p.device} (expected float32 on {self.device}): keep the model in "
-                                 f"fp32 and use train.dtype for the compute dtype")
+            if p.device != self.device:
+                raise ValueError(f"FlatAdamW keeps its parameters on one device; {n} is on {p.device}, not {self.device}")
+        self.copy_end = sum(p.numel() for n, p in ordered if n in copied)
         self.decay_end = sum(p.numel() for n, p in ordered if decays(n, p))
         self.numel = sum(p.numel() for p in self.params)
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
@@ -63,7 +86,8 @@ class FlatAdamW:
         self.lo, self.hi = rank * self.shard, min((rank + 1) * self.shard, self.numel)
         # the persistent flat buffers; the parameter buffer is padded to world × shard for the all-gather
         self.flat_param = torch.zeros(self.shard * self.world, dtype=torch.float32, device=self.device)
-        self.flat_grad = None  # allocated by the first `sync_grads`
+        self.flat_grad = None  # allocated by the first `fold_grads`
+        self._folded = False  # whether this step's gradients are in flat_grad (else where backward left them)
         self._offsets, offset = [], 0
         for p in self.params:
             k = p.numel()
@@ -71,11 +95,23 @@ class FlatAdamW:
             p.data = self.flat_param[offset:offset + k].view_as(p)
             self._offsets.append(offset)
             offset += k
+        # the bf16 compute copies: parameters of their own (backward leaves their gradients there), views of one buffer
+        self.flat_copy = torch.empty(self.copy_end, dtype=torch.bfloat16, device=self.device)
+        self.copies = {n: nn.Parameter(self.flat_copy[o:o + p.numel()].view_as(p))
+                       for n, p, o in zip(self.names, self.params, self._offsets) if n in copied}
+        self._holders = [self.copies.get(n, p) for n, p in zip(self.names, self.params)]  # where each gradient lands
+        self.refresh_copies()
         n = max(self.hi - self.lo, 0)
         self.exp_avg = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.step_count = 0
         self._blocks = self._cut_blocks()
+        if self.native:
+            self._kernel_blocks = native.AdamWBlocks(
+                [self.flat_param[f] for _, f, _, _, _ in self._blocks],
+                [self.exp_avg[m] for _, _, m, _, _ in self._blocks], [self.exp_avg_sq[m] for _, _, m, _, _ in self._blocks],
+                [self.flat_copy[f] if f.start < self.copy_end else None for _, f, _, _, _ in self._blocks],
+                [d for d, _, _, _, _ in self._blocks])
 
     def _cut_blocks(self) -> list[tuple[bool, slice, slice, int, slice]]:
         """(decayed?, slice of the flat buffer, slice of the moments, parameter index, slice of that
@@ -93,66 +129,92 @@ class FlatAdamW:
             blocks.append((a < self.decay_end, slice(a, b), slice(a - self.lo, b - self.lo), i, slice(a - o, b - o)))
         return blocks
 
+    def refresh_copies(self) -> None:
+        """Rewrites the compute copies from the masters (after the masters were loaded or gathered)."""
+        self.flat_copy.copy_(self.flat_param[:self.copy_end])
+
     def zero_grad(self) -> None:
-        """Drops every `.grad`; the next backward hands each parameter a fresh one (module docstring)."""
-        for p in self.params:
-            p.grad = None
+        """Drops every gradient; the next backward hands each parameter a fresh one (module docstring)."""
+        for h in self._holders:
+            h.grad = None
+        self._folded = False
 
     def _grads(self) -> list[torch.Tensor]:
-        """Each parameter's gradient, flattened (a zero tensor for a parameter that got none)."""
+        """Each parameter's gradient, flattened: its slice of the flat buffer once folded, else backward's own
+        tensor (bf16 for a compute copy; a zero tensor for a parameter that got none)."""
+        if self._folded:
+            return [self.flat_grad[o:o + p.numel()] for p, o in zip(self.params, self._offsets)]
         out = []
-        for p in self.params:
-            g = p.grad
-            out.append(torch.zeros(p.numel(), device=self.device) if g is None else g.reshape(-1))
+        for h in self._holders:
+            g = h.grad
+            out.append(torch.zeros(h.numel(), device=self.device) if g is None else g.reshape(-1))
         return out
 
-    def sync_grads(self) -> torch.Tensor:
-        """Copies the gradients into the flat buffer, points each `.grad` at its view of it and returns it,
-        for a collective over ranks (the update then reads the buffer). Once per step, after backward."""
+    def fold_grads(self) -> torch.Tensor:
+        """Adds the gradients backward left since the last fold into the fp32 flat buffer (the first fold of a
+        step overwrites it), drops them and returns the buffer: after each of several micro-batches, and
+        before a collective over ranks (the update then reads the buffer)."""
         if self.flat_grad is None:
             self.flat_grad = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        for p, g, o in zip(self.params, self._grads(), self._offsets):
-            view = self.flat_grad[o:o + p.numel()]
-            if g.data_ptr() != view.data_ptr():
-                view.copy_(g)
-            p.grad = view.view_as(p)
+        for h, o in zip(self._holders, self._offsets):
+            view, g = self.flat_grad[o:o + h.numel()], h.grad
+            if g is None:
+                if not self._folded:
+                    view.zero_()
+            elif self._folded:
+                view.add_(g.reshape(-1))
+            else:
+                view.copy_(g.reshape(-1))
+            h.grad = None
+        self._folded = True
         return self.flat_grad
 
     def grad_sq_sum(self) -> torch.Tensor:
-        """Σ g² over this group's (replicated or local) gradients, returned as fp64 for the cross-rank sum:
-        one BLAS dot per parameter (relative error ~1e-5 at 9M elements, plenty for clipping at 1.0),
-        summed in fp64, the same sum whether or not the gradients were synced. `g.square().sum()` took
-        14 ms against 0.8 for the dots: the CPU allocator maps its 9M-element temporary fresh, page by
-        page, every step."""
-        dots = [torch.dot(g, g) for g in self._grads()]
+        """Σ g² over this group's (replicated or local) gradients, returned as fp64 for the cross-rank sum; the
+        same sum whether or not the gradients were folded. On the CPU one native pass per gradient (bf16 or
+        fp32, accumulated in fp64); elsewhere one BLAS dot per parameter (relative error ~1e-5 at 9M elements,
+        plenty for clipping at 1.0), summed in fp64. `g.square().sum()` took 14 ms against 0.8 for the dots:
+        the CPU allocator maps its 9M-element temporary fresh, page by page, every step."""
+        grads = self._grads()
+        if self.native:
+            return torch.tensor(native.sum_squares(grads), dtype=torch.float64)
+        dots = [torch.dot(g, g) for g in grads]
         return torch.stack(dots).double().sum() if dots else torch.zeros((), dtype=torch.float64, device=self.device)
 
     # -- the update -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """One AdamW step with the gradients times `grad_scale` (the clip factor)."""
         self.step_count += 1
-        lo, hi = self.lo, self.hi
-        if hi > lo:
-            grads = self._grads()
-            # the clip factor goes into the fused kernel, as the divisor its own `grad_scale` argument is
-            # (1 / factor); it scales each gradient as it reads it, and writes it back (the gradients are
-            # dropped before the next backward): one pass over the gradients less than a separate mul_,
-            # measured 6.5 against 8.3 ms at 9.8M parameters
-            unscale = {} if grad_scale == 1.0 else {"grad_scale": torch.tensor(1.0 / grad_scale, device=self.device)}
-            step = torch.tensor(float(self.step_count), device=self.device)
-            b1, b2 = self.betas
-            for decayed in (True, False):  # matrices (decayed) come first in the buffer, then vectors
-                blocks = [(flat, m, grads[i][g]) for d, flat, m, i, g in self._blocks if d == decayed]
-                if blocks:
-                    torch._fused_adamw_(
-                        [self.flat_param[f] for f, _, _ in blocks], [g for _, _, g in blocks],
-                        [self.exp_avg[m] for _, m, _ in blocks], [self.exp_avg_sq[m] for _, m, _ in blocks], [],
-                        [step] * len(blocks), lr=lr, beta1=b1, beta2=b2, eps=self.eps,
-                        weight_decay=self.weight_decay if decayed else 0.0, amsgrad=False, maximize=False,
-                        **unscale)
+        if self.hi > self.lo:
+            (self._step_native if self.native else self._step_fused)(lr, grad_scale, self._grads())
         if self.world > 1:
             mine = self.flat_param[self.lo:self.lo + self.shard].clone()  # this rank's slot, padding included
             dist.all_gather(list(self.flat_param.chunk(self.world)), mine, group=self.group)
+            self.refresh_copies()
+
+    def _step_native(self, lr: float, grad_scale: float, grads: list[torch.Tensor]) -> None:
+        self._kernel_blocks.step([grads[i][g] for _, _, _, i, g in self._blocks], lr=lr, beta1=self.betas[0],
+                                 beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
+                                 step=self.step_count, grad_mult=grad_scale)
+
+    def _step_fused(self, lr: float, grad_scale: float, grads: list[torch.Tensor]) -> None:
+        # the clip factor goes into the fused kernel, as the divisor its own `grad_scale` argument is
+        # (1 / factor); it scales each gradient as it reads it, and writes it back (the gradients are
+        # dropped before the next backward): one pass over the gradients less than a separate mul_,
+        # measured 6.5 against 8.3 ms at 9.8M parameters
+        unscale = {} if grad_scale == 1.0 else {"grad_scale": torch.tensor(1.0 / grad_scale, device=self.device)}
+        step = torch.tensor(float(self.step_count), device=self.device)
+        b1, b2 = self.betas
+        for decayed in (True, False):  # matrices (decayed) come first in the buffer, then vectors
+            blocks = [(flat, m, grads[i][g]) for d, flat, m, i, g in self._blocks if d == decayed]
+            if blocks:
+                torch._fused_adamw_(
+                    [self.flat_param[f] for f, _, _ in blocks], [g for _, _, g in blocks],
+                    [self.exp_avg[m] for _, m, _ in blocks], [self.exp_avg_sq[m] for _, m, _ in blocks], [],
+                    [step] * len(blocks), lr=lr, beta1=b1, beta2=b2, eps=self.eps,
+                    weight_decay=self.weight_decay if decayed else 0.0, amsgrad=False, maximize=False,
+                    **unscale)
 
     # -- state, keyed by parameter name so any layout can load it ---------------------------------
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -186,3 +248,25 @@ class FlatAdamW:
 
     def memory_bytes(self) -> int:
         return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * 4
+
+
+class ComputeCopies:
+    """Runs a model on its optimizers' compute copies: inside `with`, each copied parameter is swapped for its
+    copy in its module (the graph built there keeps the copies for backward); on leaving, the model's own
+    parameters, the fp32 masters that checkpoints and export read, are put back."""
+
+    def __init__(self, model: nn.Module, *optimizers: FlatAdamW):
+        self.slots = []  # (module, attribute, copy), resolved once
+        for opt in optimizers:
+            for name, copy in opt.copies.items():
+                owner, _, attr = name.rpartition(".")
+                self.slots.append((model.get_submodule(owner), attr, copy))
+        self.masters = [module._parameters[attr] for module, attr, _ in self.slots]
+
+    def __enter__(self):
+        for module, attr, copy in self.slots:
+            module._parameters[attr] = copy
+
+    def __exit__(self, *exc):
+        for (module, attr, _), master in zip(self.slots, self.masters):
+            module._parameters[attr] = master
