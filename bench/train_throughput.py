@@ -11,7 +11,9 @@ Variants (each in every compute dtype given by --dtypes):
   sourcelm-nomtp  model.num_nextn_predict_layers=0: the same work as HF's model (equal-work ratio)
   transformers  DeepseekV3ForCausalLM (sdpa attention, or --hf-attn eager), torch.optim.AdamW,
                 torch.autocast for bf16 (with --hf-same-allocator, also the glibc tuning the trainer
-                applies on the CPU)
+                applies on the CPU; with --hf-compile, the model under torch.compile)
+
+Both run one first step (which pays any compilation) and --warmup more before the timed steps.
 
 Two rates per run: tokens per wall-clock second (what a user sees on a quiet machine), and tokens per
 second of the process's own CPU time. On a machine shared with other jobs the first swings with their
@@ -24,6 +26,7 @@ the trainer's matmul probe for that dtype (itself slowed down on a loaded machin
     .venv/bin/python bench/train_throughput.py --compile --dtypes float32   # train.compile=true; first step shown
     .venv/bin/python bench/train_throughput.py --hf-same-allocator          # fairness check for the allocator tuning
     .venv/bin/python bench/train_throughput.py --hf-attn eager              # HF with its materialised-scores attention
+    .venv/bin/python bench/train_throughput.py --hf-compile                 # HF under torch.compile
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def run_hf(args, dtype: str) -> dict:
     hf_cfg = DeepseekV3Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures",)})
     hf_cfg._attn_implementation = args.hf_attn
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     model = DeepseekV3ForCausalLM(hf_cfg)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
@@ -124,7 +128,12 @@ def run_hf(args, dtype: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return {**_timed(step, args), "flops_per_token": model_stats(mcfg, args.seq, dtype)["flops_per_token"]}
+    if args.hf_compile:
+        model = torch.compile(model)
+    step()  # the first step pays any compilation, as sourcelm's does
+    first = time.perf_counter() - t0
+    return {**_timed(step, args), "flops_per_token": model_stats(mcfg, args.seq, dtype)["flops_per_token"],
+            "setup_and_first_step_s": first}
 
 
 def child(args) -> None:
@@ -154,6 +163,7 @@ def main() -> None:
     p.add_argument("--hf-same-allocator", action="store_true",
                    help="give transformers the glibc tuning sourcelm's trainer applies (keep_freed_cpu_memory)")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers' attention implementation")
+    p.add_argument("--hf-compile", action="store_true", help="transformers' model under torch.compile")
     p.add_argument("--moe-impl", default="grouped", choices=["grouped", "loop"])
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -182,7 +192,7 @@ def main() -> None:
     print(f"load average at end: {os.getloadavg()}")
     threads = results[runs[0]][0]["threads"]
     print(f"\npreset {args.preset}, batch {args.batch} x {args.seq}, {threads} threads, median of {args.rounds} rounds"
-          f"{', sourcelm compiled' if args.compile else ''}")
+          f"{', sourcelm compiled' if args.compile else ''}{', transformers compiled' if args.hf_compile else ''}")
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
     med_cpu = {k: statistics.median(x["tokens_per_cpu_s"] for x in v) for k, v in results.items()}
     peaks = {d: results[(v, d)][0]["peak_flops"] for v, d in runs if v != "transformers"}
@@ -194,7 +204,7 @@ def main() -> None:
               f"  {mfu}  peak RSS {max(x['peak_rss_mb'] for x in res):5.0f} MB")
     firsts = {k: statistics.median(x["setup_and_first_step_s"] for x in v) for k, v in results.items()
               if "setup_and_first_step_s" in v[0]}
-    print("sourcelm setup + first step (compilation included with --compile): "
+    print("setup + first step (compilation included): "
           + ", ".join(f"{w} {d} {t:.1f} s" for (w, d), t in firsts.items()))
     for label, m in (("wall-clock tokens/s", med), ("tokens per CPU-second", med_cpu)):
         hf = {d: m[("transformers", d)] for d in dtypes if ("transformers", d) in m}
