@@ -84,6 +84,9 @@ class Trainer:
                                    group=self.ctx.zero_group if cfg.parallel.zero1 else None, copies=copies)
         self.expert_opt = FlatAdamW(self.expert_params, o.betas, o.eps, o.weight_decay, copies=copies)
         self.compute_copies = ComputeCopies(self.model, self.dense_opt, self.expert_opt)
+        log.info("AdamW update: %s; bf16 compute copies of %d of %d parameters (the matmul weights; none unless the "
+                 "kernel runs and the compute dtype is bf16)", "the native CPU kernel" if self.dense_opt.native else
+                 "torch's fused kernel (no native kernel on this device)", len(self.compute_copies.slots), len(named))
         self.balancer = LoadBalancer(self.model.moe_layers())
         d = cfg.data
         self.train_data = TokenWindows(d.train, d.seq_len, d.seed, split="train", valid_fraction=d.valid_fraction,
