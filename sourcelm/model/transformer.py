@@ -119,7 +119,7 @@ class DeepseekV3(nn.Module):
         """Names of the parameters that only enter matmuls, which autocast runs in the compute dtype: every
         linear layer's weight and the routed experts' (under expert parallelism too: same names). Not the
         head's: the main and the MTP losses both read it, and their two gradients are summed in fp32. The
-        trainer keeps compute-dtype copies of these (`train.optim.compute_copies`)."""
+        trainer keeps bf16 copies of these (`sourcelm.train.optim.ComputeCopies`)."""
         return [n for n, _ in self.named_parameters()
                 if ".mlp.experts." in n or (n.endswith(".weight") and n != "lm_head.weight"
                                             and isinstance(self.get_submodule(n.rpartition(".")[0]), nn.Linear))]
