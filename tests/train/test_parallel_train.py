@@ -20,34 +20,48 @@ def _params(seed=0):
             ("c", nn.Parameter(torch.randn(123, 360, generator=g)))]
 
 
-def _zero1_worker(rank, world):
+def _steps(params, opt):
+    """Four clipped steps on seeded gradients; a parameter with a compute copy gets its gradient in bf16 there."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for n, p in params:
+            grad = torch.randn(p.shape, generator=g)
+            if n in opt.copies:
+                opt.copies[n].grad = grad.bfloat16()
+            else:
+                p.grad = grad
+        opt.step(lr=1e-2, grad_scale=0.7)
+        opt.zero_grad()
+
+
+def _zero1_worker(rank, world, copies):
     import torch.distributed as dist
 
     params = _params()
-    opt = FlatAdamW(params, weight_decay=0.1, group=dist.group.WORLD)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        for _, p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step(lr=1e-2, grad_scale=0.7)
-    return {n: p.detach().clone() for n, p in params}, opt.state_dict(), opt.memory_bytes()
+    opt = FlatAdamW(params, weight_decay=0.1, group=dist.group.WORLD, copies=copies)
+    _steps(params, opt)
+    return ({n: p.detach().clone() for n, p in params}, opt.state_dict(), opt.memory_bytes(),
+            {n: c.detach().clone() for n, c in opt.copies.items()})
 
 
-def test_zero1_sharded_adamw_is_bit_identical_to_unsharded():
+@pytest.mark.parametrize("copies", [(), ("a", "c")])
+def test_zero1_sharded_adamw_is_bit_identical_to_unsharded(copies):
+    """Also with bf16 compute copies (where the native kernel runs): every rank's copies are its gathered
+    masters rounded, including the slices other ranks updated."""
     ref = _params()
-    opt = FlatAdamW(ref, weight_decay=0.1)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        for _, p in ref:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step(lr=1e-2, grad_scale=0.7)
-    results = run_ranks(_zero1_worker, 3)
-    for weights, state, memory in results:
+    opt = FlatAdamW(ref, weight_decay=0.1, copies=copies)
+    assert set(opt.copies) == (set(copies) if opt.native else set())
+    _steps(ref, opt)
+    results = run_ranks(_zero1_worker, 3, copies)
+    for weights, state, memory, rank_copies in results:
         for name, p in ref:
             assert torch.equal(weights[name], p.detach())
         for key, value in opt.state_dict().items():
             assert torch.equal(state[key], value)
         assert memory < opt.memory_bytes()  # each rank keeps a third of the moments (padded)
+        assert rank_copies.keys() == opt.copies.keys()
+        for name, copy in rank_copies.items():
+            assert torch.equal(copy, weights[name].bfloat16())
 
 
 def _train(args, run_dir, *extra, nproc=1, rpn=0, ep=1):
