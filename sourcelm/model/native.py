@@ -291,8 +291,9 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
 def _checked(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if not (takes(t) and t.is_contiguous()):
-            raise ValueError(f"the native row kernels take contiguous bf16 or fp32 CPU tensors, not {t.dtype} "
-                             f"on {t.device}")
+            raise ValueError(f"the native kernels take contiguous bf16 or fp32 CPU tensors, not {t.dtype} on "
+                             f"{t.device}{'' if t.is_contiguous() else ' (non-contiguous)'}: pass `.contiguous()` "
+                             f"bf16 or fp32 CPU tensors, or use the torch code")
 
 
 def _check_index(index: torch.Tensor) -> None:
