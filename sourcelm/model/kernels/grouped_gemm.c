@@ -139,12 +139,16 @@ static inline int64_t group_of(const int64_t *ends, int64_t row, int64_t e) {
    group e is c[r0.., c0..] = a[r0.., :k] . b_e[.., c0..] */
 static void grouped_blocks(const uint16_t *a, int64_t k, const uint32_t *b, int64_t b_group, int64_t cols,
                            const int64_t *ends, int64_t n_groups, uint16_t *c) {
-    const int64_t col_blocks = cols / 32, items = ends[n_groups - 1] / 32 * col_blocks;
+    const int64_t col_blocks = cols / 32, rows = ends[n_groups - 1], items = rows / 32 * col_blocks;
+    const int64_t ahead = (32 + col_blocks - 1) / col_blocks;  /* rows of the next block each item prefetches */
     configure_tiles();
     int64_t e = 0;
 #pragma omp for schedule(static)  /* each thread's items ascend, so its group only moves forward */
     for (int64_t item = 0; item < items; item++) {
         const int64_t r0 = item / col_blocks * 32, c0 = item % col_blocks * 32;
+        for (int64_t r = r0 + 32 + item % col_blocks * ahead, i = 0; i < ahead && r < rows && r < r0 + 64; i++, r++)
+            for (int64_t byte = 0; byte < k * 2; byte += 64)
+                _mm_prefetch((const char *)(a + r * k) + byte, _MM_HINT_T0);
         e = group_of(ends, r0, e);
         block32(a + r0 * k, k * 2, b + e * b_group + c0, cols * 4, k, c + r0 * cols + c0, cols);
     }
