@@ -69,8 +69,9 @@ class ModelConfig:
     # --- sourcelm-only fields (not written to config.json) ---
     balance_loss_alpha: float = 1e-4  # α of the sequence-wise balance loss (report §2.1.2)
     mtp_loss_weight: float = 0.3  # λ; the trainer overrides it on its schedule
-    # "auto" (bmm on CPU while one layer's scores fit in 64 MB, else sdpa), "sdpa" (flash kernels, O(T) memory),
-    # "bmm" (scores materialised, softmax kept for backward), "eager" (reference); see model/attention.py
+    # "auto" (on CPU while one layer's scores fit in 64 MB: amx where it takes the call, else bmm; else sdpa),
+    # "amx" (the AMX kernel, bf16 CPUs with AMX), "sdpa" (flash kernels, O(T) memory), "bmm" (scores
+    # materialised, softmax kept for backward), "eager" (reference); see model/attention.py
     attn_impl: str = "auto"
     moe_impl: str = "grouped"  # "grouped" (sorted tokens + grouped matmul) or "loop" (reference)
 
@@ -133,7 +134,7 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.attention_bias = true is not part of DeepSeek-V3; set it to false")
         if self.tie_word_embeddings:
             raise ConfigError(f"{prefix}.tie_word_embeddings = true: DeepSeek-V3 keeps embedding and head separate; set false")
-        _choice(prefix, "attn_impl", self.attn_impl, ("auto", "sdpa", "bmm", "eager"))
+        _choice(prefix, "attn_impl", self.attn_impl, ("auto", "amx", "sdpa", "bmm", "eager"))
         _choice(prefix, "moe_impl", self.moe_impl, ("grouped", "loop"))
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sourcelm.config import ModelConfig
+from sourcelm.model import amx
 from sourcelm.model.norm_rope import RMSNorm, apply_rope, softmax_scale
 
 
@@ -70,8 +71,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
 
-        impl = self.impl if self.impl != "auto" else choose_attention(q)
-        if impl == "sdpa":
+        impl = self.impl if self.impl != "auto" else choose_attention(q, k, v)
+        if impl == "amx":
+            o = amx.causal_attention(q, k, v, self.scale)
+        elif impl == "sdpa":
             o = sdpa_causal(q, k, v, self.scale)
         elif impl == "bmm":
             o = bmm_causal(q, k, v, self.scale)
@@ -83,14 +86,16 @@ class MLA(nn.Module):
 BMM_SCORES_BUDGET = 64 << 20  # bytes of one layer's [B, heads, T, T] scores up to which "auto" picks "bmm" on CPU
 
 
-def choose_attention(q: torch.Tensor) -> str:
-    """What `attn_impl = "auto"` runs: "bmm" on the CPU while one layer's scores ([B, heads, T, T] in the compute
-    dtype) fit in 64 MB, else "sdpa". On the CPU, torch's flash-attention backward is slow at short sequences:
-    fwd + bwd of the tiny preset's attention core (B 8, 4 heads, T 256, 2 threads) took 8.4-9.3 ms with "sdpa"
-    and 3.5-3.9 ms with "bmm" in bf16, 7.7-8.4 and 7.2 ms in fp32. GPUs always get the flash kernels."""
+def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """What `attn_impl = "auto"` runs. On the CPU while one layer's scores ([B, heads, T, T] in the compute dtype)
+    fit in 64 MB: "amx" where the AMX kernel takes the call (bf16, `amx.attention_takes`), else "bmm"; beyond
+    that "sdpa". On the CPU torch's flash-attention backward is slow at short sequences: fwd + bwd of the tiny
+    preset's attention core (B 8, 4 heads, T 256, 2 threads) took 8.4-9.3 ms with "sdpa" and 3.5-3.9 ms with
+    "bmm" in bf16, 7.7-8.4 and 7.2 ms in fp32; "amx" 1.9 ms against 3.2 for "bmm" in the same run. GPUs always
+    get the flash kernels."""
     b, h, t, _ = q.shape
     if q.device.type == "cpu" and b * h * t * t * q.element_size() <= BMM_SCORES_BUDGET:
-        return "bmm"
+        return "amx" if amx.attention_takes(q, k, v) else "bmm"
     return "sdpa"
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sourcelm.model import native
+from sourcelm.model import amx, native
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def row_alignment(device: torch.device, dtype: torch.dtype) -> int:
     low_precision = dtype in (torch.bfloat16, torch.float16)
-    if device.type == "cpu" and low_precision and (native.grouped_gemm_ready() or grouped_mm_supported(device, dtype)):
+    if device.type == "cpu" and low_precision and (amx.ready() or grouped_mm_supported(device, dtype)):
         return CPU_LOW_PRECISION_ALIGN
     return 1
 
@@ -246,8 +246,8 @@ def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, 
     w13, w2 = torch.cat([w1.to(dt), w3.to(dt)], dim=1), w2.to(dt)  # [E, 2I, H]: gate and up in one matmul
     if x_grouped.shape[0] == 0:
         return x_grouped.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())  # keep the graph
-    if native.grouped_linear_takes(x_grouped, w13, counts):  # the CPU with AMX: one kernel call per matmul
-        return native.grouped_linear(swiglu(native.grouped_linear(x_grouped, w13, counts)), w2, counts)
+    if amx.grouped_linear_takes(x_grouped, w13, counts):  # the CPU with AMX: one kernel call per matmul
+        return amx.grouped_linear(swiglu(amx.grouped_linear(x_grouped, w13, counts)), w2, counts)
     used = counts > 0
     sizes = counts[used]
     if bool((sizes == sizes[0]).all()):  # equal groups (empty ones aside): one batched matmul per projection

@@ -1,6 +1,7 @@
 """C kernels for the CPU (`kernels/*.c`), built on first use: the fused loss's per-chunk step, RMSNorm, the
 routed experts' row movements, the router's selection and layout, MLA's rotary embedding, SwiGLU and the
-optimizer's AdamW update and gradient norm.
+optimizer's AdamW update and gradient norm; and on CPUs with AMX the matmul kernels, whose Python side is
+`sourcelm.model.amx`.
 
 Each has a torch twin that stays the reference and the path everywhere else (other devices, other
 dtypes, `torch.compile`): `loss.chunk_loss_and_grad`, `norm_rope.RMSNorm`'s own code, the torch
@@ -75,7 +76,9 @@ SIGNATURES = {  # C function -> argument types (these return void)
     "grouped_gemm_weight_grad": [_P, _P, _P, _I, _I, _I, _P, _P, _P],
 }
 RETURNING = {"count_experts": ([_P, _I, _I, _P], _I), "lay_out_slots": ([_P, _I, _I, _P, _I, _P, _P, _P], _I),
-             "sum_squares": ([_P, _I], ctypes.c_double), "grouped_gemm_ready": ([], ctypes.c_int)}
+             "sum_squares": ([_P, _I], ctypes.c_double), "grouped_gemm_ready": ([], ctypes.c_int),
+             "causal_attention_forward": ([_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P], ctypes.c_int),
+             "causal_attention_backward": ([_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, _P], ctypes.c_int)}
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
 
 
@@ -350,70 +353,6 @@ def slot_dots(src: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, k: int
     _variant("slot_dots", src.dtype)(src.data_ptr(), src.shape[0], index.data_ptr(), grad.data_ptr(), index.numel(),
                                      k, src.shape[1], out.data_ptr())
     return out
-
-
-# ------------------------------------------------------------------------------ routed-expert matmuls
-
-GEMM_BLOCK = 32  # grouped_gemm.c's output blocks and contraction steps: group sizes, N and K are multiples of it
-
-
-@functools.cache
-def grouped_gemm_ready() -> bool:
-    """Whether `grouped_gemm.c` runs here: built with AMX (a CPU that has it) and granted its registers by the OS."""
-    ready = available() and bool(_library().grouped_gemm_ready())
-    log.info("routed-expert matmuls on the CPU: %s", "AMX kernel (grouped_gemm.c)" if ready else "torch")
-    return ready
-
-
-def grouped_linear_takes(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> bool:
-    """Whether `grouped_linear` runs this call: bf16 CPU rows x [P, K] grouped by counts [E] (each a multiple of
-    32, summing to P > 0) and bf16 weights w [E, N, K] with N and K multiples of 32, on a CPU with AMX."""
-    return (takes(x) and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and w.device.type == "cpu"
-            and x.dim() == 2 and w.dim() == 3 and x.shape[0] > 0 and x.shape[1] == w.shape[2]
-            and w.shape[1] % GEMM_BLOCK == 0 and w.shape[2] % GEMM_BLOCK == 0 and counts.numel() == w.shape[0]
-            and bool((counts % GEMM_BLOCK == 0).all()) and int(counts.sum()) == x.shape[0] and grouped_gemm_ready())
-
-
-class _GroupedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, ends):
-        x, w = x.contiguous(), w.contiguous()
-        e, n, k = w.shape
-        out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-        packed = torch.empty(w.numel() // 2, dtype=torch.int32)
-        _library().grouped_gemm_forward(x.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k, packed.data_ptr(),
-                                        out.data_ptr())
-        ctx.save_for_backward(x, w, ends)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w, ends = ctx.saved_tensors
-        e, n, k = w.shape
-        g = g.to(torch.bfloat16).contiguous()
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.empty_like(x)
-            packed = torch.empty(w.numel() // 2, dtype=torch.int32)
-            _library().grouped_gemm_input_grad(g.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k, packed.data_ptr(),
-                                               gx.data_ptr())
-        if ctx.needs_input_grad[1]:
-            gw = torch.empty_like(w)
-            g_t = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
-            x_pairs = torch.empty(x.numel() // 2, dtype=torch.int32)
-            _library().grouped_gemm_weight_grad(g.data_ptr(), x.data_ptr(), ends.data_ptr(), e, n, k, g_t.data_ptr(),
-                                                x_pairs.data_ptr(), gw.data_ptr())
-        return gx, gw, None
-
-
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x [P, K] grouped by expert (counts [E]) times w[e]^T (w [E, N, K]) -> [P, N], bf16 with fp32
-    accumulation, as `torch._grouped_mm(x, w.transpose(-2, -1), offs=counts.cumsum(0))` computes it; the call
-    must satisfy `grouped_linear_takes`."""
-    if not grouped_linear_takes(x, w, counts):
-        raise ValueError("the AMX grouped matmul takes bf16 CPU rows [P, K] in groups of multiples of 32 and bf16 "
-                         "weights [E, N, K] with N and K multiples of 32, on a CPU with AMX")
-    return _GroupedLinear.apply(x, w, counts.to(torch.int64).cumsum(0))
 
 
 # ------------------------------------------------------------------------------------------ routing

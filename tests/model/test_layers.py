@@ -74,16 +74,21 @@ def test_bmm_attention_in_bf16_is_as_close_to_fp64_as_flash():
         assert err_bmm < 0.01 and err_bmm < 3 * err_flash
 
 
-def test_auto_attention_picks_bmm_for_short_cpu_sequences_only():
+def test_auto_attention_picks_a_materialised_softmax_for_short_cpu_sequences_only():
+    from sourcelm.model import amx
     from sourcelm.model.attention import BMM_SCORES_BUDGET, choose_attention
 
-    def shape(b, heads, t):  # a CPU tensor of that shape without the memory
-        return torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16).expand(b, heads, t, 48)
+    def qkv(b, heads, t, dtype=torch.bfloat16):  # CPU tensors of those shapes without the memory
+        q = torch.zeros(1, 1, 1, 1, dtype=dtype).expand(b, heads, t, 48)
+        return q, q, q[..., :32]
 
-    assert choose_attention(shape(8, 4, 256)) == "bmm"
+    short = "amx" if amx.ready() else "bmm"  # the AMX kernel where it runs, bf16 only
+    assert choose_attention(*qkv(8, 4, 256)) == short and choose_attention(*qkv(8, 4, 256, torch.float32)) == "bmm"
     t = int((BMM_SCORES_BUDGET // (8 * 4 * 2)) ** 0.5)  # the longest sequence whose scores fit the budget
-    assert choose_attention(shape(8, 4, t)) == "bmm" and choose_attention(shape(8, 4, t + 1)) == "sdpa"
-    assert choose_attention(torch.zeros(1, 1, 1, 1, device="meta").expand(8, 4, 256, 48)) == "sdpa"  # not the CPU
+    assert t % 32 == 0 and choose_attention(*qkv(8, 4, t)) == short and choose_attention(*qkv(8, 4, t + 1)) == "sdpa"
+    assert choose_attention(*qkv(8, 4, t - 8)) == "bmm"  # not a multiple of the kernel's 32-row blocks
+    meta = torch.zeros(1, 1, 1, 1, device="meta").expand(8, 4, 256, 48)
+    assert choose_attention(meta, meta, meta[..., :32]) == "sdpa"  # not the CPU
 
 
 def test_yarn_frequencies_and_scale_match_reference_numbers():

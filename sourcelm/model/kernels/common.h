@@ -9,6 +9,14 @@
 #include <stdint.h>
 #include <string.h>
 
+/* the matmul kernels need AMX (tiles, bf16) and AVX-512 bf16 conversions; elsewhere they are stubs that
+   report themselves unavailable */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define AMX_KERNELS 1
+#else
+#define AMX_KERNELS 0
+#endif
+
 static inline float bits_to_f32(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);

@@ -1,0 +1,139 @@
+"""The matmul kernels for CPUs with Intel AMX (`kernels/grouped_gemm.c`, `kernels/causal_attention.c`, built
+with the other native kernels by `sourcelm.model.native`): the routed experts' grouped matmuls and causal
+attention, bf16 with fp32 accumulation, forward and backward.
+
+Why: on the CPU torch reaches AMX through oneDNN, one call per matmul with ~20 us of set-up each, and the
+routed experts need one call per expert group, attention a chain of batched matmuls and softmax passes over
+[B*heads, T, T] scores. Measured on the tiny preset's trainer (2 threads, bf16): the grouped matmuls took
+the step from 146-148 to 137 ms, attention from there to 119-121 ms; see each kernel's comment for its own
+figures.
+
+Each `*_takes` says whether its kernel runs a call (a CPU with AMX whose OS grants the tile registers, bf16
+operands, shapes in multiples of the 32-element blocks); where not, the callers run the torch code, which
+stays the reference. Both kernels give the same bits on any thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from sourcelm.model import native
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # the kernels' output blocks and contraction steps
+
+
+@functools.cache
+def ready() -> bool:
+    """Whether the AMX kernels run here: built for a CPU that has AMX and granted its registers by the OS."""
+    ok = native.available() and bool(native._library().grouped_gemm_ready())
+    log.info("matmul kernels on the CPU: %s", "AMX (grouped_gemm.c, causal_attention.c)" if ok else "torch's")
+    return ok
+
+
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(native.takes(t) and t.dtype == torch.bfloat16 for t in tensors)
+
+
+# ------------------------------------------------------------------------------ routed-expert matmuls
+
+def grouped_linear_takes(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether `grouped_linear` runs this call: bf16 CPU rows x [P, K] grouped by counts [E] (each a multiple of
+    32, summing to P > 0) and bf16 weights w [E, N, K] with N and K multiples of 32, on a CPU with AMX."""
+    return (_bf16_cpu(x, w) and x.dim() == 2 and w.dim() == 3 and x.shape[0] > 0 and x.shape[1] == w.shape[2]
+            and w.shape[1] % BLOCK == 0 and w.shape[2] % BLOCK == 0 and counts.numel() == w.shape[0]
+            and bool((counts % BLOCK == 0).all()) and int(counts.sum()) == x.shape[0] and ready())
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, ends):
+        x, w = x.contiguous(), w.contiguous()
+        e, n, k = w.shape
+        out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+        packed = torch.empty(w.numel() // 2, dtype=torch.int32)
+        native._library().grouped_gemm_forward(x.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
+                                               packed.data_ptr(), out.data_ptr())
+        ctx.save_for_backward(x, w, ends)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, ends = ctx.saved_tensors
+        e, n, k = w.shape
+        g = g.to(torch.bfloat16).contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x)
+            packed = torch.empty(w.numel() // 2, dtype=torch.int32)
+            native._library().grouped_gemm_input_grad(g.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
+                                                      packed.data_ptr(), gx.data_ptr())
+        if ctx.needs_input_grad[1]:
+            gw = torch.empty_like(w)
+            g_t = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
+            x_pairs = torch.empty(x.numel() // 2, dtype=torch.int32)
+            native._library().grouped_gemm_weight_grad(g.data_ptr(), x.data_ptr(), ends.data_ptr(), e, n, k,
+                                                       g_t.data_ptr(), x_pairs.data_ptr(), gw.data_ptr())
+        return gx, gw, None
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x [P, K] grouped by expert (counts [E]) times w[e]^T (w [E, N, K]) -> [P, N], bf16 with fp32
+    accumulation, as `torch._grouped_mm(x, w.transpose(-2, -1), offs=counts.cumsum(0))` computes it; the call
+    must satisfy `grouped_linear_takes`."""
+    if not grouped_linear_takes(x, w, counts):
+        raise ValueError("the AMX grouped matmul takes bf16 CPU rows [P, K] in groups of multiples of 32 and bf16 "
+                         "weights [E, N, K] with N and K multiples of 32, on a CPU with AMX")
+    return _GroupedLinear.apply(x, w, counts.to(torch.int64).cumsum(0))
+
+
+# ------------------------------------------------------------------------------------ causal attention
+
+def attention_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `causal_attention` runs this call: bf16 CPU q, k [B, H, T, D] and v [B, H, T, Dv] with T and Dv
+    multiples of 32 and D of 16, on a CPU with AMX."""
+    return (_bf16_cpu(q, k, v) and q.dim() == 4 and q.shape == k.shape and v.shape[:3] == q.shape[:3]
+            and q.shape[2] % BLOCK == 0 and v.shape[3] % BLOCK == 0 and q.shape[3] % 16 == 0 and q.shape[2] > 0
+            and ready())
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, h, t, d = q.shape
+        dv = v.shape[3]
+        o = torch.empty(b, t, h, dv, dtype=torch.bfloat16)  # heads last: the output projection's layout
+        p = torch.empty(b * h, t, t, dtype=torch.bfloat16)
+        if native._library().causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, t, d, dv, scale,
+                                                      o.data_ptr(), p.data_ptr()):
+            raise MemoryError("causal_attention could not allocate its per-thread scratch")
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return o.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p = ctx.saved_tensors
+        b, h, t, d = q.shape
+        do = do.to(torch.bfloat16).transpose(1, 2).contiguous()  # [B, T, H, Dv], as the forward wrote o
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if native._library().causal_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), p.data_ptr(),
+                                                       do.data_ptr(), b, h, t, d, v.shape[3], ctx.scale,
+                                                       dq.data_ptr(), dk.data_ptr(), dv.data_ptr()):
+            raise MemoryError("causal_attention could not allocate its per-thread scratch")
+        return dq, dk, dv, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + causal mask) v for q, k [B, H, T, D], v [B, H, T, Dv] -> [B, H, T, Dv] (a view of
+    a [B, T, H, Dv] tensor), scores and softmax in fp32, the probabilities kept in bf16 for backward; the
+    call must satisfy `attention_takes`."""
+    if not attention_takes(q, k, v):
+        raise ValueError("the AMX attention takes bf16 CPU q, k [B, H, T, D], v [B, H, T, Dv] with T and Dv "
+                         "multiples of 32 and D of 16, on a CPU with AMX")
+    return _CausalAttention.apply(q, k, v, float(scale))
