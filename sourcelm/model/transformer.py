@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sourcelm.config import ModelConfig
+from sourcelm.model import amx
 from sourcelm.model.attention import MLA
 from sourcelm.model.loss import chunk_loss_and_grad, default_chunk_fn, linear_cross_entropy
 from sourcelm.model.moe import MLP, MoE
@@ -124,22 +125,29 @@ class DeepseekV3(nn.Module):
                 if ".mlp.experts." in n or (n.endswith(".weight") and n != "lm_head.weight"
                                             and isinstance(self.get_submodule(n.rpartition(".")[0]), nn.Linear))]
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, compute_dtype: torch.dtype = torch.float32) -> None:
         """torch.compile (opt-in: `train.compile`) of the parts of every block, MTP included, that are static
         dense code: the attention half (norms, MLA, residual) and, where the native CPU kernels do not run,
         the router, the dense FFN, the shared expert and the fused loss's per-chunk softmax and gradient.
         With the C kernels (`native.py`) those four run them eager: measured forward + backward on the tiny
         preset's shapes (2 threads, bf16), the router 1.1 ms eager against 1.8 compiled, the FFNs equal
-        (6.6-6.8 / 2.1-2.2 ms either way), the attention half 9.0-9.5 eager against 7.9-8.0 compiled. The
-        routed experts stay eager: their per-expert group sizes change every step, and an expert-parallel
-        layer swapped in from outside runs collectives. Names and parameters are unchanged (compiled
-        methods and `Module.compile`), so checkpoints and EP are unaffected."""
+        (6.6-6.8 / 2.1-2.2 ms either way), the attention half 9.0-9.5 eager against 7.9-8.0 compiled. Where
+        the AMX attention kernel runs (`amx.py`: the CPU, `compute_dtype` bf16, head sizes it takes) the
+        attention half stays eager too: the tiny preset's trainer step 120 ms eager, 124 with the half
+        compiled around the bmm path, 125-127 with the kernel as a custom operator inside the compiled
+        half. The routed experts stay eager: their per-expert group sizes change every step, and an
+        expert-parallel layer swapped in from outside runs collectives. Names and parameters are unchanged
+        (compiled methods and `Module.compile`), so checkpoints and EP are unaffected."""
         device = next(self.parameters()).device
         native_here = default_chunk_fn(device) is not chunk_loss_and_grad
+        cfg = self.config
+        amx_attention = (device.type == "cpu" and compute_dtype == torch.bfloat16 and amx.ready()
+                         and (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) % 16 == 0 and cfg.v_head_dim % 32 == 0)
         if not native_here:
             self.ce_chunk = torch.compile(chunk_loss_and_grad)
         for layer in [*self.model.layers, *self.mtp]:
-            layer.attention_block = torch.compile(layer.attention_block)
+            if not amx_attention:
+                layer.attention_block = torch.compile(layer.attention_block)
             if native_here:
                 continue
             if layer.is_moe:

@@ -72,7 +72,7 @@ class Trainer:
         # built and initialised on the CPU (the same bits on every device), then moved
         self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
         if cfg.train.compile:  # after any expert-parallel swap; names and parameters are unchanged
-            self.model.compile_blocks()
+            self.model.compile_blocks(getattr(torch, cfg.train.dtype))
         named = list(self.model.named_parameters())
         self.expert_params = [(n, p) for n, p in named if self.ctx.is_expert_param(n)]
         self.dense_params = [(n, p) for n, p in named if not self.ctx.is_expert_param(n)]
