@@ -16,6 +16,12 @@ warm-up, on the tiny preset's shapes:
                (`sourcelm.model.grouped_experts.swiglu`)
   routing      the router's grouped top-4 of 16 experts for 2048 tokens (`moe.Router`'s selection) and the
                grouped layout's counting sort of the 8192 slots (`grouped_experts.group_by_expert`)
+  AMX (CPUs with AMX only, `sourcelm.model.amx`):
+  grouped mm   forward + backward of the routed experts' gate/up and down projections over 16 uneven groups
+               (sizes as routing makes them, padded to 64 rows), bf16; torch's is `torch._grouped_mm`
+               (one oneDNN matmul per group), which inductor does not compile into anything else
+  attention    forward + backward of causal attention [8, 4 heads, 256, 48 / 32], bf16; torch's is the
+               bmm path it replaces (`attention.bmm_causal`)
   torch        the torch code (the reference; what runs off the CPU)
   compiled     torch.compile of it (inductor's fused C++ kernels; what `train.compile = true` uses)
   native       the C kernel (the default on the CPU)
@@ -33,8 +39,10 @@ from unittest import mock
 import torch
 
 from sourcelm.config import load_config
+from sourcelm.model import amx
 from sourcelm.model import grouped_experts as ge
 from sourcelm.model import native
+from sourcelm.model.attention import bmm_causal
 from sourcelm.model.loss import IGNORE, chunk_loss_and_grad
 from sourcelm.model.moe import Router
 from sourcelm.model.norm_rope import rms_norm, rotate_pairs
@@ -73,6 +81,27 @@ def moe_rows(g: torch.Generator, repeat: int) -> dict:
     with mock.patch.object(native, "takes", lambda t: False):
         out["torch"] = timed(step, repeat)
     return out
+
+
+def amx_rows(g: torch.Generator, repeat: int) -> None:
+    """The AMX kernels against the torch code they replace (compiled where inductor changes anything)."""
+    counts = torch.tensor([448, 512, 640, 384, 576, 512, 704, 448, 512, 320, 576, 640, 448, 512, 384, 576])
+    offs = counts.cumsum(0).to(torch.int32)
+    for n, k in ((256, 256), (256, 128)):
+        x = torch.randn(int(counts.sum()), k, generator=g).to(torch.bfloat16).requires_grad_()
+        w = torch.randn(16, n, k, generator=g).to(torch.bfloat16).requires_grad_()
+        up = torch.randn(x.shape[0], n, generator=g).to(torch.bfloat16)
+        steps = {"torch": lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
+                 "native": lambda: amx.grouped_linear(x, w, counts)}
+        row(f"grouped mm fwd+bwd {x.shape[0]}x{k}->{n}",
+            {name: timed(lambda f=f: torch.autograd.grad(f(), (x, w), up), repeat) for name, f in steps.items()})
+    q, k = (torch.randn(8, 4, 256, 48, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    v = torch.randn(8, 4, 256, 32, generator=g).to(torch.bfloat16).requires_grad_()
+    up = torch.randn(8, 4, 256, 32, generator=g).to(torch.bfloat16)
+    scale = 48 ** -0.5
+    attentions = {"torch": bmm_causal, "compiled": torch.compile(bmm_causal), "native": amx.causal_attention}
+    row("attention fwd+bwd 8x4x256 bf16", {name: timed(lambda f=f: torch.autograd.grad(f(q, k, v, scale), (q, k, v), up),
+                                                       repeat) for name, f in attentions.items()})
 
 
 def main() -> None:
@@ -132,6 +161,10 @@ def main() -> None:
         torch_layout = timed(lambda: ge.group_by_expert(ids, 16, 64), args.repeat)
     row("layout 8192 slots, 16 experts", {"torch": torch_layout, "native": timed(lambda: ge.group_by_expert(ids, 16, 64),
                                                                                   args.repeat)})
+    if amx.ready():
+        amx_rows(g, args.repeat)
+    else:
+        print("(no AMX on this CPU: the grouped matmul and attention kernels do not run here)")
 
 
 if __name__ == "__main__":

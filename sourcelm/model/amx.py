@@ -10,13 +10,15 @@ figures.
 
 Each `*_takes` says whether its kernel runs a call (a CPU with AMX whose OS grants the tile registers, bf16
 operands, shapes in multiples of the 32-element blocks); where not, the callers run the torch code, which
-stays the reference. Both kernels give the same bits on any thread count.
+stays the reference. Both kernels give the same bits on any thread count. `SOURCELM_AMX=0` switches them
+off (the other native kernels stay on).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -29,7 +31,11 @@ BLOCK = 32  # the kernels' output blocks and contraction steps
 
 @functools.cache
 def ready() -> bool:
-    """Whether the AMX kernels run here: built for a CPU that has AMX and granted its registers by the OS."""
+    """Whether the AMX kernels run here: built for a CPU that has AMX and granted its registers by the OS, and
+    not switched off (`SOURCELM_AMX=0`)."""
+    if os.environ.get("SOURCELM_AMX", "1") == "0":
+        log.info("AMX kernels off (SOURCELM_AMX=0): torch's matmuls run")
+        return False
     ok = native.available() and bool(native._library().grouped_gemm_ready())
     log.info("matmul kernels on the CPU: %s", "AMX (grouped_gemm.c, causal_attention.c)" if ok else "torch's")
     return ok
