@@ -99,11 +99,16 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 
 # ------------------------------------------------------------------------------------ causal attention
 
+def attention_head_sizes_fit(qk_dim: int, v_dim: int) -> bool:
+    """Whether the attention kernel takes these head sizes (q/k a multiple of 16, v of 32)."""
+    return qk_dim % 16 == 0 and v_dim % BLOCK == 0
+
+
 def attention_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `causal_attention` runs this call: bf16 CPU q, k [B, H, T, D] and v [B, H, T, Dv] with T and Dv
     multiples of 32 and D of 16, on a CPU with AMX."""
     return (_bf16_cpu(q, k, v) and q.dim() == 4 and q.shape == k.shape and v.shape[:3] == q.shape[:3]
-            and q.shape[2] % BLOCK == 0 and v.shape[3] % BLOCK == 0 and q.shape[3] % 16 == 0 and q.shape[2] > 0
+            and q.shape[2] % BLOCK == 0 and q.shape[2] > 0 and attention_head_sizes_fit(q.shape[3], v.shape[3])
             and ready())
 
 

@@ -142,7 +142,7 @@ class DeepseekV3(nn.Module):
         native_here = default_chunk_fn(device) is not chunk_loss_and_grad
         cfg = self.config
         amx_attention = (device.type == "cpu" and compute_dtype == torch.bfloat16 and amx.ready()
-                         and (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) % 16 == 0 and cfg.v_head_dim % 32 == 0)
+                         and amx.attention_head_sizes_fit(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim))
         if not native_here:
             self.ce_chunk = torch.compile(chunk_loss_and_grad)
         for layer in [*self.model.layers, *self.mtp]:

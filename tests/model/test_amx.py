@@ -6,9 +6,9 @@ declines are checked (the torch code runs there)."""
 import pytest
 import torch
 
+from sourcelm.model import amx
 from sourcelm.model import grouped_experts as ge
 from sourcelm.model.attention import bmm_causal, eager_causal_attention
-from sourcelm.model import amx
 
 needs_amx = pytest.mark.skipif(not amx.ready(), reason="no AMX on this CPU (or no C compiler)")
 
