@@ -143,7 +143,8 @@ def _attention_run(fn, q, k, v, up, scale, dtype):
 
 
 @needs_amx
-@pytest.mark.parametrize("b,h,t,d,dv", [(2, 4, 96, 48, 32), (1, 3, 64, 64, 64), (2, 2, 160, 16, 32)])
+@pytest.mark.parametrize("b,h,t,d,dv", [(2, 4, 96, 48, 32), (1, 3, 64, 64, 64), (2, 2, 160, 16, 32),
+                                        (1, 1, 512, 192, 128)])  # the last: DeepSeek-V3's own head sizes
 def test_attention_matches_fp64_at_bf16_level(b, h, t, d, dv):
     """Output and the three gradients against fp64: at bf16's level and no further off than the bmm path (which
     rounds the scores to bf16 before the softmax; the kernel keeps them in fp32)."""
