@@ -36,7 +36,7 @@ def ready() -> bool:
     if os.environ.get("SOURCELM_AMX", "1") == "0":
         log.info("AMX kernels off (SOURCELM_AMX=0): torch's matmuls run")
         return False
-    ok = native.available() and bool(native._library().grouped_gemm_ready())
+    ok = native.available() and bool(native._library().amx_kernels_ready())
     log.info("matmul kernels on the CPU: %s", "AMX (grouped_gemm.c, causal_attention.c)" if ok else "torch's")
     return ok
 

@@ -76,7 +76,7 @@ SIGNATURES = {  # C function -> argument types (these return void)
     "grouped_gemm_weight_grad": [_P, _P, _P, _I, _I, _I, _P, _P, _P],
 }
 RETURNING = {"count_experts": ([_P, _I, _I, _P], _I), "lay_out_slots": ([_P, _I, _I, _P, _I, _P, _P, _P], _I),
-             "sum_squares": ([_P, _I], ctypes.c_double), "grouped_gemm_ready": ([], ctypes.c_int),
+             "sum_squares": ([_P, _I], ctypes.c_double), "amx_kernels_ready": ([], ctypes.c_int),
              "causal_attention_forward": ([_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P], ctypes.c_int),
              "causal_attention_backward": ([_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, _P], ctypes.c_int)}
 NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c

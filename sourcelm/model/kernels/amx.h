@@ -28,7 +28,7 @@ typedef struct {
 } tile_config;
 
 /* every tile 16 rows x 64 bytes (per thread: tile state is per thread) */
-static void configure_tiles(void) {
+static inline void configure_tiles(void) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;

@@ -201,7 +201,7 @@ int causal_attention_backward(const uint16_t *q, const uint16_t *k, const uint16
     return failed ? -1 : 0;
 }
 
-#else  /* no AMX where this was built: amx.py never calls these (grouped_gemm_ready() is 0) */
+#else  /* no AMX where this was built: amx.py never calls these (amx_kernels_ready() is 0) */
 
 int causal_attention_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t batch, int64_t heads,
                              int64_t t, int64_t d, int64_t dv, float scale, uint16_t *o, uint16_t *p) {

@@ -28,7 +28,8 @@
 
 #include "amx.h"
 
-int grouped_gemm_ready(void) { return request_amx(); }
+/* whether this process may use AMX (asked of the OS once; amx.py caches the answer) */
+int amx_kernels_ready(void) { return request_amx(); }
 
 static inline int64_t group_of(const int64_t *ends, int64_t row, int64_t e) {
     while (ends[e] <= row)
@@ -108,9 +109,9 @@ void grouped_gemm_weight_grad(const uint16_t *g, const uint16_t *x, const int64_
     }
 }
 
-#else  /* no AMX where this was built: grouped_gemm_ready() says so and native.py never calls the rest */
+#else  /* no AMX where this was built: amx_kernels_ready() says so and amx.py never calls the rest */
 
-int grouped_gemm_ready(void) { return 0; }
+int amx_kernels_ready(void) { return 0; }
 
 void grouped_gemm_forward(const uint16_t *x, const uint16_t *w, const int64_t *ends, int64_t n_groups, int64_t n,
                           int64_t k, uint32_t *packed, uint16_t *out) {
