@@ -146,5 +146,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     call must satisfy `attention_takes`."""
     if not attention_takes(q, k, v):
         raise ValueError("the AMX attention takes bf16 CPU q, k [B, H, T, D], v [B, H, T, Dv] with T and Dv "
-                         "multiples of 32 and D of 16, on a CPU with AMX")
+                         "multiples of 32 and D of 16, on a CPU with AMX: for other calls set model.attn_impl to "
+                         "\"auto\" (which picks it only where it runs) or \"bmm\"")
     return _CausalAttention.apply(q, k, v, float(scale))

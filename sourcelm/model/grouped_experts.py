@@ -16,7 +16,9 @@ run as native kernels (`native.gather_rows`, `sum_rows`, `slot_dots`): each gath
 weighting or slot sum, one pass instead of a gathered [N*K, H] temporary and two or three passes over it;
 the layout itself is a counting sort there (`native.expert_counts`, `slot_layout`), the same maps.
 
-`expert_ffn` runs one batched matmul (`bmm`) per projection when all non-empty groups have the same size
+`expert_ffn` runs, for bf16 on a CPU with AMX, one native grouped matmul per projection and direction
+(`amx.grouped_linear`, which needs groups in multiples of 32 rows: the layout pads them to 64); else
+one batched matmul (`bmm`) per projection when all non-empty groups have the same size
 (over the experts that have rows only, their weights gathered, when some have none), else
 one `torch._grouped_mm` per projection where this torch build supports it for the device and dtype,
 else a loop over the non-empty experts on slices of the grouped rows. Measured on 2 CPU cores (16
