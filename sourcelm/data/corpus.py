@@ -66,7 +66,7 @@ def selection(full: bool) -> dict:
 
 def is_up_to_date(out_dir: Path, full: bool) -> bool:
     """True when out_dir holds a complete corpus of this selection whose files match its manifest."""
-    from sourcelm.provenance.manifest import read_manifest, sha256_file
+    from sourcelm.artifacts import read_manifest, sha256_file
 
     path = out_dir / "manifest.json"
     if not path.exists():
@@ -149,7 +149,7 @@ def _build(build: Path, full: bool, say) -> tuple[dict, list[dict]]:
 
 def fetch(out_dir: str | Path, full: bool = False, quiet: bool = False) -> dict:
     """Builds the corpus in out_dir unless it is already there; returns its manifest."""
-    from sourcelm.provenance.manifest import read_manifest, write_manifest
+    from sourcelm.artifacts import read_manifest, write_manifest
 
     out_dir = Path(out_dir)
 

@@ -13,7 +13,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from sourcelm.provenance.manifest import sha256_file
+from sourcelm.artifacts import sha256_file
 
 _TIMEOUT_S = 900  # per command: a stalled mirror fails the fetch instead of hanging it
 

@@ -28,7 +28,7 @@ import xxhash
 
 from sourcelm.data.document import Document
 from sourcelm.data.step import GlobalStep
-from sourcelm.provenance.manifest import atomic_write_bytes
+from sourcelm.artifacts import atomic_write_bytes
 
 _SPACES = re.compile(r"\s+")
 

@@ -23,7 +23,7 @@ from sourcelm.data.progress import StageProgress
 from sourcelm.data.registry import build_step
 from sourcelm.data.report import merge_stats, write_funnel_plot
 from sourcelm.data.task import global_work_dir, marker_path, resolve_marker
-from sourcelm.provenance.manifest import atomic_write_bytes, write_manifest
+from sourcelm.artifacts import atomic_write_bytes, write_manifest
 
 
 def run_plan(plan: Plan, out: str | Path, executor, workers: int = 1, show_progress: bool = True) -> dict:

@@ -25,7 +25,7 @@ from sourcelm.data.plan import Plan
 from sourcelm.data.readers import Rejected, read_file
 from sourcelm.data.registry import build_step
 from sourcelm.data.writers import JsonlZstWriter, ShardWriter, read_jsonl_zst
-from sourcelm.provenance.manifest import atomic_write_bytes
+from sourcelm.artifacts import atomic_write_bytes
 
 REPORT_EVERY = 256  # documents between progress reports
 

@@ -40,7 +40,7 @@ def run_export(args) -> int:
     import torch
 
     from sourcelm.interop.hf import save_hf
-    from sourcelm.provenance.manifest import write_manifest
+    from sourcelm.artifacts import write_manifest
 
     ckpt, out = Path(args.checkpoint), Path(args.hf)
     for name in ("state.json", "model.safetensors"):

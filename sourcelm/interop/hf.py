@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sourcelm.config import ModelConfig
-from sourcelm.provenance.manifest import atomic_write_bytes
+from sourcelm.artifacts import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

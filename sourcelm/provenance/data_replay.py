@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from sourcelm.provenance.graph import Check, Node, Report
-from sourcelm.provenance.manifest import sha256_file
+from sourcelm.artifacts import sha256_file
 
 COMPARED_CURATE = ("documents/", "drops/", "pipeline.json")
 

@@ -1,6 +1,6 @@
 """The provenance graph of a run, and the hash checks `sourcelm verify` makes on it.
 
-Every stage writes a `manifest.json` (see manifest.py): `outputs` maps each file it wrote to its
+Every stage writes a `manifest.json` (see `sourcelm.artifacts`): `outputs` maps each file it wrote to its
 SHA-256, `inputs` lists the files it read (other stages' manifests, or raw files) with their
 SHA-256, paths relative to the manifest's folder. A manifest that lists another manifest as an
 input pins that manifest's bytes, hence (transitively) every file the upstream stage wrote. So the
@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sourcelm.provenance.manifest import MANIFEST_NAME, sha256_file
+from sourcelm.artifacts import MANIFEST_NAME, sha256_file
 
 # the sections of a training config that decide the numbers (layout, logging and checkpoint
 # cadence may change when a run is resumed elsewhere without changing what it computes)

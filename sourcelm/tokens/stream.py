@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from sourcelm.provenance.manifest import atomic_write_bytes
+from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.tokens.indexed import ShardReader
 
 SOURCES_SUFFIX = ".sources.json"  # per-shard sidecar: the `source` of each document, run-length coded

@@ -20,7 +20,7 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from sourcelm.provenance.manifest import atomic_write_bytes, sha256_file, write_manifest
+from sourcelm.artifacts import atomic_write_bytes, sha256_file, write_manifest
 from sourcelm.tokens.documents import curated_manifest, document_files, iter_documents
 from sourcelm.tokens.indexed import ShardWriter, dtype_for_vocab
 from sourcelm.tokens.stream import SOURCES_SUFFIX, in_valid_split, write_doc_sources

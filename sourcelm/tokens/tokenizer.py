@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from sourcelm.provenance.manifest import atomic_write_bytes, sha256_file, write_manifest
+from sourcelm.artifacts import atomic_write_bytes, sha256_file, write_manifest
 from sourcelm.tokens.documents import (
     curated_manifest,
     document_files,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sourcelm.provenance.manifest import MANIFEST_NAME, sha256_file, write_manifest
+from sourcelm.artifacts import MANIFEST_NAME, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"

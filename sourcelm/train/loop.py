@@ -28,7 +28,7 @@ import torch
 
 from sourcelm.config import Config, check_batch_layout
 from sourcelm.model.hardware import resolve_device, resolve_dtype
-from sourcelm.provenance.manifest import atomic_write_bytes
+from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess

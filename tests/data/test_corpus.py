@@ -11,7 +11,7 @@ import pytest
 from sourcelm.data import corpus
 from sourcelm.data.corpus_crawl import LoopbackServer, crawl_to_warc
 from sourcelm.data.corpus_text import python_pages, split_fortunes, udhr_labels
-from sourcelm.provenance.manifest import read_manifest, sha256_file
+from sourcelm.artifacts import read_manifest, sha256_file
 
 
 def test_split_fortunes_on_percent_lines():

@@ -10,7 +10,7 @@ from sourcelm.data.executors import LocalExecutor
 from sourcelm.data.plan import load_plan, shipped_pipeline
 from sourcelm.data.run import run_plan
 from sourcelm.data.writers import read_jsonl_zst
-from sourcelm.provenance.manifest import read_manifest
+from sourcelm.artifacts import read_manifest
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from sourcelm.data.executors import LocalExecutor
 from sourcelm.data.plan import load_plan
 from sourcelm.data.run import run_plan
 from sourcelm.data.writers import read_jsonl_zst
-from sourcelm.provenance.manifest import read_manifest, sha256_file
+from sourcelm.artifacts import read_manifest, sha256_file
 from tests.data.pipeline_fixtures import make_inputs, output_bytes, write_pipeline
 
 REPO = Path(__file__).resolve().parents[2]

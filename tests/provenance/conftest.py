@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sourcelm.cli import main as cli
-from sourcelm.provenance.manifest import write_manifest
+from sourcelm.artifacts import write_manifest
 
 WORDS = ("the river runs south through a wide valley where farmers grow wheat and barley near old stone "
          "bridges while the town keeps its records of rain and harvest in a small library by the market "

