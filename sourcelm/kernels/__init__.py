@@ -1,0 +1,1 @@
+"""CPU and GPU kernels behind one dispatch point per op."""
