@@ -75,9 +75,9 @@ type = "fineweb"
 
 
 def run_sourcelm(inputs: Path, out: Path, workers: int) -> tuple[float, dict]:
-    from sourcelm.data.executors import LocalExecutor
-    from sourcelm.data.plan import plan_from_dict
-    from sourcelm.data.run import run_plan
+    from sourcelm.data.pipeline.executors import LocalExecutor
+    from sourcelm.data.pipeline.plan import plan_from_dict
+    from sourcelm.data.pipeline.run import run_plan
     import tomllib
 
     plan = plan_from_dict(tomllib.loads(PIPELINE.format(inputs=inputs)), base=inputs)
@@ -120,7 +120,7 @@ def datatrove_parts():
 
         def filter(self, doc) -> bool:
             if self._model is None:
-                from sourcelm.data.langid import load_model
+                from sourcelm.data.steps.langid import load_model
 
                 self._model = load_model()
             labels, scores = self._model.predict(doc.text.replace("\n", " "), k=-1)
@@ -165,12 +165,12 @@ def agreement(inputs: Path) -> dict:
     from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                             GopherRepetitionFilter)
 
-    from sourcelm.data.c4 import C4Quality, FineWebQuality
-    from sourcelm.data.document import Document
-    from sourcelm.data.extract import Extract
-    from sourcelm.data.gopher import GopherQuality, GopherRepetition
-    from sourcelm.data.langid import LanguageID
-    from sourcelm.data.readers import Rejected, read_file
+    from sourcelm.data.formats.readers import Rejected, read_file
+    from sourcelm.data.pipeline.document import Document
+    from sourcelm.data.steps.c4 import C4Quality, FineWebQuality
+    from sourcelm.data.steps.extract import Extract
+    from sourcelm.data.steps.gopher import GopherQuality, GopherRepetition
+    from sourcelm.data.steps.langid import LanguageID
 
     docs = []
     counters = collections.Counter()
@@ -221,7 +221,7 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=2, help="copies of each WARC file (more work per run)")
     ap.add_argument("--out", default=None, help="write the Markdown results here")
     args = ap.parse_args()
-    from sourcelm.data import corpus
+    from sourcelm.data.corpus import demo as corpus
 
     root = Path(args.corpus) if args.corpus else corpus.cache_dir()
     if not (root / "warc").is_dir():

@@ -37,9 +37,9 @@ import time
 
 import numpy as np
 
-from sourcelm.data import corpus
-from sourcelm.data.document import Document
-from sourcelm.data.minhash import MinhashDedup, MinhashParams, words
+from sourcelm.data.corpus import demo as corpus
+from sourcelm.data.dedup.minhash import MinhashDedup, MinhashParams, words
+from sourcelm.data.pipeline.document import Document
 
 
 def warc_pages(path: Path) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sourcelm.data.corpus import cache_dir
+from sourcelm.data.corpus.demo import cache_dir
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Data commands: `curate`, `audit` (and `corpus fetch`, from sourcelm.data.corpus)."""
+"""Data commands: `curate`, `audit` (and `corpus fetch`, from sourcelm.data.corpus.demo)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def register(sub) -> None:
     a.set_defaults(func=audit_command)
 
     try:  # the corpus fetcher lives in its own module
-        from sourcelm.data.corpus import register_corpus
+        from sourcelm.data.corpus.demo import register_corpus
     except ImportError:
         return
     register_corpus(sub)
@@ -34,9 +34,9 @@ def register(sub) -> None:
 
 def curate_command(args: argparse.Namespace) -> int:
     from sourcelm.config import ConfigError
-    from sourcelm.data.executors import make_executor
-    from sourcelm.data.plan import load_plan
-    from sourcelm.data.run import run_plan
+    from sourcelm.data.pipeline.executors import make_executor
+    from sourcelm.data.pipeline.plan import load_plan
+    from sourcelm.data.pipeline.run import run_plan
 
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be at least 1")
@@ -60,7 +60,7 @@ def curate_command(args: argparse.Namespace) -> int:
 
 
 def audit_command(args: argparse.Namespace) -> int:
-    from sourcelm.data.audit import audit
+    from sourcelm.data.pipeline.audit import audit
 
     code, text = audit(args.run, args.doc_id)
     print(text)

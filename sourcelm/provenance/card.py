@@ -31,9 +31,9 @@ def write_card(run_dir: Path, output: Path | None = None) -> Path:
 
 
 def corpus_sources() -> dict[str, tuple[str, str]]:
-    """{package: (what it gives, licence)} from the sources table in sourcelm.data.corpus's docstring."""
+    """{package: (what it gives, licence)} from the sources table in sourcelm.data.corpus.demo's docstring."""
     try:
-        from sourcelm.data import corpus
+        from sourcelm.data.corpus import demo as corpus
     except ImportError:
         return {}
     out = {}
@@ -348,7 +348,7 @@ _STAGES = ("corpus", "curate", "tokenizer", "tokenize", "checkpoint", "export")
 
 
 def _pipeline(cur: Node) -> str:
-    from sourcelm.data.plan import shipped_pipeline
+    from sourcelm.data.pipeline.plan import shipped_pipeline
 
     cfg = cur.manifest.get("config", {})
     shipped = shipped_pipeline(cfg.get("name", ""))

@@ -23,7 +23,7 @@ COMPARED_CURATE = ("documents/", "drops/", "pipeline.json")
 
 def rebuild_plan(cur: Node):
     """The `Plan` the curation ran, from its manifest."""
-    from sourcelm.data.plan import InputFile, plan_from_dict
+    from sourcelm.data.pipeline.plan import InputFile, plan_from_dict
 
     cfg = cur.manifest["config"]
     files = [(cur.dir / i["path"]).resolve() for i in cur.manifest.get("inputs", [])
@@ -57,8 +57,8 @@ def _compare(stage: str, path: str, stored: dict[str, str], rebuilt_dir: Path, n
 
 
 def replay_data(report: Report, show_progress: bool = True, workers: int | None = None) -> list[Check]:
-    from sourcelm.data.executors import make_executor
-    from sourcelm.data.run import run_plan
+    from sourcelm.data.pipeline.executors import make_executor
+    from sourcelm.data.pipeline.run import run_plan
     from sourcelm.tokens.tokenize import tokenize
     from sourcelm.tokens.tokenizer import train_tokenizer
 

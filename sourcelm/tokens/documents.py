@@ -63,7 +63,7 @@ def iter_documents(path: str | Path, skipped: Counter | None = None,
     truncated or corrupt zstd stream ends the file there (counted as `corrupt_stream`)."""
     import zstandard
 
-    from sourcelm.data.readers import open_binary  # the curated shards' reader: it notices a cut-off frame
+    from sourcelm.data.formats.readers import open_binary  # the curated shards' reader: it notices a cut-off frame
 
     skipped = skipped if skipped is not None else Counter()
     with open_binary(Path(path)) as reader:

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from sourcelm.data.document import Document
-from sourcelm.data.step import Step
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
 from tests.data.warc_fixtures import ENGLISH, page, write_warc
 
 GERMAN = ("Der Fluss entspringt in den Hügeln nördlich der Stadt und fließt durch ein weites Tal nach Süden, "

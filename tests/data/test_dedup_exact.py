@@ -3,8 +3,8 @@
 import itertools
 import json
 
-from sourcelm.data.document import Document
-from sourcelm.data.exact_dedup import ExactDedup, normalize_for_exact
+from sourcelm.data.dedup.exact import ExactDedup, normalize_for_exact
+from sourcelm.data.pipeline.document import Document
 
 
 def test_normalisation_folds_case_width_and_spacing_but_keeps_digits():

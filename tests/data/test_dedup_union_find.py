@@ -5,7 +5,7 @@ from collections import defaultdict, deque
 import numpy as np
 import pytest
 
-from sourcelm.data.union_find import UnionFind, connected_components, duplicates_mask
+from sourcelm.data.dedup.union_find import UnionFind, connected_components, duplicates_mask
 
 
 def bfs_labels(n, u, v):

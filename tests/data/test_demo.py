@@ -5,23 +5,23 @@ import shutil
 
 import pytest
 
-from sourcelm.data.audit import audit
-from sourcelm.data.executors import LocalExecutor
-from sourcelm.data.plan import load_plan, shipped_pipeline
-from sourcelm.data.run import run_plan
-from sourcelm.data.writers import read_jsonl_zst
+from sourcelm.data.formats.writers import read_jsonl_zst
+from sourcelm.data.pipeline.audit import audit
+from sourcelm.data.pipeline.executors import LocalExecutor
+from sourcelm.data.pipeline.plan import load_plan, shipped_pipeline
+from sourcelm.data.pipeline.run import run_plan
 from sourcelm.artifacts import read_manifest
 
 
 @pytest.mark.slow
 def test_demo_pipeline_on_the_demo_corpus(tmp_path, monkeypatch):
-    from sourcelm.data import corpus
+    from sourcelm.data.corpus import demo
 
-    root = corpus.cache_dir()
+    root = demo.cache_dir()
     if not (root / "manifest.json").is_file():
         if shutil.which("apt-get") is None or shutil.which("npm") is None:
             pytest.skip("the demo corpus is absent and fetching it needs apt-get, npm and wget")
-        corpus.fetch(root, quiet=True)
+        demo.fetch(root, quiet=True)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "raw").symlink_to(root)  # the demo's globs are data/raw/... from the CWD
     monkeypatch.chdir(tmp_path)

@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from sourcelm.data import textutil
-from sourcelm.data.c4 import C4Quality, FineWebQuality
-from sourcelm.data.document import Document
-from sourcelm.data.gopher import GopherQuality, GopherRepetition
-from sourcelm.data.pii import PII
-from sourcelm.data.sampling import Limit, Sample
-from sourcelm.data.url_filter import URLFilter
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.steps import textutil
+from sourcelm.data.steps.c4 import C4Quality, FineWebQuality
+from sourcelm.data.steps.gopher import GopherQuality, GopherRepetition
+from sourcelm.data.steps.pii import PII
+from sourcelm.data.steps.sampling import Limit, Sample
+from sourcelm.data.steps.url_filter import URLFilter
 from tests.data.warc_fixtures import ENGLISH
 
 PROSE = " ".join(ENGLISH)
@@ -54,7 +54,7 @@ TRICKY = [
 
 
 def test_special_cases_spell_their_text():
-    from sourcelm.data.english_rules import SPECIAL_CASES
+    from sourcelm.data.steps.english_rules import SPECIAL_CASES
 
     assert SPECIAL_CASES["don't"] == ("do", "n't") and SPECIAL_CASES["e.g."] == ("e.g.",)
     assert all("".join(v) == k for k, v in SPECIAL_CASES.items())

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sourcelm.config import ConfigError
-from sourcelm.data.document import Document
-from sourcelm.data.minhash import (
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.dedup.minhash import (
     MinhashDedup,
     MinhashParams,
     MinhashSigner,

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from sourcelm.data import corpus
-from sourcelm.data.document import Document
-from sourcelm.data.minhash import MinhashDedup, MinhashParams, words
+from sourcelm.data.corpus import demo
+from sourcelm.data.dedup.minhash import MinhashDedup, MinhashParams, words
+from sourcelm.data.pipeline.document import Document
 
 LOCALES = ("en-US", "da-DK", "el-GR", "de-DE", "ja-JP")  # en-US first: the originals are kept
 
@@ -36,7 +36,7 @@ def shingle_set(text, n=5):
 
 @pytest.mark.slow
 def test_handbook_translations_precision_recall_at_075(tmp_path):
-    root = corpus.cache_dir()
+    root = demo.cache_dir()
     if not all((root / "warc" / f"handbook-{loc}.warc.gz").is_file() for loc in LOCALES):
         pytest.skip(f"demo corpus not in {root}; run `sourcelm corpus fetch --dir {root}` or the corpus tests")
     by_locale = {loc: handbook_pages(root, loc) for loc in LOCALES}

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from sourcelm.config import ConfigError
-from sourcelm.data.audit import audit
-from sourcelm.data.executors import LocalExecutor
-from sourcelm.data.plan import load_plan
-from sourcelm.data.run import run_plan
-from sourcelm.data.writers import read_jsonl_zst
+from sourcelm.data.formats.writers import read_jsonl_zst
+from sourcelm.data.pipeline.audit import audit
+from sourcelm.data.pipeline.executors import LocalExecutor
+from sourcelm.data.pipeline.plan import load_plan
+from sourcelm.data.pipeline.run import run_plan
 from sourcelm.artifacts import read_manifest, sha256_file
 from tests.data.pipeline_fixtures import make_inputs, output_bytes, write_pipeline
 
@@ -187,6 +187,20 @@ def test_bad_config_fails_at_once_naming_the_field(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_plan(write_pipeline(tmp_path, text))
     assert needle in str(e.value)
+
+
+def test_a_step_named_by_its_module_path_before_the_subpackages_still_builds():
+    """A pipeline TOML may name a built-in step "module:Class" by its flat path from before sourcelm/data/
+    had subpackages; the registry maps it to where the module is now."""
+    import importlib.util
+
+    from sourcelm.data.pipeline.registry import FORMER_MODULES, STEP_TYPES, build_step
+
+    step = build_step({"type": "sourcelm.data.minhash:MinhashDedup", "name": "near_dup"}, 0)
+    assert type(step) is type(build_step({"type": "minhash_dedup"}, 1)) and step.name == "near_dup"
+    assert type(build_step({"type": "sourcelm.data.exact_dedup:ExactDedup"}, 0)).__name__ == "ExactDedup"
+    assert {spec.split(":")[0] for spec in STEP_TYPES.values()} == set(FORMER_MODULES.values())
+    assert all(importlib.util.find_spec(old) is None for old in FORMER_MODULES)
 
 
 def test_input_override_and_cli(tmp_path, capsys):

@@ -11,10 +11,10 @@ import statistics
 
 import pytest
 
-from sourcelm.data.extract import Extract, resiliparse_extractor, trafilatura_extractor
-from sourcelm.data.langid import LanguageID, load_model, predict
-from sourcelm.data.document import Document
-from sourcelm.data.readers import decode_html
+from sourcelm.data.formats.readers import decode_html
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.steps.extract import Extract, resiliparse_extractor, trafilatura_extractor
+from sourcelm.data.steps.langid import LanguageID, load_model, predict
 from tests.data.warc_fixtures import ENGLISH, page
 
 # Article 1 of the UDHR (and a second sentence), in the languages a curation run meets most
@@ -97,13 +97,13 @@ def test_extraction_time_limit_and_errors():
 
 @pytest.fixture(scope="module")
 def corpus_dir():
-    from sourcelm.data import corpus
+    from sourcelm.data.corpus import demo
 
-    root = corpus.cache_dir()
+    root = demo.cache_dir()
     if not (root / "manifest.json").is_file():
         if shutil.which("apt-get") is None or shutil.which("npm") is None:
             pytest.skip("the demo corpus is absent and fetching it needs apt-get, npm and wget")
-        corpus.fetch(root, quiet=True)
+        demo.fetch(root, quiet=True)
     return root
 
 

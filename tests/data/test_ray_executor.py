@@ -2,9 +2,9 @@
 
 import pytest
 
-from sourcelm.data.executors import LocalExecutor, RayExecutor
-from sourcelm.data.plan import load_plan
-from sourcelm.data.run import run_plan
+from sourcelm.data.pipeline.executors import LocalExecutor, RayExecutor
+from sourcelm.data.pipeline.plan import load_plan
+from sourcelm.data.pipeline.run import run_plan
 from tests.data.pipeline_fixtures import make_inputs, output_bytes, write_pipeline
 
 

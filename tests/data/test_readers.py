@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from sourcelm.data.readers import Rejected, detect_format, read_file
+from sourcelm.data.formats.readers import Rejected, detect_format, read_file
 from tests.data.warc_fixtures import ENGLISH, page, write_warc
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from sourcelm.config import ConfigError
-from sourcelm.data.document import Document
-from sourcelm.data.minhash import ngram_hashes, words
-from sourcelm.data.step import Step
+from sourcelm.data.dedup.minhash import ngram_hashes, words
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
 
 log = logging.getLogger(__name__)
 

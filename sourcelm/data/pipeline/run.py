@@ -18,11 +18,11 @@ import shutil
 import time
 from pathlib import Path
 
-from sourcelm.data.plan import Plan
-from sourcelm.data.progress import StageProgress
-from sourcelm.data.registry import build_step
-from sourcelm.data.report import merge_stats, write_funnel_plot
-from sourcelm.data.task import global_work_dir, marker_path, resolve_marker
+from sourcelm.data.pipeline.plan import Plan
+from sourcelm.data.pipeline.progress import StageProgress
+from sourcelm.data.pipeline.registry import build_step
+from sourcelm.data.pipeline.report import merge_stats, write_funnel_plot
+from sourcelm.data.pipeline.task import global_work_dir, marker_path, resolve_marker
 from sourcelm.artifacts import atomic_write_bytes, write_manifest
 
 

@@ -18,8 +18,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from sourcelm.data.document import Document
-from sourcelm.data.step import Step
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
 
 
 class ExtractionTimeout(Exception):

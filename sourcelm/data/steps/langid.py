@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sourcelm.data.document import Document
-from sourcelm.data.step import Step
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
 
 _MODELS: dict[str, object] = {}
 

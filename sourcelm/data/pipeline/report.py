@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from sourcelm.data.plan import Plan
+from sourcelm.data.pipeline.plan import Plan
 
 _SUMMED = ("docs_in", "docs_out", "bytes_in", "bytes_out", "time_s")
 

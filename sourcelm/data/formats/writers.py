@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from sourcelm.data.document import Document
+from sourcelm.data.pipeline.document import Document
 
 ZSTD_LEVEL = 3
 FORMATS = {"jsonl.zst": ".jsonl.zst", "parquet": ".parquet"}

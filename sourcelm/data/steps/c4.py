@@ -14,10 +14,10 @@ import os
 import regex
 
 from sourcelm.config import ConfigError
-from sourcelm.data import textutil
-from sourcelm.data.document import Document
-from sourcelm.data.gopher import duplicates
-from sourcelm.data.step import Step
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
+from sourcelm.data.steps import textutil
+from sourcelm.data.steps.gopher import duplicates
 
 _CITATION = regex.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")

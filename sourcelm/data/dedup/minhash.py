@@ -50,9 +50,9 @@ import numpy as np
 import xxhash
 
 from sourcelm.config import ConfigError
-from sourcelm.data.document import Document
-from sourcelm.data.exact_dedup import DedupStep, load_task_ids, save_npy, write_json
-from sourcelm.data.union_find import connected_components
+from sourcelm.data.dedup.exact import DedupStep, load_task_ids, save_npy, write_json
+from sourcelm.data.dedup.union_find import connected_components
+from sourcelm.data.pipeline.document import Document
 
 _WORD = re.compile(r"\w+")
 _POLY = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier for the polynomial over word hashes

@@ -33,10 +33,10 @@ from importlib import resources
 from pathlib import Path
 
 from sourcelm.config import ConfigError
-from sourcelm.data.readers import FORMATS as INPUT_FORMATS
-from sourcelm.data.readers import detect_format
-from sourcelm.data.registry import build_step, is_global
-from sourcelm.data.writers import FORMATS as OUTPUT_FORMATS
+from sourcelm.data.formats.readers import FORMATS as INPUT_FORMATS
+from sourcelm.data.formats.readers import detect_format
+from sourcelm.data.formats.writers import FORMATS as OUTPUT_FORMATS
+from sourcelm.data.pipeline.registry import build_step, is_global
 
 _INPUT_KEYS = {"paths", "format", "text_key", "url_key"}
 

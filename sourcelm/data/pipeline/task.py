@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sourcelm.data.document import Document
-from sourcelm.data.plan import Plan
-from sourcelm.data.readers import Rejected, read_file
-from sourcelm.data.registry import build_step
-from sourcelm.data.writers import JsonlZstWriter, ShardWriter, read_jsonl_zst
+from sourcelm.data.formats.readers import Rejected, read_file
+from sourcelm.data.formats.writers import JsonlZstWriter, ShardWriter, read_jsonl_zst
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.plan import Plan
+from sourcelm.data.pipeline.registry import build_step
 from sourcelm.artifacts import atomic_write_bytes
 
 REPORT_EVERY = 256  # documents between progress reports

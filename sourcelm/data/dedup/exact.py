@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from sourcelm.data.document import Document
-from sourcelm.data.step import GlobalStep
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import GlobalStep
 from sourcelm.artifacts import atomic_write_bytes
 
 _SPACES = re.compile(r"\s+")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sourcelm.data.document import Document, make_doc_id
+from sourcelm.data.pipeline.document import Document, make_doc_id
 
 HTML_TYPES = {"text/html", "application/xhtml+xml"}
 TEXT_TYPES = {"text/plain"}

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from sourcelm.data.plan import Plan
-from sourcelm.data.task import run_task
+from sourcelm.data.pipeline.plan import Plan
+from sourcelm.data.pipeline.task import run_task
 
 _progress_queue = None
 
@@ -120,7 +120,7 @@ class RayExecutor:
 
         if ray.is_initialized():
             return
-        package_root = str(Path(__file__).resolve().parents[2])
+        package_root = str(Path(__file__).resolve().parents[3])
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}}
         if self.address:
             ray.init(address=self.address, runtime_env=env, log_to_driver=True)

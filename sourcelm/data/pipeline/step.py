@@ -5,7 +5,7 @@ document (deduplication): it splits the pipeline into stages. The executor runs 
 task, its `resolve` once, then its `decide` per task, so the result does not depend on how many
 workers ran.
 
-Steps are built from the pipeline TOML through `STEP_TYPES` (in `sourcelm.data.registry`): the
+Steps are built from the pipeline TOML through `STEP_TYPES` (in `sourcelm.data.pipeline.registry`): the
 TOML `type` names the class and the remaining keys are its constructor's keyword arguments.
 """
 
@@ -15,7 +15,7 @@ import collections
 from pathlib import Path
 from typing import Iterable
 
-from sourcelm.data.document import Document
+from sourcelm.data.pipeline.document import Document
 
 
 class Step:

@@ -7,8 +7,8 @@ import re
 from importlib import resources
 from urllib.parse import urlsplit
 
-from sourcelm.data.document import Document
-from sourcelm.data.step import Step
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
 
 _URL_WORDS = re.compile(r"[^a-z0-9]+")
 
@@ -19,7 +19,7 @@ def read_list(path) -> set[str]:
 
 
 def default_domains() -> set[str]:
-    with resources.as_file(resources.files("sourcelm.data") / "blocklists" / "default_domains.txt") as p:
+    with resources.as_file(resources.files("sourcelm.data.steps") / "blocklists" / "default_domains.txt") as p:
         return read_list(p)
 
 

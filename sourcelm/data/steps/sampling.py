@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import xxhash
 
-from sourcelm.data.document import Document
-from sourcelm.data.step import Step
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
 
 
 class Sample(Step):

@@ -22,9 +22,9 @@ import re
 
 import numpy as np
 
-from sourcelm.data import textutil
-from sourcelm.data.document import Document
-from sourcelm.data.step import Step
+from sourcelm.data.pipeline.document import Document
+from sourcelm.data.pipeline.step import Step
+from sourcelm.data.steps import textutil
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 

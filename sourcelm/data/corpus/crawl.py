@@ -16,7 +16,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sourcelm.data.corpus_sources import FetchError, need_tool
+from sourcelm.data.corpus.sources import FetchError, need_tool
 
 # assets the text pipeline never uses: not crawled, so the WARCs hold pages only
 _REJECT = "png,jpg,jpeg,gif,svg,ico,css,js,woff,woff2,ttf,eot,txt,zip,bz2,gz,pdf,epub,json,inv"

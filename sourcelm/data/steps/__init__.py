@@ -1,0 +1,1 @@
+"""Per-document pipeline steps: HTML extraction, URL / language / quality filters, PII, sampling, decontamination."""
