@@ -1,7 +1,6 @@
 """The single-device DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) and its initialisation."""
 
 from sourcelm.model.init import init_expert_slice, init_weights
-from sourcelm.model.grouped_experts import expert_ffn
 from sourcelm.model.moe import MoE, RoutedExperts, Router
 from sourcelm.model.transformer import DeepseekV3, ModelOutput
 
@@ -17,5 +16,4 @@ def build_model(cfg, seed: int | None = 0, device=None):
     return model
 
 
-__all__ = ["DeepseekV3", "ModelOutput", "MoE", "RoutedExperts", "Router", "build_model", "expert_ffn",
-           "init_expert_slice", "init_weights"]
+__all__ = ["DeepseekV3", "ModelOutput", "MoE", "RoutedExperts", "Router", "build_model", "init_expert_slice", "init_weights"]

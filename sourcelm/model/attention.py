@@ -13,14 +13,12 @@ so the state dict maps 1:1. The absorbed-weight form used with the compressed ca
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sourcelm.config import ModelConfig
-from sourcelm.model import amx
+from sourcelm.kernels import ops
+from sourcelm.model.linear import Linear
 from sourcelm.model.norm_rope import RMSNorm, apply_rope, softmax_scale
 
 
@@ -36,15 +34,15 @@ class MLA(nn.Module):
         self.impl = cfg.attn_impl
         h = cfg.hidden_size
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+            self.q_proj = Linear(h, self.n_heads * self.qk_dim)
         else:
-            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, feeds_matmul=True)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + self.rope_dim, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.n_heads * self.qk_dim)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + self.rope_dim)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, feeds_matmul=True)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(self.n_heads * self.v_dim, h)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> (q [B, T, heads, qk_dim] with its rope part not yet rotated, normalised c^KV
@@ -55,7 +53,7 @@ class MLA(nn.Module):
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
             down = torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight])
-            q_a, kv = F.linear(x, down).split([self.q_lora_rank, kv_width], dim=-1)
+            q_a, kv = ops.linear(x, down).split([self.q_lora_rank, kv_width], dim=-1)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return q.view(*x.shape[:-1], self.n_heads, self.qk_dim), self.kv_a_layernorm(c_kv), k_rope
@@ -71,71 +69,5 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
 
-        impl = self.impl if self.impl != "auto" else choose_attention(q, k, v)
-        if impl == "amx":
-            o = amx.causal_attention(q, k, v, self.scale)
-        elif impl == "sdpa":
-            o = sdpa_causal(q, k, v, self.scale)
-        elif impl == "bmm":
-            o = bmm_causal(q, k, v, self.scale)
-        else:
-            o = eager_causal_attention(q, k, v, self.scale)
+        o = ops.causal_attention(q, k, v, self.scale, self.impl)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
-
-
-BMM_SCORES_BUDGET = 64 << 20  # bytes of one layer's [B, heads, T, T] scores up to which "auto" picks "bmm" on CPU
-
-
-def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """What `attn_impl = "auto"` runs. On the CPU while one layer's scores ([B, heads, T, T] in the compute dtype)
-    fit in 64 MB: "amx" where the AMX kernel takes the call (bf16, `amx.attention_takes`), else "bmm"; beyond
-    that "sdpa". On the CPU torch's flash-attention backward is slow at short sequences: fwd + bwd of the tiny
-    preset's attention core (B 8, 4 heads, T 256, 2 threads) took 8.4-9.3 ms with "sdpa" and 3.5-3.9 ms with
-    "bmm" in bf16, 7.7-8.4 and 7.2 ms in fp32; "amx" 1.9 ms against 3.2 for "bmm" in the same run. GPUs always
-    get the flash kernels."""
-    b, h, t, _ = q.shape
-    if q.device.type == "cpu" and b * h * t * t * q.element_size() <= BMM_SCORES_BUDGET:
-        return "amx" if amx.attention_takes(q, k, v) else "bmm"
-    return "sdpa"
-
-
-@functools.lru_cache(maxsize=16)
-def causal_bias(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[T, T]: 0 on and below the diagonal, -inf above it; kept for the last few (T, dtype, device)."""
-    above = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(t, t, dtype=dtype, device=device).masked_fill(above, float("-inf"))
-
-
-def bmm_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention as two batched matmuls around a softmax: the scores come out of one `baddbmm` that
-    adds the causal mask as a bias, and autograd keeps the softmax output for backward (O(B·heads·T²)
-    memory, so "auto" only picks it for short sequences). The scores are rounded to the compute dtype
-    before the softmax, as in HF's eager attention; the softmax itself runs in fp32 inside torch's kernel.
-    Measured against fp64 on the tiny preset's shapes in bf16: output error 0.33 % here, 0.19 % with the
-    flash kernel, which keeps the scores in fp32 (bf16's own rounding is 0.39 %)."""
-    b, h, t, d = q.shape
-    dv = v.shape[-1]
-    scores = torch.baddbmm(causal_bias(t, q.dtype, q.device).expand(b * h, t, t), q.reshape(b * h, t, d),
-                           k.reshape(b * h, t, d).transpose(1, 2), alpha=scale)
-    return torch.bmm(scores.softmax(-1), v.reshape(b * h, t, dv)).view(b, h, t, dv)
-
-
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """F.scaled_dot_product_attention, causal. MLA's values are narrower than its queries/keys (v_head_dim <
-    qk_head_dim); the fused (flash) kernels want one head size, and with two they fall back to the unfused
-    math path (measured on CPU: fwd+bwd 1.7x slower for the tiny preset's heads). So v is zero-padded to the
-    query width and the extra output columns, all zero, are dropped."""
-    pad = q.shape[-1] - v.shape[-1]
-    if pad <= 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=scale)
-    return o[..., : v.shape[-1]]
-
-
-def eager_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The plain reference: softmax(q k^T * scale + causal mask) v, softmax in fp32."""
-    t_q, t_k = q.shape[-2], k.shape[-2]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.float().softmax(-1).to(q.dtype), v)

@@ -31,7 +31,7 @@ def _resolve(source: str, overrides: list[str]):
         cfg = load_model_config(hf_json)
         return cfg, min(4096, cfg.max_position_embeddings), dtype if dtype in ("float32", "bfloat16", "float16") \
             else "bfloat16"
-    from sourcelm.model.hardware import resolve_device, resolve_dtype
+    from sourcelm.kernels.hardware import resolve_device, resolve_dtype
 
     full = load_config(source, overrides)
     return full.model, full.data.seq_len, resolve_dtype(full.train.dtype, resolve_device(full.train.device))

@@ -33,9 +33,7 @@ from typing import Callable
 
 import torch
 
-from sourcelm.model import native
-
-IGNORE = -100
+from sourcelm.kernels import ops
 
 
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -60,27 +58,6 @@ def _group_rows(n_rows: int, vocab: int, chunk_rows: int, itemsize: int, budget_
     every step instead of being mapped and faulted in again."""
     chunks = max(1, budget_bytes // (itemsize * vocab * chunk_rows))
     return min(n_rows, chunks * chunk_rows)
-
-
-def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor | None) -> torch.Tensor:
-    """One chunk's elementwise part: logits [c, V] (compute dtype) and labels [c] -> the sum of CE over the
-    valid labels (fp32). With `grad_out` ([c, V], the logits' dtype) it also writes d(sum)/d(logits) =
-    softmax - one-hot there (zero rows for ignored labels; `grad_out` may be `logits` itself, overwritten).
-    Log-softmax and softmax in fp32. A separate function so that `train.compile` can fuse its passes into
-    one kernel (`DeepseekV3.compile_blocks`)."""
-    logp = logits.float().log_softmax(-1)  # [c, V], fp32
-    valid = labels != IGNORE
-    target = labels.clamp_min(0)[:, None]
-    loss = -(logp.gather(1, target).squeeze(1) * valid).sum()
-    if grad_out is None:
-        return loss
-    p = logp.exp_()  # softmax, in place
-    p.scatter_add_(1, target, -valid[:, None].float())  # minus the one-hot of the target
-    # eager skips the masking pass when every label counts; compiled code is fused and must not branch on data
-    if torch.compiler.is_compiling() or not bool(valid.all()):
-        p.mul_(valid[:, None])
-    grad_out.copy_(p)  # the cast to the compute dtype, written where the caller keeps it
-    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -122,22 +99,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h.mul_(grad_loss).to(ctx.h_dtype), grad_w.to(ctx.w_dtype).mul_(grad_loss), None, None, None, None, None
 
 
-def default_chunk_fn(device: torch.device) -> Callable:
-    """The per-chunk step for `device`: the native kernel on the CPU where it builds (`native.py`), else the
-    torch code."""
-    return native.chunk_loss_and_grad if device.type == "cpu" and native.available() else chunk_loss_and_grad
-
-
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk_rows: int | None = None, chunk_fn: Callable | None = None) -> torch.Tensor:
     """Sum over labels != -100 of CE(h W^T, labels): h [..., H], weight [V, H], labels [...] (int64).
     Returns an fp32 scalar; differentiable in h and weight. `chunk_fn`: the per-chunk step
-    (`chunk_loss_and_grad`, a compiled version of it, or the native kernel); None = `default_chunk_fn`."""
+    (`reference.chunk_loss_and_grad`'s contract: it, a compiled version of it, or the C kernel); None = the one
+    `ops.cross_entropy_chunk` picks for the device."""
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     dtype = _compute_dtype(h, weight)
     rows = chunk_rows or _chunk_rows(h2.shape[0], weight.shape[0], torch.finfo(dtype).bits // 8)
-    chunk_fn = chunk_fn or default_chunk_fn(h.device)
+    chunk_fn = chunk_fn or ops.cross_entropy_chunk(h.device)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h2, weight, y, dtype, rows, need_grad, chunk_fn)

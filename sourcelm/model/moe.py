@@ -10,13 +10,14 @@ Routing (`Router.forward`, fp32 throughout):
   group; K / topk_group = 2 for DeepSeek-V3 (8 / 4) and for the presets, so the two agree there.
   Some HF-derived copies mask with 0.0 instead; that differs when a kept expert's s' < 0, which
   happens once the balancer has pushed an overloaded expert's bias below -s: -inf is the safe choice.
-  On the CPU the selection runs as one C pass per token (`native.route_topk`), equal index for index to
-  its torch code (`Router._select`), which every other device runs.
+  The selection is `ops.route_topk` (one C pass per token on the CPU, equal index for index to its torch
+  code, `sourcelm.kernels.reference.route_topk`, which every other device runs).
 
 Routed experts (`RoutedExperts`) keep their weights as 3-D parameters w1/w3 [E, I, H] (gate/up) and
-w2 [E, H, I] (down). The fast path (`grouped_experts.py`) gathers the token copies into rows grouped
-by expert, runs one grouped matmul per projection, and gathers the weighted outputs back. The plain
-reference (`moe_impl = "loop"`) loops over experts on the unsorted tokens.
+w2 [E, H, I] (down). The fast path gathers the token copies into rows grouped by expert
+(`ops.group_by_expert`, `ops.dispatch_rows`), runs one grouped matmul per projection (`ops.expert_ffn`), and
+gathers the weighted outputs back (`ops.combine_rows`). The plain reference (`moe_impl = "loop"`) loops over
+experts on the unsorted tokens.
 """
 
 from __future__ import annotations
@@ -28,23 +29,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from sourcelm.config import ModelConfig
-from sourcelm.model import native
-from sourcelm.model.grouped_experts import grouped_experts_forward, swiglu
+from sourcelm.kernels import ops
+from sourcelm.model.linear import Linear
 
 
 class MLP(nn.Module):
     """SwiGLU FFN: down(silu(gate(x)) * up(x)); used for dense layers and shared experts. The gate and up
-    projections run as one matmul on their stacked weights (`grouped_experts.swiglu`)."""
+    projections run as one matmul on their stacked weights (one input gradient, not two to sum)."""
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner)
+        self.up_proj = Linear(hidden, inner)
+        self.down_proj = Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        return self.down_proj(swiglu(F.linear(x, gate_up)))
+        return self.down_proj(ops.swiglu(ops.linear(x, gate_up)))
 
 
 class Router(nn.Module):
@@ -70,27 +71,12 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under autocast too
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
         with torch.no_grad():  # selection is discrete: no gradient flows through it
-            if native.route_takes(scores, self.n_group, self.topk_group, self.top_k):  # the CPU: one C pass
-                topk_idx = native.route_topk(scores, self.e_score_correction_bias, self.n_group, self.per_group_top,
-                                             self.topk_group, self.top_k)
-            else:
-                topk_idx = self._select(scores)
+            topk_idx = ops.route_topk(scores, self.e_score_correction_bias, self.n_group, self.per_group_top,
+                                      self.topk_group, self.top_k)
         weights = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return topk_idx, weights * self.scaling, scores
-
-    def _select(self, scores: torch.Tensor) -> torch.Tensor:
-        """The selection's torch code (the path off the CPU and the native kernel's reference): top-K of
-        s' = s + b among the `topk_group` groups with the best sums of their top `per_group_top`."""
-        biased = scores + self.e_score_correction_bias.float()
-        if self.n_group > 1:
-            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
-            group_scores = grouped.topk(self.per_group_top, dim=-1).values.sum(-1)
-            keep = group_scores.topk(self.topk_group, dim=-1).indices
-            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            biased = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, self.n_experts)
-        return biased.topk(self.top_k, dim=-1).indices
 
 
 class RoutedExperts(nn.Module):
@@ -129,6 +115,19 @@ class RoutedExperts(nn.Module):
             ye = F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
             out = out.index_add(0, token, ye * topk_weights[token, slot, None].to(x.dtype))
         return out
+
+
+def grouped_experts_forward(x: torch.Tensor, slot_expert: torch.Tensor, slot_weights: torch.Tensor,
+                            w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """x [N, H], slot_expert [N, K] (ids into the experts of w1/w2/w3; -1: computed elsewhere), slot_weights [N, K]
+    -> sum over the slots here of weight * expert(x) [N, H]: the token copies gathered into rows grouped by
+    expert, one grouped SwiGLU, the weighted rows gathered back. Computes in autocast's dtype when it is on
+    (`_grouped_mm` is not on its cast list)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    layout = ops.group_by_expert(slot_expert, w1.shape[0], ops.expert_row_alignment(x.device, dtype))
+    y = ops.expert_ffn(ops.dispatch_rows(x, layout, dtype), layout.counts, w1, w2, w3)
+    return ops.combine_rows(y, slot_weights, layout)
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, top_k: int,

@@ -2,8 +2,8 @@
 
 Semantics follow transformers' DeepSeek-V3 (and the released checkpoint):
 
-* RMSNorm normalises in fp32, casts back to the input dtype, then scales by its weight. On the CPU with
-  an fp32 weight it runs as one C kernel forward and one backward (`native.rms_norm`), same semantics.
+* RMSNorm normalises in fp32, casts back to the input dtype, then scales by its weight
+  (`sourcelm.kernels.reference.rms_norm`; `ops.rms_norm` runs it as one C kernel each way on the CPU).
   A norm built with `feeds_matmul=True` (its output only feeds matmuls, which autocast runs in bf16)
   returns the autocast dtype under autocast: the cast the matmul would make, made by the norm's own
   store, so the values are the same and one pass over the activation (and one over its gradient) less.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sourcelm.config import ModelConfig
-from sourcelm.model import native
+from sourcelm.kernels import ops
 
 
 class RMSNorm(nn.Module):
@@ -41,18 +41,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         out = torch.get_autocast_dtype(dev) if self.feeds_matmul and torch.is_autocast_enabled(dev) else None
-        if (self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and native.takes(x)
-                and out in (None, torch.float32, torch.bfloat16)):
-            return native.rms_norm(x, self.weight, self.eps, out or torch.float32)
-        y = rms_norm(x, self.weight, self.eps)
-        return y if out is None else y.to(out)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm's torch code (HF's semantics): the path off the CPU and the native kernel's reference."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps, out)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -139,12 +128,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     follow the fp32 residual stream) and is rounded once at the end: the rotated part then joins its
     bf16 neighbours as bf16, where an fp32 result would turn the whole query and key fp32 and leave the
     attention matmuls (autocast) to cast them, and the causal mask, back, a copy each (~1 ms per layer)."""
-    if native.rope_takes(x, cos, sin):  # the CPU: one kernel forward and one backward, same semantics
-        return native.rope(x, cos, sin)
-    return rotate_pairs(x, cos, sin)
-
-
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope`'s torch code: the path off the CPU and the native kernel's reference."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return ops.rope(x, cos, sin)

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sourcelm.config import ModelConfig
-from sourcelm.model import amx
+from sourcelm.kernels import ops, reference
 from sourcelm.model.attention import MLA
-from sourcelm.model.loss import chunk_loss_and_grad, default_chunk_fn, linear_cross_entropy
+from sourcelm.model.linear import Linear
+from sourcelm.model.loss import linear_cross_entropy
 from sourcelm.model.moe import MLP, MoE
 from sourcelm.model.norm_rope import RMSNorm, RotaryEmbedding
 
@@ -83,7 +84,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(cfg, layer_idx)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)  # both only feed eh_proj
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)  # the head's matmuls
 
@@ -108,7 +109,7 @@ class DeepseekV3(nn.Module):
         n = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, n + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
-        self.ce_chunk = None  # the fused loss's per-chunk step: None = the device's default (loss.default_chunk_fn)
+        self.ce_chunk = None  # the fused loss's per-chunk step: None = the device's (ops.cross_entropy_chunk)
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(qualified name, MoE module) of every MoE layer: main layers in order, then the MTP blocks."""
@@ -127,24 +128,19 @@ class DeepseekV3(nn.Module):
 
     def compile_blocks(self, compute_dtype: torch.dtype = torch.float32) -> None:
         """torch.compile (opt-in: `train.compile`) of the parts of every block, MTP included, that are static
-        dense code: the attention half (norms, MLA, residual) and, where the native CPU kernels do not run,
-        the router, the dense FFN, the shared expert and the fused loss's per-chunk softmax and gradient.
-        With the C kernels (`native.py`) those four run them eager: measured forward + backward on the tiny
-        preset's shapes (2 threads, bf16), the router 1.1 ms eager against 1.8 compiled, the FFNs equal
-        (6.6-6.8 / 2.1-2.2 ms either way), the attention half 9.0-9.5 eager against 7.9-8.0 compiled. Where
-        the AMX attention kernel runs (`amx.py`: the CPU, `compute_dtype` bf16, head sizes it takes) the
-        attention half stays eager too: the tiny preset's trainer step 120 ms eager, 124 with the half
-        compiled around the bmm path, 125-127 with the kernel as a custom operator inside the compiled
-        half. The routed experts stay eager: their per-expert group sizes change every step, and an
-        expert-parallel layer swapped in from outside runs collectives. Names and parameters are unchanged
-        (compiled methods and `Module.compile`), so checkpoints and EP are unaffected."""
+        dense code: the attention half (norms, MLA, residual) and, where the C kernels do not run
+        (`ops.native_runs`), the router, the dense FFN, the shared expert and the fused loss's per-chunk softmax
+        and gradient; where they run they are as fast or faster eager. Where the AMX attention kernel runs the
+        attention half stays eager too (compiled around the bmm path it was slower; bench/RESULTS_train.md). The
+        routed experts stay eager: their per-expert group sizes change every step, and an expert-parallel layer
+        swapped in from outside runs collectives. Names and parameters are unchanged (compiled methods and
+        `Module.compile`), so checkpoints and EP are unaffected."""
         device = next(self.parameters()).device
-        native_here = default_chunk_fn(device) is not chunk_loss_and_grad
+        native_here = ops.native_runs(device)
         cfg = self.config
-        amx_attention = (device.type == "cpu" and compute_dtype == torch.bfloat16 and amx.ready()
-                         and amx.attention_head_sizes_fit(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim))
+        amx_attention = ops.amx_attention_runs(device, compute_dtype, cfg.qk_head_dim, cfg.v_head_dim)
         if not native_here:
-            self.ce_chunk = torch.compile(chunk_loss_and_grad)
+            self.ce_chunk = torch.compile(reference.chunk_loss_and_grad)
         for layer in [*self.model.layers, *self.mtp]:
             if not amx_attention:
                 layer.attention_block = torch.compile(layer.attention_block)
@@ -157,35 +153,43 @@ class DeepseekV3(nn.Module):
             else:
                 layer.mlp.compile()
 
-    def hidden_states(self, input_ids, token_mask=None, balance_alpha=0.0):
-        """Main stack: (final-normed hidden [B, T, H], list of counts, list of balance losses)."""
-        return self._main_stack(self.model.embed_tokens(input_ids), token_mask, balance_alpha)
+    # -- the parts a pipeline stage owns: embed (first stage), blocks(range), head_and_losses (last stage) --------
 
-    def _main_stack(self, h, token_mask, balance_alpha):
-        t = h.shape[1]
-        cos, sin = self.rotary(torch.arange(t, device=h.device), h.dtype)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> the embedding rows [B, T, H] (also the MTP modules' input, shifted)."""
+        return self.model.embed_tokens(input_ids)
+
+    def blocks(self, h: torch.Tensor, layers: range | None = None, token_mask: torch.Tensor | None = None,
+               balance_alpha: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Main decoder layers `layers` (default: all) on h [B, T, H] -> (h, expert counts of their MoE layers,
+        their balance losses), both lists in layer order."""
+        cos, sin = self.rotary(torch.arange(h.shape[1], device=h.device), h.dtype)
         counts, balances = [], []
-        for layer in self.model.layers:
-            h, c, b = layer(h, cos, sin, token_mask, balance_alpha)
+        for i in layers if layers is not None else range(len(self.model.layers)):
+            h, c, b = self.model.layers[i](h, cos, sin, token_mask, balance_alpha)
             if c is not None:
                 counts.append(c)
                 balances.append(b)
+        return h, counts, balances
+
+    def hidden_states(self, input_ids, token_mask=None, balance_alpha=0.0):
+        """Main stack: (final-normed hidden [B, T, H], list of counts, list of balance losses)."""
+        h, counts, balances = self.blocks(self.embed(input_ids), None, token_mask, balance_alpha)
         return self.model.norm(h), counts, balances
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, mtp_weight: float | None = None,
-                balance_alpha: float | None = None, return_logits: bool = True) -> ModelOutput:
-        """input_ids [B, T]; labels [B, T] with labels[t] the target of position t (-100: ignored);
-        token_mask [B, T] bool (False = padding, left out of expert counts and the balance loss).
-        Without labels only the main stack runs (no MTP, its count rows are zero, no losses).
-        return_logits=False (with labels): no logits in the output, the fused head + loss instead."""
+    def head_and_losses(self, h: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor | None,
+                        token_mask: torch.Tensor | None = None, mtp_weight: float | None = None,
+                        balance_alpha: float | None = None, return_logits: bool = True,
+                        counts: list[torch.Tensor] | None = None,
+                        balances: list[torch.Tensor] | None = None) -> ModelOutput:
+        """The last stage: the final norm, the main head and its loss, the MTP depths and their losses, from the
+        last main layer's output h [B, T, H] and the embedding rows `emb` [B, T, H]. `counts` / `balances`: those
+        of the main layers (from `blocks`), to which the MTP blocks' are appended. Arguments as `forward`."""
         cfg = self.config
         alpha = cfg.balance_loss_alpha if balance_alpha is None else balance_alpha
         lam = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
-        if labels is None:
-            alpha = 0.0
-        emb = self.model.embed_tokens(input_ids)
-        h, counts, balances = self._main_stack(emb, token_mask, alpha)
+        counts, balances = list(counts or []), list(balances or [])
+        h = self.model.norm(h)
         logits = self.lm_head(h) if return_logits or labels is None else None
         n_mtp_moe = sum(layer.is_moe for layer in self.mtp)
         if labels is None:
@@ -196,7 +200,7 @@ class DeepseekV3(nn.Module):
         main_loss = (_ce_sum(logits, labels) if logits is not None
                      else linear_cross_entropy(h, self.lm_head.weight, labels, chunk_fn=self.ce_chunk)) / n_targets
         mtp_losses = []
-        t = input_ids.shape[1]
+        t = labels.shape[1]
         prev = h
         for k, layer in enumerate(self.mtp, start=1):
             if t <= k:  # nothing to predict this far ahead in such a short window
@@ -219,6 +223,21 @@ class DeepseekV3(nn.Module):
         loss = main_loss + lam * mtp_loss + balance
         return ModelOutput(logits=logits, loss=loss, main_loss=main_loss, mtp_loss=mtp_loss,
                            balance_loss=balance, expert_counts=_stack(counts, cfg, h.device))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None, mtp_weight: float | None = None,
+                balance_alpha: float | None = None, return_logits: bool = True) -> ModelOutput:
+        """input_ids [B, T]; labels [B, T] with labels[t] the target of position t (-100: ignored);
+        token_mask [B, T] bool (False = padding, left out of expert counts and the balance loss).
+        Without labels only the main stack runs (no MTP, its count rows are zero, no losses).
+        return_logits=False (with labels): no logits in the output, the fused head + loss instead.
+        The composition of the parts: embed, blocks over every main layer, head_and_losses."""
+        alpha = self.config.balance_loss_alpha if balance_alpha is None else balance_alpha
+        if labels is None:
+            alpha = 0.0
+        emb = self.embed(input_ids)
+        h, counts, balances = self.blocks(emb, None, token_mask, alpha)
+        return self.head_and_losses(h, emb, labels, token_mask, mtp_weight, alpha, return_logits, counts, balances)
 
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

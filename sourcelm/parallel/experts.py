@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sourcelm.model.grouped_experts import grouped_experts_forward
+from sourcelm.model.moe import grouped_experts_forward
 from sourcelm.model.moe import RoutedExperts
 from sourcelm.parallel.dispatch import Dispatcher, make_dispatcher
 from sourcelm.parallel.topology import Topology, build_topology

@@ -1,5 +1,5 @@
 """Process-level tuning for training on the CPU: `keep_freed_cpu_memory` (see its docstring). Which device
-and compute dtype a run uses is `sourcelm.model.hardware`."""
+and compute dtype a run uses is `sourcelm.kernels.hardware`."""
 
 from __future__ import annotations
 

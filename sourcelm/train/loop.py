@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from sourcelm.config import Config, check_batch_layout
-from sourcelm.model.hardware import resolve_device, resolve_dtype
+from sourcelm.kernels.hardware import resolve_device, resolve_dtype
 from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer

@@ -15,14 +15,12 @@ Gradients: `zero_grad` drops every `.grad`, so backward hands each parameter its
 tensor, and the update reads the blocks straight out of those (a block never spans two parameters).
 Several micro-batches, or a layout that reduces gradients over ranks (one collective), first fold them
 into an fp32 flat buffer (`fold_grads`), which the blocks then read. Accumulating into a zeroed flat
-buffer every time costs a zeroing pass and a read-add-write pass over all gradients every step (3 ms
-for the zeroing alone on the tiny preset, 2 threads). Nothing is concatenated or copied back per step:
-on the tiny preset (12.2M parameters, 2 threads) optimizer step plus gradient norm went from 69 ms (a
-torch.cat of parameters and of gradients, unfused update, write-back, fp64 norm) to 15 ms.
+buffer every time would cost a zeroing pass and a read-add-write pass over all gradients every step.
+Nothing is concatenated or copied back per step (the figures: bench/RESULTS_train.md).
 
 Compute copies (`copies`, on the CPU where the native kernels run): the weights that only enter matmuls
 (`DeepseekV3.matmul_weights`) also live as bf16 parameters in a flat buffer of their own, which the
-update writes as it writes the fp32 masters (`native.AdamWBlocks`, which also reads bf16 gradients). The
+update writes as it writes the fp32 masters (`cpu_adamw.AdamWBlocks`, which also reads bf16 gradients). The
 trainer runs forward and backward on those (`ComputeCopies`): autocast then has no weight to cast
 forward and backward no gradient to cast back to fp32, two passes over every matmul weight a step. The
 values are the ones autocast's casts produced, so training gives the same bits with or without them;
@@ -42,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sourcelm.model import native
+from sourcelm.kernels import cpu_adamw, ops
 
 
 def decays(name: str, param: nn.Parameter) -> bool:
@@ -61,7 +59,7 @@ class FlatAdamW:
                                  f"in fp32 and use train.dtype for the compute dtype")
         self.device = named_params[0][1].device if named_params else torch.device("cpu")
         # the native kernel updates the buffer on the CPU (and writes compute copies); torch's fused AdamW elsewhere
-        self.native = native.adamw_takes(self.device)
+        self.native = ops.adamw_backend(self.device) == "C"
         copied = {n for n, _ in named_params if n in set(copies)} if self.native else set()
         # copied matrices, other matrices, then vectors: two boundary indices instead of per-element masks
         ordered = ([np for np in named_params if np[0] in copied] +
@@ -107,7 +105,7 @@ class FlatAdamW:
         self.step_count = 0
         self._blocks = self._cut_blocks()
         if self.native:
-            self._kernel_blocks = native.AdamWBlocks(
+            self._kernel_blocks = cpu_adamw.AdamWBlocks(
                 [self.flat_param[f] for _, f, _, _, _ in self._blocks],
                 [self.exp_avg[m] for _, _, m, _, _ in self._blocks], [self.exp_avg_sq[m] for _, _, m, _, _ in self._blocks],
                 [self.flat_copy[f] if f.start < self.copy_end else None for _, f, _, _, _ in self._blocks],
@@ -173,11 +171,10 @@ class FlatAdamW:
         """Σ g² over this group's (replicated or local) gradients, returned as fp64 for the cross-rank sum; the
         same sum whether or not the gradients were folded. On the CPU one native pass per gradient (bf16 or
         fp32, accumulated in fp64); elsewhere one BLAS dot per parameter (relative error ~1e-5 at 9M elements,
-        plenty for clipping at 1.0), summed in fp64. `g.square().sum()` took 14 ms against 0.8 for the dots:
-        the CPU allocator maps its 9M-element temporary fresh, page by page, every step."""
+        plenty for clipping at 1.0), summed in fp64, with no temporary the size of the gradients."""
         grads = self._grads()
         if self.native:
-            return torch.tensor(native.sum_squares(grads), dtype=torch.float64)
+            return torch.tensor(cpu_adamw.sum_squares(grads), dtype=torch.float64)
         dots = [torch.dot(g, g) for g in grads]
         return torch.stack(dots).double().sum() if dots else torch.zeros((), dtype=torch.float64, device=self.device)
 

@@ -1,4 +1,4 @@
-"""The AMX kernels (`sourcelm.model.amx`): the routed experts' grouped matmul against fp64 and torch's grouped
+"""The AMX kernels (`sourcelm.kernels.amx`): the routed experts' grouped matmul against fp64 and torch's grouped
 matmul, causal attention against fp64 and the bmm path; values, gradients, empty groups, causality,
 thread-count independence, and what each declines. Runs where the CPU has AMX; elsewhere only the
 declines are checked (the torch code runs there)."""
@@ -6,9 +6,9 @@ declines are checked (the torch code runs there)."""
 import pytest
 import torch
 
-from sourcelm.model import amx
-from sourcelm.model import grouped_experts as ge
-from sourcelm.model.attention import bmm_causal, eager_causal_attention
+from sourcelm.kernels import amx, ops
+from sourcelm.kernels.attention import bmm_causal
+from sourcelm.kernels.reference import eager_causal_attention
 
 needs_amx = pytest.mark.skipif(not amx.ready(), reason="no AMX on this CPU (or no C compiler)")
 
@@ -102,7 +102,7 @@ def test_expert_ffn_runs_the_kernel_and_matches_the_torch_path(monkeypatch):
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (x, *ws)]
-        y = ge.expert_ffn(leaves[0], counts, *leaves[1:])
+        y = ops.expert_ffn(leaves[0], counts, *leaves[1:])
         y.backward(up)
         return [y.detach(), *(t.grad for t in leaves)]
 

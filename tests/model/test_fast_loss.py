@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from sourcelm.config import load_config
 from sourcelm.model import build_model
-from sourcelm.model.loss import chunk_loss_and_grad, linear_cross_entropy
+from sourcelm.kernels.reference import chunk_loss_and_grad
+from sourcelm.model.loss import linear_cross_entropy
 from sourcelm.model.moe import MoE
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from sourcelm.model import hardware
+from sourcelm.kernels import hardware
 
 
 def _cpuinfo(tmp_path, flags):

@@ -8,7 +8,7 @@ import torch
 
 from sourcelm.config import load_config
 from sourcelm.model import build_model
-from sourcelm.model import grouped_experts as ge
+from sourcelm.kernels import expert_matmul, ops
 from sourcelm.model.attention import MLA
 from sourcelm.model.init import init_weights
 from sourcelm.model.moe import MoE, sequence_balance_loss
@@ -54,7 +54,7 @@ def test_sdpa_and_bmm_match_eager(over):
 
 def test_bmm_attention_in_bf16_is_as_close_to_fp64_as_flash():
     """bmm rounds the scores to bf16 before the softmax, flash keeps them in fp32: both stay at bf16's level."""
-    from sourcelm.model.attention import bmm_causal, sdpa_causal
+    from sourcelm.kernels.attention import bmm_causal, sdpa_causal
 
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 4, 96, 48, generator=g) for _ in range(2))
@@ -75,8 +75,8 @@ def test_bmm_attention_in_bf16_is_as_close_to_fp64_as_flash():
 
 
 def test_auto_attention_picks_a_materialised_softmax_for_short_cpu_sequences_only():
-    from sourcelm.model import amx
-    from sourcelm.model.attention import BMM_SCORES_BUDGET, choose_attention
+    from sourcelm.kernels import amx
+    from sourcelm.kernels.ops import BMM_SCORES_BUDGET, choose_attention
 
     def qkv(b, heads, t, dtype=torch.bfloat16):  # CPU tensors of those shapes without the memory
         q = torch.zeros(1, 1, 1, 1, dtype=dtype).expand(b, heads, t, 48)
@@ -158,9 +158,9 @@ def test_expert_ffn_fallback_matches_grouped_mm(monkeypatch):
     x = torch.randn(int(counts.sum()), h)
     ref = torch.cat([torch.nn.functional.silu(r @ w1[j].T) * (r @ w3[j].T) @ w2[j].T
                      for j, r in enumerate(x.split(counts.tolist()))])
-    torch.testing.assert_close(ge.expert_ffn(x, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.setitem(ge._GROUPED_MM_OK, ("cpu", torch.float32), False)
-    torch.testing.assert_close(ge.expert_ffn(x, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.expert_ffn(x, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setitem(expert_matmul._GROUPED_MM_OK, ("cpu", torch.float32), False)
+    torch.testing.assert_close(ops.expert_ffn(x, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("align,idle_expert", [(1, False), (4, False), (32, False), (32, True), (1, True)])
@@ -180,12 +180,12 @@ def test_grouped_dispatch_and_combine_match_plain_autograd(align, idle_expert):
     idx[:, 0] = 2  # one expert gets a group of 9+ rows (uneven groups), token 0..n-1 all route to it
     if idle_expert:  # as a collapsed router leaves them: expert 1 gets no slot (an empty group, its gradient 0)
         idx[idx == 1] = 3
-    layout = ge.group_by_expert(idx, e, align)
+    layout = ops.group_by_expert(idx, e, align)
     assert layout.counts.sum() == layout.copy_of_row.numel() and bool((layout.counts % align == 0).all())
     used = layout.counts[layout.counts > 0]
     assert bool((used == used[0]).all()) == (align == 32)
     assert (int(layout.counts[1]) == 0) == idle_expert
-    out = ge.combine_rows(ge.expert_ffn(ge.dispatch_rows(x, layout, x.dtype), layout.counts, w1, w2, w3), w, layout)
+    out = ops.combine_rows(ops.expert_ffn(ops.dispatch_rows(x, layout, x.dtype), layout.counts, w1, w2, w3), w, layout)
     ref = torch.zeros(n, h, dtype=torch.float64)
     for t in range(n):
         for s in range(k):

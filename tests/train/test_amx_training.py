@@ -1,4 +1,4 @@
-"""Training through the AMX kernels (`sourcelm.model.amx`): both run in the trainer's bf16 step, the run
+"""Training through the AMX kernels (`sourcelm.kernels.amx`): both run in the trainer's bf16 step, the run
 resumes bit for bit, and its losses follow the torch path's (bmm attention, oneDNN grouped matmuls)."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from sourcelm.model import amx
+from sourcelm.kernels import amx
 from sourcelm.train.loop import Trainer
 
 pytestmark = pytest.mark.skipif(not amx.ready(), reason="no AMX on this CPU (or no C compiler)")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sourcelm.model.loss import chunk_loss_and_grad, default_chunk_fn
+from sourcelm.kernels import ops
+from sourcelm.kernels.reference import chunk_loss_and_grad
 from sourcelm.train.loop import Trainer
 
 
@@ -38,7 +39,7 @@ def test_compiled_training_matches_eager_and_resumes_bit_identically(config, dig
     assert type(straight.model.model.layers[0].attention_block).__name__ != "method"  # really compiled
     # the fused loss's per-chunk step: compiled too, unless the native CPU kernel (faster) runs it
     assert straight.model.ce_chunk is not chunk_loss_and_grad
-    assert (straight.model.ce_chunk is None) == (default_chunk_fn(torch.device("cpu")) is not chunk_loss_and_grad)
+    assert (straight.model.ce_chunk is None) == (ops.cross_entropy_chunk(torch.device("cpu")) is not chunk_loss_and_grad)
     # the router and the FFNs: compiled only where the C kernels (faster or equal) do not run them
     moe = next(layer.mlp for layer in straight.model.model.layers if layer.is_moe)
     assert (moe.gate._compiled_call_impl is None) == (straight.model.ce_chunk is None)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from sourcelm.model import native
+from sourcelm.kernels import build
 from sourcelm.model.transformer import DeepseekV3
 from sourcelm.train.loop import Trainer
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels do not build")
+pytestmark = pytest.mark.skipif(not build.available(), reason="no C compiler: the native kernels do not build")
 
 
 def _train(cfg, run_dir, steps=4):

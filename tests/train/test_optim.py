@@ -2,19 +2,19 @@ import pytest
 import torch
 from torch import nn
 
-from sourcelm.model import native
+from sourcelm.kernels import build, cpu_adamw
 from sourcelm.train.optim import FlatAdamW
 
-needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels do not build")
+needs_native = pytest.mark.skipif(not build.available(), reason="no C compiler: the native kernels do not build")
 
 
 @pytest.fixture(params=["native", "torch"])
 def update_path(request, monkeypatch):
     """Every FlatAdamW test runs on both update paths: the CPU kernel and torch's fused AdamW (other devices)."""
-    if request.param == "native" and not native.available():
+    if request.param == "native" and not build.available():
         pytest.skip("no C compiler: the native kernels do not build")
     if request.param == "torch":
-        monkeypatch.setattr(native, "adamw_takes", lambda device: False)
+        monkeypatch.setenv("SOURCELM_KERNELS", "torch")
     return request.param
 
 
@@ -145,7 +145,7 @@ def test_native_update_matches_fp64_and_torch_and_not_the_thread_count():
         torch.set_num_threads(threads)
         try:
             p, m, v = [t.clone() for t in p0], [t.clone() for t in m0], [t.clone() for t in v0]
-            native.AdamWBlocks(p, m, v, [None] * 4, decayed).step(grads, **hyper)
+            cpu_adamw.AdamWBlocks(p, m, v, [None] * 4, decayed).step(grads, **hyper)
         finally:
             torch.set_num_threads(before)
         runs.append(torch.cat(p + m + v))

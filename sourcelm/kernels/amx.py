@@ -1,15 +1,13 @@
-"""The matmul kernels for CPUs with Intel AMX (`kernels/grouped_gemm.c`, `kernels/causal_attention.c`, built
-with the other native kernels by `sourcelm.model.native`): the routed experts' grouped matmuls and causal
+"""The matmul kernels for CPUs with Intel AMX (`csrc/grouped_gemm.c`, `csrc/causal_attention.c`, built
+with the other C kernels by `build.py`): the routed experts' grouped matmuls and causal
 attention, bf16 with fp32 accumulation, forward and backward.
 
 Why: on the CPU torch reaches AMX through oneDNN, one call per matmul with ~20 us of set-up each, and the
 routed experts need one call per expert group, attention a chain of batched matmuls and softmax passes over
-[B*heads, T, T] scores. Measured on the tiny preset's trainer (2 threads, bf16): the grouped matmuls took
-the step from 146-148 to 137 ms, attention from there to 119-121 ms; see each kernel's comment for its own
-figures.
+[B*heads, T, T] scores (the figures: `bench/RESULTS_train.md` and each kernel's comment).
 
 Each `*_takes` says whether its kernel runs a call (a CPU with AMX whose OS grants the tile registers, bf16
-operands, shapes in multiples of the 32-element blocks); where not, the callers run the torch code, which
+operands, shapes in multiples of the 32-element blocks); where not, `ops.py` runs the torch code, which
 stays the reference. Both kernels give the same bits on any thread count. `SOURCELM_AMX=0` switches them
 off (the other native kernels stay on).
 """
@@ -22,7 +20,7 @@ import os
 
 import torch
 
-from sourcelm.model import native
+from sourcelm.kernels import build
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +34,13 @@ def ready() -> bool:
     if os.environ.get("SOURCELM_AMX", "1") == "0":
         log.info("AMX kernels off (SOURCELM_AMX=0): torch's matmuls run")
         return False
-    ok = native.available() and bool(native._library().amx_kernels_ready())
+    ok = build.available() and bool(build.library().amx_kernels_ready())
     log.info("matmul kernels on the CPU: %s", "AMX (grouped_gemm.c, causal_attention.c)" if ok else "torch's")
     return ok
 
 
 def _bf16_cpu(*tensors: torch.Tensor) -> bool:
-    return all(native.takes(t) and t.dtype == torch.bfloat16 for t in tensors)
+    return all(build.takes(t) and t.dtype == torch.bfloat16 for t in tensors)
 
 
 # ------------------------------------------------------------------------------ routed-expert matmuls
@@ -62,7 +60,7 @@ class _GroupedLinear(torch.autograd.Function):
         e, n, k = w.shape
         out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
         packed = torch.empty(w.numel() // 2, dtype=torch.int32)
-        native._library().grouped_gemm_forward(x.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
+        build.library().grouped_gemm_forward(x.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
                                                packed.data_ptr(), out.data_ptr())
         ctx.save_for_backward(x, w, ends)
         return out
@@ -76,13 +74,13 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.empty_like(x)
             packed = torch.empty(w.numel() // 2, dtype=torch.int32)
-            native._library().grouped_gemm_input_grad(g.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
+            build.library().grouped_gemm_input_grad(g.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
                                                       packed.data_ptr(), gx.data_ptr())
         if ctx.needs_input_grad[1]:
             gw = torch.empty_like(w)
             g_t = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
             x_pairs = torch.empty(x.numel() // 2, dtype=torch.int32)
-            native._library().grouped_gemm_weight_grad(g.data_ptr(), x.data_ptr(), ends.data_ptr(), e, n, k,
+            build.library().grouped_gemm_weight_grad(g.data_ptr(), x.data_ptr(), ends.data_ptr(), e, n, k,
                                                        g_t.data_ptr(), x_pairs.data_ptr(), gw.data_ptr())
         return gx, gw, None
 
@@ -120,7 +118,7 @@ class _CausalAttention(torch.autograd.Function):
         dv = v.shape[3]
         o = torch.empty(b, t, h, dv, dtype=torch.bfloat16)  # heads last: the output projection's layout
         p = torch.empty(b * h, t, t, dtype=torch.bfloat16)
-        if native._library().causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, t, d, dv, scale,
+        if build.library().causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, t, d, dv, scale,
                                                       o.data_ptr(), p.data_ptr()):
             raise MemoryError("causal_attention could not allocate its per-thread scratch")
         ctx.save_for_backward(q, k, v, p)
@@ -133,7 +131,7 @@ class _CausalAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         do = do.to(torch.bfloat16).transpose(1, 2).contiguous()  # [B, T, H, Dv], as the forward wrote o
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if native._library().causal_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), p.data_ptr(),
+        if build.library().causal_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), p.data_ptr(),
                                                        do.data_ptr(), b, h, t, d, v.shape[3], ctx.scale,
                                                        dq.data_ptr(), dk.data_ptr(), dv.data_ptr()):
             raise MemoryError("causal_attention could not allocate its per-thread scratch")
