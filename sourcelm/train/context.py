@@ -1,7 +1,7 @@
 """What the training loop needs to know about the process layout.
 
 The loop is written once, against this small interface. `SingleProcess` is the trivial layout;
-`sourcelm.parallel.context.DistributedContext` implements the same methods with collectives over
+`sourcelm.train.distributed.DistributedContext` implements the same methods with collectives over
 the expert-parallel, data-parallel and expert-replica groups. Gradients are summed (not averaged)
 across ranks because every rank scales its loss by 1 / data-parallel ranks before backward: summing
 then yields exactly the gradient of the global-batch mean loss, for dense parameters (replicated on
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sourcelm.train.executor import MicroBatchLoop
 from sourcelm.train.optim import FlatAdamW
 
 
@@ -29,6 +30,10 @@ class SingleProcess:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Returns the model this rank trains (expert-parallel layouts swap in sharded experts)."""
         return model
+
+    def executor(self) -> MicroBatchLoop:
+        """What runs one step's micro-batches on this layout (`executor.py`)."""
+        return MicroBatchLoop()
 
     def is_expert_param(self, name: str) -> bool:
         return ".mlp.experts." in name

@@ -24,7 +24,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def make_context(cfg, ranks_per_node: int = 0):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from sourcelm.parallel.context import DistributedContext
+        from sourcelm.train.distributed import DistributedContext
 
         return DistributedContext(cfg, ranks_per_node=ranks_per_node)
     from sourcelm.train.context import SingleProcess

@@ -3,9 +3,10 @@
 One optimizer step, as the report trains:
   1. the global batch (size from the ramp) is cut into micro-batches; each rank runs its slice of
      each micro-batch forward and backward with loss = main + λ·MTP + α·balance, scaled by
-     1 / (micro-batches × data-parallel ranks);
-  2. gradients are summed over ranks (see `context.py`), the expert counts over the whole global
-     batch likewise;
+     1 / (micro-batches × data-parallel ranks), in the order its context's executor defines
+     (`executor.py`);
+  2. gradients are summed over ranks (see `context.py`, `distributed.py`), the expert counts over the
+     whole global batch likewise;
   3. a non-finite loss or gradient norm skips the step (counted, logged; after
      `train.max_bad_steps` in a row the run checkpoints and stops);
   4. gradients are clipped to global norm 1.0, AdamW steps with the scheduled LR, and the load
@@ -33,9 +34,10 @@ from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
 from sourcelm.train.device import keep_freed_cpu_memory
+from sourcelm.train.executor import StepWork
 from sourcelm.train.metrics import MetricsLogger, device_peak_flops
 from sourcelm.train.optim import ComputeCopies, FlatAdamW
-from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
+from sourcelm.train.lr_schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
                                      samples_before)
 
 log = logging.getLogger("sourcelm.train")
@@ -71,6 +73,7 @@ class Trainer:
         cfg.train.dtype = resolve_dtype(cfg.train.dtype, self.device)
         # built and initialised on the CPU (the same bits on every device), then moved
         self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
+        self.executor = self.ctx.executor()  # runs each step's micro-batches (`executor.py`)
         if cfg.train.compile:  # after any expert-parallel swap; names and parameters are unchanged
             self.model.compile_blocks(getattr(torch, cfg.train.dtype))
         named = list(self.model.named_parameters())
@@ -174,6 +177,10 @@ class Trainer:
                 with torch.autocast(device_type=self.device.type, dtype=self.dtype):
                     yield
 
+    def _fold_grads(self) -> None:
+        self.dense_opt.fold_grads()
+        self.expert_opt.fold_grads()
+
     def _zero_grad(self) -> None:
         self.dense_opt.zero_grad()
         self.expert_opt.zero_grad()
@@ -185,23 +192,18 @@ class Trainer:
         lr, lam = learning_rate(prog, cfg.schedule, cfg.optim), mtp_weight(prog, cfg.schedule)
         gamma = bias_update_speed(prog, cfg.schedule)
         n_micro = gb // self.quantum
-        scale = 1.0 / (n_micro * ctx.dp_world)
-        parts = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, main, mtp, balance (sums of rank means)
-        for m in range(n_micro):
+
+        def batch(m: int) -> torch.Tensor:
             start = s.consumed_samples + m * self.quantum
-            batch = self.train_data.batch(start, self.quantum, ctx.dp_rank, ctx.dp_world).to(self.device)
-            with self._compute():
-                out = self.model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=lam, return_logits=False)
-            (out.loss * scale).backward()
-            if n_micro > 1:  # summed in fp32 (the compute copies' gradients are bf16)
-                self.dense_opt.fold_grads()
-                self.expert_opt.fold_grads()
-            self.balancer.accumulate(out.expert_counts)
-            parts += torch.stack([out.loss.detach(), out.main_loss.detach(),
-                                  out.mtp_loss.detach(), out.balance_loss.detach()]).double() * scale
+            return self.train_data.batch(start, self.quantum, ctx.dp_rank, ctx.dp_world).to(self.device)
+
+        result = self.executor.run(self.model, StepWork(
+            n_micro=n_micro, batch=batch, loss_scale=1.0 / (n_micro * ctx.dp_world), mtp_weight=lam,
+            compute=self._compute, fold_grads=self._fold_grads))
+        self.balancer.accumulate(result.expert_counts)
         ctx.reduce_gradients(self.dense_opt, self.expert_opt)
         counts = ctx.sum_tensor(self.balancer.take())
-        parts = ctx.sum_tensor(parts)
+        parts = ctx.sum_tensor(result.loss_parts)  # loss, main, mtp, balance (sums of rank means)
         grad_norm = float((self.dense_opt.grad_sq_sum() + ctx.expert_sq_sum(self.expert_opt.grad_sq_sum())).sqrt())
         record = {"step": s.step + 1, "lr": lr, "mtp_weight": lam, "bias_update_speed": gamma, "global_batch": gb,
                   "loss": float(parts[0]), "main_loss": float(parts[1]), "mtp_loss": float(parts[2]),

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from sourcelm.config import OptimConfig, ScheduleConfig, load_config
-from sourcelm.train.schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
+from sourcelm.train.lr_schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
                                      samples_before)
 
 

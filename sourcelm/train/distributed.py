@@ -1,4 +1,4 @@
-"""The training loop's view of a multi-process layout (expert + data parallel, ZeRO-1).
+"""The training loop's view of a multi-process layout (expert + data parallel, ZeRO-1), built from `sourcelm.parallel`.
 
 Implements the interface of `sourcelm.train.context.SingleProcess` with collectives:
 - every rank builds the same full model from the seed, then keeps only its experts
@@ -24,6 +24,7 @@ from torch import nn
 
 from sourcelm.parallel.experts import (apply_expert_parallel, expert_shards, gather_expert_state, gather_over_ep,
                                        load_expert_state, topology_from_config)
+from sourcelm.train.executor import MicroBatchLoop
 from sourcelm.train.optim import FlatAdamW
 
 
@@ -56,6 +57,10 @@ class DistributedContext:
         self.dispatcher = apply_expert_parallel(model, self.topo, self.cfg.parallel.dispatcher)
         self.shards = expert_shards(model)
         return model
+
+    def executor(self) -> MicroBatchLoop:
+        """Every rank holds every layer: the plain micro-batch loop (the all-to-all runs inside the MoE layers)."""
+        return MicroBatchLoop()
 
     def is_expert_param(self, name: str) -> bool:
         return name in self.shards

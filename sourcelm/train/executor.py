@@ -1,0 +1,58 @@
+"""How one optimizer step's micro-batches run: the seam between the training loop and the parallel layout.
+
+The loop (`loop.py`) owns everything around a step (the batch schedule, reductions, clipping, the update,
+the balancer); an executor owns the step's inside: the order in which micro-batches go forward and backward
+through the model, and where each one's gradient and statistics land. The loop asks its context
+(`SingleProcess`, `DistributedContext`) for one with `ctx.executor()`.
+
+`MicroBatchLoop` is the executor of every layout in which each rank holds every layer (one process, expert and
+data parallel): micro-batch by micro-batch, forward then backward, gradients folded into the optimizers' fp32
+buffers between micro-batches. Expert parallelism needs nothing more here: its all-to-all and the overlap with
+the shared expert happen inside the model's MoE layers. A pipeline schedule is an executor that runs each stage's
+part of the model (`DeepseekV3.embed`, `blocks`, `head_and_losses`) in the order its schedule defines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepWork:
+    """What the loop hands an executor for one optimizer step."""
+    n_micro: int  # micro-batches in this step
+    batch: Callable[[int], torch.Tensor]  # micro-batch m -> this rank's token windows [b, T + 1], on the device
+    loss_scale: float  # 1 / (micro-batches × data-parallel ranks): summed gradients are the global mean's
+    mtp_weight: float  # λ of this step
+    compute: Callable[[], AbstractContextManager]  # the compute precision (autocast, compute copies, FP8)
+    fold_grads: Callable[[], None]  # adds the gradients backward left into the optimizers' fp32 buffers
+
+
+@dataclass
+class StepResult:
+    loss_parts: torch.Tensor  # fp64 [4]: loss, main, MTP, balance, each the scaled sum over this rank's micro-batches
+    expert_counts: torch.Tensor  # int64 [MoE layers incl. MTP, E]: tokens routed to each expert on this rank
+
+
+class MicroBatchLoop:
+    """Every micro-batch through the whole model, one after another (module docstring)."""
+
+    def run(self, model: torch.nn.Module, work: StepWork) -> StepResult:
+        parts, counts = None, None
+        for m in range(work.n_micro):
+            batch = work.batch(m)
+            with work.compute():
+                out = model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=work.mtp_weight, return_logits=False)
+            (out.loss * work.loss_scale).backward()
+            if work.n_micro > 1:  # summed in fp32 (the compute copies' gradients are bf16)
+                work.fold_grads()
+            if parts is None:
+                parts = torch.zeros(4, dtype=torch.float64, device=batch.device)
+            parts += torch.stack([out.loss.detach(), out.main_loss.detach(), out.mtp_loss.detach(),
+                                  out.balance_loss.detach()]).double() * work.loss_scale
+            counts = out.expert_counts if counts is None else counts + out.expert_counts
+        return StepResult(parts, counts)
