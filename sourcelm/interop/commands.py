@@ -1,4 +1,4 @@
-"""`sourcelm export CHECKPOINT_DIR --hf OUT [--tokenizer DIR] [--dtype D]`.
+"""`sourcelm export CHECKPOINT_DIR --hf OUT [--tokenizer DIR] [--dtype D] [--fp8]`.
 
 A training checkpoint directory holds `model.safetensors` (the model's own state-dict names, fp32,
 expert biases included) and `state.json` (key "config" = the resolved `Config`, optionally
@@ -17,8 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (model.safetensors + state.json)")
     p.add_argument("--hf", required=True, metavar="OUT", help="output directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: state.json's tokenizer_dir)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight dtype (e_score_correction_bias always stays float32)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weight dtype (default float32; bfloat16 with --fp8; e_score_correction_bias stays float32)")
+    p.add_argument("--fp8", action="store_true",
+                   help="DeepSeek's released layout: attention and FFN projections in FP8 E4M3 with 128x128 block "
+                        "scales (weight_scale_inv), the rest in --dtype")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GB")
     p.set_defaults(func=run_export)
 
@@ -50,12 +53,13 @@ def run_export(args) -> int:
     tokenizer = args.tokenizer or state.get("tokenizer_dir")
     if tokenizer and not Path(tokenizer).is_absolute() and not Path(tokenizer).exists():
         tokenizer = str(ckpt / tokenizer)
-    dtype = getattr(torch, args.dtype)
-    files = save_hf(model, out, tokenizer_dir=tokenizer, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+    dtype_name = args.dtype or ("bfloat16" if args.fp8 else "float32")
+    files = save_hf(model, out, tokenizer_dir=tokenizer, dtype=getattr(torch, dtype_name),
+                    max_shard_bytes=int(args.max_shard_gb * 1e9), fp8=args.fp8)
     inputs = [ckpt / "state.json", ckpt / "model.safetensors"]
     upstream = [ckpt / "manifest.json"] + ([Path(tokenizer) / "manifest.json"] if tokenizer else [])
     inputs += [p for p in upstream if p.is_file()]  # the checkpoint's and tokenizer's own manifests, when present
     write_manifest(out, "export", outputs=files, inputs=inputs, config=config.to_dict(),
-                   extra={"format": "hf-deepseek-v3", "dtype": args.dtype, "tokenizer_dir": tokenizer})
-    print(f"exported {ckpt} -> {out} ({len(files)} files, {args.dtype})")
+                   extra={"format": "hf-deepseek-v3", "dtype": dtype_name, "fp8": args.fp8, "tokenizer_dir": tokenizer})
+    print(f"exported {ckpt} -> {out} ({len(files)} files, {dtype_name}{' + fp8 e4m3 blocks' if args.fp8 else ''})")
     return 0

@@ -12,6 +12,9 @@ In (`load_hf`): per-expert or fused (`gate_up_proj` [E, 2I, H], `down_proj` [E, 
 layouts, either RoPE spelling (via `ModelConfig.from_hf_dict`), a single file or an index. MTP layers
 present in the files are loaded; when a checkpoint has none (e.g. saved by transformers, which drops
 them) the model is built without MTP and that is logged.
+
+Both ways, the released FP8 layout (`weight_scale_inv` per 128×128 block, `quantization_config`):
+`save_hf(..., fp8=True)` writes it, `load_hf` dequantizes it (`sourcelm.interop.fp8_checkpoint`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 
 from sourcelm.config import ModelConfig
 from sourcelm.artifacts import atomic_write_bytes
+from sourcelm.interop.fp8_checkpoint import (QUANTIZATION_CONFIG, check_quantization_config, dequantize_hf_tensors,
+                                             fp8_weights_and_scales)
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +102,20 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 
 def save_hf(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
-            max_shard_bytes: int = 5 * 1024**3) -> list[Path]:
-    """Writes `model` (a DeepseekV3) in the HF DeepSeek-V3 format; returns the files written."""
+            max_shard_bytes: int = 5 * 1024**3, fp8: bool = False) -> list[Path]:
+    """Writes `model` (a DeepseekV3) in the HF DeepSeek-V3 format; returns the files written. fp8: the
+    released FP8 layout (`sourcelm.interop.fp8_checkpoint`); the tensors it keeps unquantized take `dtype`."""
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, cfg)
-    tensors = {}
+    tensors = fp8_weights_and_scales(hf) if fp8 else {}  # quantized from the full-precision values
     for k, v in hf.items():
-        keep_fp32 = k.endswith("e_score_correction_bias")
-        tensors[k] = v.to("cpu", torch.float32 if keep_fp32 else dtype)
+        if k not in tensors:
+            keep_fp32 = k.endswith("e_score_correction_bias")
+            tensors[k] = v.to("cpu", torch.float32 if keep_fp32 else dtype)
 
     # shards: keys in name order, a new shard when the next tensor would overflow
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -138,6 +145,8 @@ def save_hf(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
 
     config = cfg.to_hf_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if fp8:
+        config["quantization_config"] = dict(QUANTIZATION_CONFIG)
     written.append(_write_json(out_dir / "config.json", config))
     generation = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                   "do_sample": False}
@@ -192,11 +201,13 @@ def load_hf(in_dir: str | Path, dtype: torch.dtype = torch.float32, device: str 
     if not (in_dir / "config.json").is_file():
         raise FileNotFoundError(f"{in_dir}: no config.json; expected an HF DeepSeek-V3 directory (sourcelm export)")
     config = json.loads((in_dir / "config.json").read_text())
-    if config.get("quantization_config"):
-        raise ValueError(f"{in_dir}: quantized checkpoints ({config['quantization_config'].get('quant_method')}) "
-                         f"are not supported; dequantize to bf16/fp32 first")
+    quantization = config.get("quantization_config")
+    if quantization:
+        check_quantization_config(quantization, in_dir)
     cfg = ModelConfig.from_hf_dict(config)
     hf = read_hf_tensors(in_dir)
+    if quantization:  # the released FP8 layout: weights dequantized to fp32 here
+        hf = dequantize_hf_tensors(hf, in_dir)
     n = cfg.num_hidden_layers
     present = {int(m.group(1)) - n for k in hf if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= n}
     depth = len(present)
