@@ -74,15 +74,26 @@ class ModelConfig:
     # materialised, softmax kept for backward), "eager" (reference); see model/attention.py
     attn_impl: str = "auto"
     moe_impl: str = "grouped"  # "grouped" (sorted tokens + grouped matmul) or "loop" (reference)
+    # How many of a group's best biased affinities add up to its score in node-limited routing. None: the
+    # released rule, the top 2 (DeepSeek-V3's inference code and transformers); a number is a local choice,
+    # e.g. the report's K / M reading (num_experts_per_tok // topk_group), that export refuses wherever
+    # transformers would route differently. A model loaded from HF always has None.
+    group_score_topk: int | None = None
 
     # Fields HF's DeepseekV3Config does not have; kept out of config.json.
     LOCAL_FIELDS: typing.ClassVar[tuple[str, ...]] = (
-        "balance_loss_alpha", "mtp_loss_weight", "attn_impl", "moe_impl",
+        "balance_loss_alpha", "mtp_loss_weight", "attn_impl", "moe_impl", "group_score_topk",
     )
+    RELEASED_GROUP_SCORE_TOPK: typing.ClassVar[int] = 2
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def resolved_group_score_topk(self) -> int:
+        """The count `group_score_topk` stands for: its value, or the released rule's 2 when unset."""
+        return self.RELEASED_GROUP_SCORE_TOPK if self.group_score_topk is None else self.group_score_topk
 
     def is_moe_layer(self, layer: int) -> bool:
         """Layer index counts main layers then MTP layers; only the first k main layers are dense."""
@@ -121,10 +132,7 @@ class ModelConfig:
             raise ConfigError(
                 f"{prefix}.num_experts_per_tok = {self.num_experts_per_tok} exceeds the {self.topk_group * per_group} "
                 f"experts in the {self.topk_group} kept groups; raise {prefix}.topk_group or lower num_experts_per_tok")
-        if self.num_experts_per_tok % self.topk_group:
-            raise ConfigError(
-                f"{prefix}.num_experts_per_tok = {self.num_experts_per_tok} must be divisible by {prefix}.topk_group = "
-                f"{self.topk_group}: a group's score sums its top num_experts_per_tok/topk_group experts")
+        self._validate_group_score(prefix, per_group)
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ConfigError(f"{prefix}.first_k_dense_replace = {self.first_k_dense_replace} exceeds "
                               f"num_hidden_layers = {self.num_hidden_layers}")
@@ -144,6 +152,20 @@ class ModelConfig:
                 for key in ("factor", "original_max_position_embeddings"):
                     if key not in self.rope_scaling:
                         raise ConfigError(f"{prefix}.rope_scaling needs '{key}' for YaRN")
+
+    def _validate_group_score(self, prefix: str, per_group: int) -> None:
+        """A group's score sums its top `resolved_group_score_topk` biased affinities: the group must hold them."""
+        count = self.group_score_topk
+        if count is not None and not 1 <= count <= per_group:
+            raise ConfigError(
+                f"{prefix}.group_score_topk = {count}: a group's score sums 1 to {per_group} of its {per_group} "
+                f"experts; set it in 1..{per_group}, or omit it for the released rule (the top 2)")
+        if count is None and self.n_group > 1 and per_group < self.RELEASED_GROUP_SCORE_TOPK:
+            fits = [g for g in divisors(self.n_routed_experts) if self.n_routed_experts // g >= 2]
+            raise ConfigError(
+                f"{prefix}.n_group = {self.n_group} leaves {per_group} expert per group, but the released rule "
+                f"(transformers too, which fails on it) scores a group by its top 2; choose n_group among {fits}, "
+                f"or set {prefix}.group_score_topk = 1 (sourcelm only: such a model cannot be exported)")
 
     # ---- HF config.json ----
     def to_hf_dict(self) -> dict:
@@ -257,10 +279,13 @@ class LoggingConfig:
 class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     # compute dtype: "auto" (bfloat16 where the hardware has native bf16 matmuls, else float32; see
-    # sourcelm/model/hardware.py), "float32" or "bfloat16". Master weights and optimizer state are always fp32.
+    # sourcelm/kernels/hardware.py), "float32" or "bfloat16". Master weights and optimizer state are always fp32.
     dtype: str = "auto"
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     compile: bool = False
+    # the linear layers' GEMMs in DeepSeek-V3's FP8 recipe (sourcelm/kernels/fp8.py): "off", "emulate" (the exact
+    # quantization on any device, GEMMs in fp32) or "cuda" (FP8 tensor cores, compute capability >= 8.9)
+    fp8: str = "off"
 
 
 @dataclass
@@ -318,6 +343,7 @@ class Config:
             raise ConfigError("schedule.ramp_start_batch must be in 1..global_batch when batch_ramp_steps > 0")
         _choice("train", "dtype", self.train.dtype, ("auto", "float32", "bfloat16"))
         _choice("train", "device", self.train.device, ("auto", "cpu", "cuda"))
+        _choice("train", "fp8", self.train.fp8, ("off", "emulate", "cuda"))
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
         if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:
             raise ConfigError(f"parallel.ep = {self.parallel.ep} must divide model.n_routed_experts = "

@@ -31,6 +31,9 @@ def test_overrides_are_typed_toml_values():
     ("model.n_group=3", "not divisible by model.n_group"),
     ("model.topk_group=5", "topk_group = 5 > model.n_group = 4"),
     ("model.num_experts_per_tok=12", "exceeds the 8 experts in the 2 kept groups"),
+    ("model.group_score_topk=5", "model.group_score_topk = 5: a group's score sums 1 to 4 of its 4 experts"),
+    ("model.group_score_topk=0", "model.group_score_topk = 0"),
+    ("model.n_group=16 model.num_experts_per_tok=2", "model.n_group = 16 leaves 1 expert per group"),
     ("model.norm_topk_prob=1", "expected bool"),
     ("schedule.micro_batch=3", "schedule.micro_batch"),
     ("parallel.ep=3", "parallel.ep = 3 must divide model.n_routed_experts"),
@@ -39,7 +42,7 @@ def test_overrides_are_typed_toml_values():
 ])
 def test_bad_values_fail_at_load_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config("tiny", [override])
+        load_config("tiny", override.split())  # space-separated overrides apply together
 
 
 def test_bad_toml_and_unknown_preset(tmp_path):
@@ -71,3 +74,18 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     assert again == cfg and isinstance(again, Config)
     (tmp_path / "config.json").write_text(json.dumps(cfg.model.to_hf_dict()))
     assert load_model_config(tmp_path) == cfg.model
+
+
+def test_group_score_count_defaults_to_the_released_rule_and_stays_out_of_config_json():
+    tiny = load_config("tiny").model
+    assert tiny.group_score_topk is None and tiny.resolved_group_score_topk == 2
+    # K not divisible by topk_group (valid in transformers) loads; so does an explicit count, e.g. the report's K/M
+    odd = load_config("tiny", ["model.num_experts_per_tok=3"]).model
+    assert (odd.num_experts_per_tok, odd.topk_group, odd.resolved_group_score_topk) == (3, 2, 2)
+    assert load_config("tiny", ["model.group_score_topk=4"]).model.resolved_group_score_topk == 4
+    # one expert per group needs an explicit count of 1, which the released rule cannot express
+    single = load_config("tiny", ["model.n_group=16", "model.num_experts_per_tok=2", "model.group_score_topk=1"]).model
+    assert single.resolved_group_score_topk == 1
+    d = load_config("tiny", ["model.group_score_topk=4"]).model.to_hf_dict()
+    assert "group_score_topk" not in d
+    assert ModelConfig.from_hf_dict({**d, "group_score_topk": 4}).group_score_topk is None  # HF: the released rule

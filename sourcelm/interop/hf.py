@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sourcelm.config import ModelConfig
+from sourcelm.config import ConfigError, ModelConfig
 from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.interop.fp8_checkpoint import (QUANTIZATION_CONFIG, check_quantization_config, dequantize_hf_tensors,
                                              fp8_weights_and_scales)
@@ -108,6 +108,7 @@ def save_hf(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.config
+    check_routing_exportable(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, cfg)
@@ -154,6 +155,24 @@ def save_hf(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
     if tokenizer_dir is not None:
         written += copy_tokenizer(tokenizer_dir, out_dir)
     return written
+
+
+def check_routing_exportable(cfg: ModelConfig) -> None:
+    """Refuses a router that transformers would run differently. Its router (like the released inference code)
+    scores every group by the sum of its top 2 biased affinities; a load always gets that rule back (the count is
+    not part of config.json), so another count may only be exported where group scores choose nothing."""
+    released = ModelConfig.RELEASED_GROUP_SCORE_TOPK
+    per_group = cfg.n_routed_experts // cfg.n_group
+    if per_group < released:
+        raise ConfigError(
+            f"model.n_group = {cfg.n_group} leaves {per_group} expert per group: transformers' router takes the top "
+            f"{released} of every group and fails on such a model; export needs n_group <= n_routed_experts / 2")
+    count = cfg.resolved_group_score_topk
+    if count != released and 1 < cfg.n_group and cfg.topk_group < cfg.n_group:
+        raise ConfigError(
+            f"model.group_score_topk = {count}: transformers scores a group by its top {released} biased affinities, "
+            f"so with n_group = {cfg.n_group} and topk_group = {cfg.topk_group} it would keep other groups than this "
+            f"model was trained with; export only models with group_score_topk unset (the released rule)")
 
 
 def copy_tokenizer(tokenizer_dir: str | Path, out_dir: Path) -> list[Path]:

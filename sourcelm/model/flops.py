@@ -14,6 +14,9 @@ Definitions (main model; the MTP module is reported separately as `mtp_*`):
   head); the second term is causal attention (QK^T and AV, 2 FLOPs per multiply-add, 3x for the
   backward) with an average context of S/2 for sequence length S. For DeepSeek-V3 at S = 4096 this is
   6 * 36.6B + 30.7G = 250 GFLOPs/token (derived from the config, as the reference's §2.1 estimate).
+* total_params_without_embeddings / active_params_without_embeddings: the same counts less the input
+  embedding table and the output head (both vocab_size x hidden_size): Moonlight's convention, whose
+  README gives 15.29B / 2.24B for Moonlight-16B-A3B.
 * kv_cache_bytes_per_token: the compressed MLA cache, (kv_lora_rank + qk_rope_head_dim) values per
   layer in the compute dtype (61 * 576 * 2 B = 70,272 B for DeepSeek-V3 in bf16).
 """
@@ -65,9 +68,12 @@ def model_stats(cfg: ModelConfig, seq_len: int = 4096, dtype: str = "bfloat16") 
     mtp_flops = (6 * (mtp["matmul"] + head["matmul"]) + cfg.num_nextn_predict_layers * attn_per_layer
                  if cfg.num_nextn_predict_layers else 0)
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    vocab_by_hidden = cfg.vocab_size * cfg.hidden_size
     return {
         "total_params": main["total"],
         "active_params": main["active"],
+        "total_params_without_embeddings": main["total"] - 2 * vocab_by_hidden,
+        "active_params_without_embeddings": main["active"] - vocab_by_hidden - cfg.hidden_size,  # head, one row
         "flops_per_token": int(flops),
         "kv_cache_bytes_per_token": cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         * DTYPE_BYTES[dtype],

@@ -3,11 +3,12 @@ and the complementary sequence-wise balance loss (report §2.1.2, eq. 12-20).
 
 Routing (`Router.forward`, fp32 throughout):
   s = sigmoid(x W^T); s' = s + b (b = `e_score_correction_bias`, a buffer: selection only, never a gradient)
-  group score = sum of the top (K / topk_group) values of s' in the group; keep `topk_group` groups and
-  mask the others to -inf; top-K experts on s'; weights = s at those experts, divided by their sum when
-  `norm_topk_prob`, times `routed_scaling_factor`.
-  Agreement with transformers: its router (5.x) also masks with -inf but always sums the top 2 per
-  group; K / topk_group = 2 for DeepSeek-V3 (8 / 4) and for the presets, so the two agree there.
+  group score = sum of the top `group_score_topk` values of s' in the group (unset: 2, the released rule);
+  keep `topk_group` groups and mask the others to -inf; top-K experts on s'; weights = s at those experts,
+  divided by their sum when `norm_topk_prob`, times `routed_scaling_factor`.
+  Agreement with the released code: DeepSeek-V3's inference code and transformers (5.x) both sum the top 2
+  whatever K / topk_group is (the report's reading, equal to 2 only for shapes like DeepSeek-V3's 8 / 4),
+  so that is the default and any other count is a local choice export refuses.
   Some HF-derived copies mask with 0.0 instead; that differs when a kept expert's s' < 0, which
   happens once the balancer has pushed an overloaded expert's bias below -s: -inf is the safe choice.
   The selection is `ops.route_topk` (one C pass per token on the CPU, equal index for index to its torch
@@ -53,7 +54,7 @@ class Router(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
-        self.per_group_top = cfg.num_experts_per_tok // cfg.topk_group
+        self.per_group_top = cfg.resolved_group_score_topk
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
