@@ -11,7 +11,7 @@ backend that takes it and logs each (op, backend, device, dtype) choice once:
 | `group_by_expert`, `dispatch_rows`, `combine_rows` | C (`cpu_moe`), torch | `moe_rows`' torch branches |
 | `expert_ffn` | AMX grouped matmul, bmm (equal groups), `torch._grouped_mm`, per-expert loop | `reference.grouped_linear_loop` |
 | `causal_attention` | AMX, bmm (short, CPU), sdpa; or as `model.attn_impl` says | `reference.eager_causal_attention` |
-| `linear` | FP8 (`train.fp8`), torch | `F.linear` |
+| `linear` (and `expert_ffn` under FP8) | FP8 (`train.fp8`: `fp8.fp8_linear`), torch | `F.linear` |
 | `adamw_backend` | C (`cpu_adamw`), torch's fused AdamW | `torch._fused_adamw_` |
 
 The C and AMX kernels run on the CPU only; CUDA runs torch's own kernels (flash attention, grouped_mm,
@@ -160,6 +160,10 @@ def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, 
     w13, w2 = torch.cat([w1.to(dt), w3.to(dt)], dim=1), w2.to(dt)  # [E, 2I, H]
     if x_grouped.shape[0] == 0:
         return x_grouped.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())  # keep the graph
+    if _linear_precision != "off":  # each expert's two GEMMs through the FP8 linear, expert by expert
+        _chose("expert_ffn", f"fp8 {_linear_precision}, per expert", x_grouped)
+        h = swiglu(reference.grouped_linear_loop(x_grouped, w13, counts, linear))
+        return reference.grouped_linear_loop(h, w2, counts, linear)
     if mode() == "auto" and amx.grouped_linear_takes(x_grouped, w13, counts):
         _chose("expert_ffn", "AMX", x_grouped)
         return amx.grouped_linear(swiglu(amx.grouped_linear(x_grouped, w13, counts)), w2, counts)
@@ -233,8 +237,10 @@ def linear_precision(fp8: str):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T for every projection of the model that is a plain matmul (attention's and the FFNs', MTP's eh_proj):
-    the one place where their precision is chosen."""
+    """x W^T for every projection of the model that is a plain matmul (attention's, the dense and shared FFNs', and
+    the routed experts' through `expert_ffn`): the one place where their precision is chosen. Stacked weights (q_a
+    with kv_a, gate with up) are quantized as one matrix, so a 128x128 block may straddle the two where a width is
+    not a multiple of 128 (the tiny preset; not DeepSeek-V3, whose widths are)."""
     if _linear_precision != "off":
         from sourcelm.kernels import fp8
 

@@ -44,7 +44,10 @@ def route_topk(scores: torch.Tensor, bias: torch.Tensor, n_group: int, per_group
     biased = scores + bias.float()
     if n_group > 1:
         grouped = biased.view(-1, n_group, n_experts // n_group)
-        group_scores = grouped.topk(per_group_top, dim=-1).values.sum(-1)
+        best = grouped.topk(per_group_top, dim=-1).values  # largest first
+        group_scores = best[..., 0].clone()
+        for j in range(1, per_group_top):  # added one by one, largest first, as the C kernel does: the same bits
+            group_scores += best[..., j]
         keep = group_scores.topk(topk_group, dim=-1).indices
         group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
         biased = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, n_experts)
@@ -81,11 +84,12 @@ def eager_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     return torch.matmul(scores.float().softmax(-1).to(q.dtype), v)
 
 
-def grouped_linear_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_linear_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, matmul=None) -> torch.Tensor:
     """Rows of x [N, in] grouped by expert (counts [E]) times w[e]^T (w [E, out, in]) -> [N, out], one matmul
-    per non-empty expert: the reference of every grouped-matmul backend."""
+    (`matmul(rows, w[e])`, default `F.linear`) per non-empty expert: the reference of every grouped-matmul backend."""
+    matmul = matmul or F.linear
     out = []
     for e, (rows, n) in enumerate(zip(x.split(counts.tolist()), counts.tolist())):
         if n:
-            out.append(rows @ w[e].t())
+            out.append(matmul(rows, w[e]))
     return torch.cat(out) if out else x.new_zeros(0, w.shape[1])

@@ -36,7 +36,6 @@ from torch import nn
 from sourcelm.config import ModelConfig
 from sourcelm.kernels import ops, reference
 from sourcelm.model.attention import MLA
-from sourcelm.model.linear import Linear
 from sourcelm.model.loss import linear_cross_entropy
 from sourcelm.model.moe import MLP, MoE
 from sourcelm.model.norm_rope import RMSNorm, RotaryEmbedding
@@ -84,7 +83,8 @@ class MTPLayer(DecoderLayer):
         super().__init__(cfg, layer_idx)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)  # both only feed eh_proj
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
+        # a plain nn.Linear, not the model's `Linear`: the report and the released FP8 checkpoint keep it BF16
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmul=True)  # the head's matmuls
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from sourcelm.config import Config, check_batch_layout
+from sourcelm.kernels import ops
+from sourcelm.kernels.fp8 import check_fp8_setting
 from sourcelm.kernels.hardware import resolve_device, resolve_dtype
 from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
@@ -71,6 +73,7 @@ class Trainer:
             keep_freed_cpu_memory()
         # recorded resolved: config.json and every checkpoint name the dtype this run computes in
         cfg.train.dtype = resolve_dtype(cfg.train.dtype, self.device)
+        log.info("linear layers: %s", check_fp8_setting(cfg.train.fp8, self.device))  # fails at once if unusable
         # built and initialised on the CPU (the same bits on every device), then moved
         self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
         self.executor = self.ctx.executor()  # runs each step's micro-batches (`executor.py`)
@@ -169,8 +172,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ one step
     @contextlib.contextmanager
     def _compute(self):
-        """Autocast to the compute dtype, on the optimizers' compute copies of the matmul weights."""
-        with self.compute_copies:
+        """Autocast to the compute dtype, on the optimizers' compute copies of the matmul weights, with the linear
+        layers in FP8 when `train.fp8` says so."""
+        with self.compute_copies, ops.linear_precision(self.cfg.train.fp8):
             if self.dtype == torch.float32:
                 yield
             else:
