@@ -75,10 +75,11 @@ type = "fineweb"
 
 
 def run_sourcelm(inputs: Path, out: Path, workers: int) -> tuple[float, dict]:
+    import tomllib
+
     from sourcelm.data.pipeline.executors import LocalExecutor
     from sourcelm.data.pipeline.plan import plan_from_dict
     from sourcelm.data.pipeline.run import run_plan
-    import tomllib
 
     plan = plan_from_dict(tomllib.loads(PIPELINE.format(inputs=inputs)), base=inputs)
     t = time.perf_counter()
@@ -134,8 +135,12 @@ def datatrove_parts():
 
 def run_datatrove(inputs: Path, out: Path, workers: int, n_files: int) -> float:
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter)
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
     from datatrove.pipeline.readers import WarcReader
     from datatrove.pipeline.writers import JsonlWriter
 
@@ -162,8 +167,12 @@ def agreement(inputs: Path) -> dict:
     import collections
 
     from datatrove.data import Document as DTDocument
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter)
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
 
     from sourcelm.data.formats.readers import Rejected, read_file
     from sourcelm.data.pipeline.document import Document

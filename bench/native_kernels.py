@@ -32,8 +32,8 @@ warm-up, on the tiny preset's shapes:
 from __future__ import annotations
 
 import argparse
-import statistics
 import os
+import statistics
 import time
 from unittest import mock
 

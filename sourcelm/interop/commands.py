@@ -42,8 +42,8 @@ def load_checkpoint_model(ckpt: Path):
 def run_export(args) -> int:
     import torch
 
-    from sourcelm.interop.hf import save_hf
     from sourcelm.artifacts import write_manifest
+    from sourcelm.interop.hf import save_hf
 
     ckpt, out = Path(args.checkpoint), Path(args.hf)
     for name in ("state.json", "model.safetensors"):

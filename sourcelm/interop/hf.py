@@ -28,10 +28,14 @@ from pathlib import Path
 
 import torch
 
-from sourcelm.config import ConfigError, ModelConfig
 from sourcelm.artifacts import atomic_write_bytes
-from sourcelm.interop.fp8_checkpoint import (QUANTIZATION_CONFIG, check_quantization_config, dequantize_hf_tensors,
-                                             fp8_weights_and_scales)
+from sourcelm.config import ConfigError, ModelConfig
+from sourcelm.interop.fp8_checkpoint import (
+    QUANTIZATION_CONFIG,
+    check_quantization_config,
+    dequantize_hf_tensors,
+    fp8_weights_and_scales,
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ import torch
 
 from sourcelm.kernels.build import available, checked, library, takes, variant
 
-
 # ------------------------------------------------------------------------------- routed-expert rows
 
 def _check_index(index: torch.Tensor) -> None:

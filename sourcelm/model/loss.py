@@ -29,7 +29,7 @@ fixed order, so the result is deterministic.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -23,7 +23,7 @@ experts on the unsorted tokens.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -14,15 +14,14 @@ parameter to (global name, slice, global shape), so checkpoints stay keyed by gl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from sourcelm.model.moe import grouped_experts_forward
-from sourcelm.model.moe import RoutedExperts
+from sourcelm.model.moe import RoutedExperts, grouped_experts_forward
 from sourcelm.parallel.dispatch import Dispatcher, make_dispatcher
 from sourcelm.parallel.topology import Topology, build_topology
 
@@ -47,7 +46,7 @@ class ExpertParallelExperts(RoutedExperts):
         self.w2 = nn.Parameter(torch.empty(n_local, hidden, inter, **kw))
 
     @classmethod
-    def from_full(cls, full: RoutedExperts, dispatcher: Dispatcher) -> "ExpertParallelExperts":
+    def from_full(cls, full: RoutedExperts, dispatcher: Dispatcher) -> ExpertParallelExperts:
         """The slice of a full (single-device) experts module that this rank holds."""
         e, inter, hidden = full.w1.shape
         if e != dispatcher.n_experts:

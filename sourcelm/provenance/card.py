@@ -14,8 +14,8 @@ import re
 import statistics
 from pathlib import Path
 
-from sourcelm.provenance.graph import Node, Report, describe_code, read_state, root_hash, walk
 from sourcelm.artifacts import atomic_write_bytes, sha256_file
+from sourcelm.provenance.graph import Node, Report, describe_code, read_state, root_hash, walk
 from sourcelm.provenance.toml_config import config_toml
 
 CARD_NAME = "MODEL_CARD.md"

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sourcelm.provenance.graph import Check, Node, Report
 from sourcelm.artifacts import sha256_file
+from sourcelm.provenance.graph import Check, Node, Report
 
 COMPARED_CURATE = ("documents/", "drops/", "pipeline.json")
 

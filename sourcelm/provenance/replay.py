@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sourcelm.provenance.graph import Check, Node, Report, code_id, describe_code, read_state
 from sourcelm.artifacts import code_version, sha256_file
+from sourcelm.provenance.graph import Check, Node, Report, code_id, describe_code, read_state
 
 COMPARED_STATE = ("step", "consumed_samples", "consumed_tokens", "optimizer_step", "loader", "rng",
                   "bad_in_row", "skipped_steps")

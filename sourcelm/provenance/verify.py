@@ -64,10 +64,10 @@ def _order(check: Check) -> tuple:
 
 
 def print_report(report: Report) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: do not fold at 80 columns
     table = Table(title=f"provenance of {report.run_dir}", show_lines=False)

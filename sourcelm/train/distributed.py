@@ -22,8 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sourcelm.parallel.experts import (apply_expert_parallel, expert_shards, gather_expert_state, gather_over_ep,
-                                       load_expert_state, topology_from_config)
+from sourcelm.parallel.experts import (
+    apply_expert_parallel,
+    expert_shards,
+    gather_expert_state,
+    gather_over_ep,
+    load_expert_state,
+    topology_from_config,
+)
 from sourcelm.train.executor import MicroBatchLoop
 from sourcelm.train.optim import FlatAdamW
 

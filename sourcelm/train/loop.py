@@ -27,20 +27,26 @@ from pathlib import Path
 
 import torch
 
+from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.config import Config, check_batch_layout
 from sourcelm.kernels import ops
 from sourcelm.kernels.fp8 import check_fp8_setting
 from sourcelm.kernels.hardware import resolve_device, resolve_dtype
-from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
 from sourcelm.train.device import keep_freed_cpu_memory
 from sourcelm.train.executor import StepWork
+from sourcelm.train.lr_schedule import (
+    Progress,
+    bias_update_speed,
+    global_batch_size,
+    learning_rate,
+    mtp_weight,
+    samples_before,
+)
 from sourcelm.train.metrics import MetricsLogger, device_peak_flops
 from sourcelm.train.optim import ComputeCopies, FlatAdamW
-from sourcelm.train.lr_schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
-                                     samples_before)
 
 log = logging.getLogger("sourcelm.train")
 
@@ -301,8 +307,14 @@ class _ProgressBar:
     def __init__(self, total: int, done: int, enabled: bool):
         self.enabled = enabled
         if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                      TimeRemainingColumn())

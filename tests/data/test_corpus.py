@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from sourcelm.artifacts import read_manifest, sha256_file
 from sourcelm.data.corpus import demo
 from sourcelm.data.corpus.crawl import LoopbackServer, crawl_to_warc
 from sourcelm.data.corpus.text import python_pages, split_fortunes, udhr_labels
-from sourcelm.artifacts import read_manifest, sha256_file
 
 
 def test_split_fortunes_on_percent_lines():

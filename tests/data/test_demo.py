@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
+from sourcelm.artifacts import read_manifest
 from sourcelm.data.formats.writers import read_jsonl_zst
 from sourcelm.data.pipeline.audit import audit
 from sourcelm.data.pipeline.executors import LocalExecutor
 from sourcelm.data.pipeline.plan import load_plan, shipped_pipeline
 from sourcelm.data.pipeline.run import run_plan
-from sourcelm.artifacts import read_manifest
 
 
 @pytest.mark.slow

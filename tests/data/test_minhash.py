@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from sourcelm.config import ConfigError
-from sourcelm.data.pipeline.document import Document
 from sourcelm.data.dedup.minhash import (
     MinhashDedup,
     MinhashParams,
@@ -16,6 +15,7 @@ from sourcelm.data.dedup.minhash import (
     ngram_hashes,
     words,
 )
+from sourcelm.data.pipeline.document import Document
 
 
 def shifted_pair(rng, length, shift):

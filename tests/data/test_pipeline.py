@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from sourcelm.artifacts import read_manifest, sha256_file
 from sourcelm.config import ConfigError
 from sourcelm.data.formats.writers import read_jsonl_zst
 from sourcelm.data.pipeline.audit import audit
 from sourcelm.data.pipeline.executors import LocalExecutor
 from sourcelm.data.pipeline.plan import load_plan
 from sourcelm.data.pipeline.run import run_plan
-from sourcelm.artifacts import read_manifest, sha256_file
 from tests.data.pipeline_fixtures import make_inputs, output_bytes, write_pipeline
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ def test_warc_keeps_html_and_xhtml_by_http_content_type(tmp_path):
         ("http://a.test/2.xhtml", "application/xhtml+xml", page("Two", ENGLISH, xhtml=True)),
         ("http://a.test/logo.png", "image/png", b"\x89PNG\r\n\x1a\n" + bytes(100)),
         ("http://a.test/missing", "text/html", b"<html>gone</html>", "404 Not Found"),
-        ("http://a.test/notes.txt", "text/plain", "plain words here".encode()),
+        ("http://a.test/notes.txt", "text/plain", b"plain words here"),
     ])
     docs, rejected, counters = read(path)
     assert [d.url for d in docs] == ["http://a.test/1.html", "http://a.test/2.xhtml", "http://a.test/notes.txt"]

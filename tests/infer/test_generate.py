@@ -76,7 +76,7 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
 
 
 def _train_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from sourcelm.artifacts import read_manifest, sha256_file
 from sourcelm.cli import main
 from sourcelm.config import load_config
 from sourcelm.interop.hf import load_hf
 from sourcelm.model import build_model
-from sourcelm.artifacts import read_manifest, sha256_file
 from sourcelm.train.checkpoint import save_checkpoint
 
 SMALL = ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=96",

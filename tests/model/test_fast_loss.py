@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from sourcelm.config import load_config
-from sourcelm.model import build_model
 from sourcelm.kernels.reference import chunk_loss_and_grad
+from sourcelm.model import build_model
 from sourcelm.model.loss import linear_cross_entropy
 from sourcelm.model.moe import MoE
 

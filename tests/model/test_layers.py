@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sourcelm.config import load_config
-from sourcelm.model import build_model
 from sourcelm.kernels import expert_matmul, ops
+from sourcelm.model import build_model
 from sourcelm.model.attention import MLA
 from sourcelm.model.init import init_weights
 from sourcelm.model.moe import MoE, sequence_balance_loss

@@ -8,8 +8,13 @@ import torch.distributed as dist
 from sourcelm.config import ModelConfig
 from sourcelm.model import build_model, init_weights
 from sourcelm.model.moe import MoE
-from sourcelm.parallel.experts import (ExpertParallelExperts, apply_expert_parallel, expert_shards,
-                                       gather_expert_state, load_expert_state)
+from sourcelm.parallel.experts import (
+    ExpertParallelExperts,
+    apply_expert_parallel,
+    expert_shards,
+    gather_expert_state,
+    load_expert_state,
+)
 from sourcelm.parallel.topology import build_topology
 
 

@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
-from sourcelm.cli import main as cli
 from sourcelm.artifacts import write_manifest
+from sourcelm.cli import main as cli
 
 WORDS = ("the river runs south through a wide valley where farmers grow wheat and barley near old stone "
          "bridges while the town keeps its records of rain and harvest in a small library by the market "

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
+from sourcelm.artifacts import sha256_file
 from sourcelm.config import load_config
 from sourcelm.model.flops import model_stats
 from sourcelm.provenance.card import write_card
-from sourcelm.artifacts import sha256_file
 from sourcelm.provenance.toml_config import config_toml, flatten_toml
 
 

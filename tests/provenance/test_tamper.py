@@ -9,10 +9,10 @@ import json
 import pytest
 import zstandard
 
-from sourcelm.cli import main as cli
 from sourcelm import artifacts as manifest_mod
-from sourcelm.provenance.graph import walk
 from sourcelm.artifacts import sha256_file
+from sourcelm.cli import main as cli
+from sourcelm.provenance.graph import walk
 from sourcelm.provenance.verify import root_hash, verify
 
 from .conftest import MODEL, TRAIN, VOCAB, export

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 MAPPED_BLOCKS_FOR_AN_ACTIVATION = """
 import ctypes, sys, torch
 from sourcelm.train.device import keep_freed_cpu_memory

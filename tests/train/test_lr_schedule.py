@@ -3,8 +3,14 @@ import math
 import pytest
 
 from sourcelm.config import OptimConfig, ScheduleConfig, load_config
-from sourcelm.train.lr_schedule import (Progress, bias_update_speed, global_batch_size, learning_rate, mtp_weight,
-                                     samples_before)
+from sourcelm.train.lr_schedule import (
+    Progress,
+    bias_update_speed,
+    global_batch_size,
+    learning_rate,
+    mtp_weight,
+    samples_before,
+)
 
 
 def lr_at(step, sched, optim, tokens=0, total=1):

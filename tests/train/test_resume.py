@@ -14,7 +14,6 @@ from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.loop import TooManyBadSteps, Trainer
 
 
-
 def straight(cfg, path):
     t = Trainer(cfg, path, progress=False)
     t.fit()

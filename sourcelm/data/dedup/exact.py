@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.data.pipeline.document import Document
 from sourcelm.data.pipeline.step import GlobalStep
-from sourcelm.artifacts import atomic_write_bytes
 
 _SPACES = re.compile(r"\s+")
 

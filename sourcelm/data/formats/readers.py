@@ -15,9 +15,9 @@ import gzip
 import io
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from sourcelm.data.pipeline.document import Document, make_doc_id
 

@@ -30,7 +30,7 @@ class Document:
                 "metadata": self.metadata}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Document":
+    def from_dict(cls, d: dict) -> Document:
         """Inverse of `to_dict`. Raises ValueError naming the field when `d` is malformed."""
         for key in ("id", "text", "source"):
             if not isinstance(d.get(key), str):

@@ -15,8 +15,8 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sourcelm.data.pipeline.plan import Plan
 from sourcelm.data.pipeline.task import run_task

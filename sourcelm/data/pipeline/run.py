@@ -18,12 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
+from sourcelm.artifacts import atomic_write_bytes, write_manifest
 from sourcelm.data.pipeline.plan import Plan
 from sourcelm.data.pipeline.progress import StageProgress
 from sourcelm.data.pipeline.registry import build_step
 from sourcelm.data.pipeline.report import merge_stats, write_funnel_plot
 from sourcelm.data.pipeline.task import global_work_dir, marker_path, resolve_marker
-from sourcelm.artifacts import atomic_write_bytes, write_manifest
 
 
 def run_plan(plan: Plan, out: str | Path, executor, workers: int = 1, show_progress: bool = True) -> dict:

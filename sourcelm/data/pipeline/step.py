@@ -12,8 +12,8 @@ TOML `type` names the class and the remaining keys are its constructor's keyword
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from sourcelm.data.pipeline.document import Document
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 import collections
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
+from sourcelm.artifacts import atomic_write_bytes
 from sourcelm.data.formats.readers import Rejected, read_file
 from sourcelm.data.formats.writers import JsonlZstWriter, ShardWriter, read_jsonl_zst
 from sourcelm.data.pipeline.document import Document
 from sourcelm.data.pipeline.plan import Plan
 from sourcelm.data.pipeline.registry import build_step
-from sourcelm.artifacts import atomic_write_bytes
 
 REPORT_EVERY = 256  # documents between progress reports
 
