@@ -213,7 +213,8 @@ def agreement(inputs: Path) -> dict:
             kept_ours += keep_a
             kept_theirs += keep_b
             if keep_a != keep_b:
-                disagree[f"ours {'keep' if keep_a else a} / theirs {'keep' if keep_b else b[1] if isinstance(b, tuple) else 'drop'}"] += 1
+                disagree[f"ours {'keep' if keep_a else a} / "
+                         f"theirs {'keep' if keep_b else b[1] if isinstance(b, tuple) else 'drop'}"] += 1
         if name == "language":
             english = [d for d in docs if not isinstance(LanguageID(languages=["en"]).process(
                 Document(d.id, d.text, d.source)), str)]

@@ -195,7 +195,8 @@ def cluster_stage_at_scale(n: int, tasks: int, workers: int, work: Path) -> None
     for name, secs in timings.items():
         print(f"| {name} | {secs:.2f} | {n / secs:,.0f} |")
     print(f"(datatrove: buckets {t1 - t0:.2f} s, cluster {t2 - t1:.2f} s)")
-    print(f"speed-up (datatrove / sourcelm workers=1): {timings['datatrove buckets + cluster'] / timings['sourcelm resolve, workers=1']:.1f}x; "
+    print(f"speed-up (datatrove / sourcelm workers=1): "
+          f"{timings['datatrove buckets + cluster'] / timings['sourcelm resolve, workers=1']:.1f}x; "
           f"dropped: sourcelm {dropped_ours:,}, datatrove {dropped_dt:,}")
 
 

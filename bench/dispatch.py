@@ -158,8 +158,9 @@ def v3_scale_prediction(n_tokens: int = 4096, seed: int = 0) -> list[str]:
     for name, inter, intra in (("flat", flat_inter, flat_intra), ("two_hop", hop1_inter, hop2_intra)):
         row_bytes = hidden * 2
         t = max(float(inter.max()) * row_bytes / IB_BYTES_PER_S, float(intra.max()) * row_bytes / NVLINK_BYTES_PER_S)
-        lines.append(f"| {name} | {int(inter.sum())} | {int(intra.sum())} | {float(inter.max()) * row_bytes / 1e6:.1f} | "
-                     f"{float(intra.max()) * row_bytes / 1e6:.1f} | {t * 1e6:.0f} | {t * 1e6 * (1 + 4 / 128) / 2:.0f} |")
+        lines.append(f"| {name} | {int(inter.sum())} | {int(intra.sum())} | "
+                     f"{float(inter.max()) * row_bytes / 1e6:.1f} | {float(intra.max()) * row_bytes / 1e6:.1f} | "
+                     f"{t * 1e6:.0f} | {t * 1e6 * (1 + 4 / 128) / 2:.0f} |")
     nodes_per_token = in_node.sum(-1).float()
     lines += ["", f"Distinct destination nodes per token: mean {nodes_per_token.mean():.2f}, max "
               f"{int(nodes_per_token.max())} (M = {m}); distinct destination ranks per token: mean "

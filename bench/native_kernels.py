@@ -98,8 +98,9 @@ def amx_rows(g: torch.Generator, repeat: int) -> None:
     up = torch.randn(8, 4, 256, 32, generator=g).to(torch.bfloat16)
     scale = 48 ** -0.5
     attentions = {"torch": bmm_causal, "compiled": torch.compile(bmm_causal), "native": amx.causal_attention}
-    row("attention fwd+bwd 8x4x256 bf16", {name: timed(lambda f=f: torch.autograd.grad(f(q, k, v, scale), (q, k, v), up),
-                                                       repeat) for name, f in attentions.items()})
+    row("attention fwd+bwd 8x4x256 bf16",
+        {name: timed(lambda f=f: torch.autograd.grad(f(q, k, v, scale), (q, k, v), up), repeat)
+         for name, f in attentions.items()})
 
 
 def main() -> None:
@@ -158,8 +159,8 @@ def main() -> None:
     ids = cpu_moe.route_topk(scores, router.e_score_correction_bias, 4, 2, 2, 4)
     with mock.patch.dict(os.environ, {"SOURCELM_KERNELS": "torch"}):
         torch_layout = timed(lambda: ops.group_by_expert(ids, 16, 64), args.repeat)
-    row("layout 8192 slots, 16 experts", {"torch": torch_layout, "native": timed(lambda: ops.group_by_expert(ids, 16, 64),
-                                                                                  args.repeat)})
+    row("layout 8192 slots, 16 experts",
+        {"torch": torch_layout, "native": timed(lambda: ops.group_by_expert(ids, 16, 64), args.repeat)})
     if amx.ready():
         amx_rows(g, args.repeat)
     else:

@@ -71,7 +71,8 @@ def _timed(step, args) -> dict:
     for _ in range(args.steps):
         step()
     tokens = args.steps * args.batch * args.seq
-    return {"tokens_per_s": tokens / (time.perf_counter() - wall), "tokens_per_cpu_s": tokens / (time.process_time() - cpu)}
+    return {"tokens_per_s": tokens / (time.perf_counter() - wall),
+            "tokens_per_cpu_s": tokens / (time.process_time() - cpu)}
 
 
 def run_sourcelm(args, dtype: str, mtp: bool) -> dict:
@@ -162,7 +163,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="sourcelm with train.compile=true")
     p.add_argument("--hf-same-allocator", action="store_true",
                    help="give transformers the glibc tuning sourcelm's trainer applies (keep_freed_cpu_memory)")
-    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers' attention implementation")
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"],
+                   help="transformers' attention implementation")
     p.add_argument("--hf-compile", action="store_true", help="transformers' model under torch.compile")
     p.add_argument("--moe-impl", default="grouped", choices=["grouped", "loop"])
     p.add_argument("--json", help="also write every measurement to this file")

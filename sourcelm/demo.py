@@ -84,7 +84,8 @@ class Demo:
                  str(self.settings["vocab_size"]), "--output", str(self.out / "tokenizer"))
 
     def tokenize(self) -> None:
-        if stage_done(self.out / "tokens", {"valid_fraction": VALID_FRACTION}) and stage_done(self.out / "tokens" / "train"):
+        if (stage_done(self.out / "tokens", {"valid_fraction": VALID_FRACTION})
+                and stage_done(self.out / "tokens" / "train")):
             return self.skip("tokens")
         self.run("tokenize", "--input", str(self.out / "curated"), "--tokenizer", str(self.out / "tokenizer"),
                  "--output", str(self.out / "tokens"), "--workers", str(self.workers), "--valid-fraction",
@@ -100,8 +101,9 @@ class Demo:
                      f"data.train=['{tokens / 'train'}']", f"data.valid=['{tokens / 'valid'}']"]
         cfg = load_config("tiny", overrides)
         path = self.out / "train_config.toml"
-        path.write_text(config_toml(cfg.to_dict(), header="the tiny preset + configs/demo.toml, resolved by "
-                                                          "python -m sourcelm.demo" + (" --quick" if self.quick else "")))
+        path.write_text(config_toml(cfg.to_dict(),
+                                    header="the tiny preset + configs/demo.toml, resolved by "
+                                           "python -m sourcelm.demo" + (" --quick" if self.quick else "")))
         return path
 
     def train(self) -> None:

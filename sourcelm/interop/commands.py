@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a training checkpoint in the Hugging Face DeepSeek-V3 format")
     p.add_argument("checkpoint", help="checkpoint directory (model.safetensors + state.json)")
     p.add_argument("--hf", required=True, metavar="OUT", help="output directory")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: state.json's tokenizer_dir)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory to copy (default: state.json's tokenizer_dir)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weight dtype (default float32; bfloat16 with --fp8; e_score_correction_bias stays float32)")
     p.add_argument("--fp8", action="store_true",

@@ -232,7 +232,8 @@ def load_hf(in_dir: str | Path, dtype: torch.dtype = torch.float32, device: str 
     if quantization:  # the released FP8 layout: weights dequantized to fp32 here
         hf = dequantize_hf_tensors(hf, in_dir)
     n = cfg.num_hidden_layers
-    present = {int(m.group(1)) - n for k in hf if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= n}
+    present = {int(m.group(1)) - n for k in hf
+               if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= n}
     depth = len(present)
     if depth != cfg.num_nextn_predict_layers:
         log.warning("%s: config says %d MTP layers, the weights hold %d; building the model with %d",

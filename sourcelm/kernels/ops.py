@@ -18,7 +18,7 @@ The C and AMX kernels run on the CPU only; CUDA runs torch's own kernels (flash 
 cuBLAS), which are the GPU's fast paths. `SOURCELM_KERNELS=torch` switches every hand-written kernel off
 (the torch code above runs everywhere: the way to check a result against the reference end to end);
 `SOURCELM_NATIVE=0` / `SOURCELM_AMX=0` switch off the C kernels / only the AMX ones.
-"""
+"""  # noqa: E501 (a markdown table row cannot wrap)
 
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ def choose_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return "sdpa"
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, impl: str = "auto") -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     impl: str = "auto") -> torch.Tensor:
     """softmax(scale q k^T + causal mask) v for q, k [B, H, T, D], v [B, H, T, Dv] -> [B, H, T, Dv]; `impl` is
     `model.attn_impl` ("auto", "amx", "sdpa", "bmm", "eager")."""
     impl = choose_attention(q, k, v) if impl == "auto" else impl

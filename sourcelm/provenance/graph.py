@@ -298,7 +298,8 @@ def _check_checkpoints(report: Report) -> None:
             same = n.manifest.get("config") == state.get("config")
             report.add(n.stage, report.rel(n.path), "config", same,
                        "manifest config equals state.json config" if same
-                       else "the manifest's config differs from state.json's: " + _diff(state.get("config"), n.manifest.get("config")))
+                       else "the manifest's config differs from state.json's: "
+                       + _diff(state.get("config"), n.manifest.get("config")))
         # one run, one code version: the most common one (the first checkpoint's on a tie)
         ids = [code_id(n.manifest.get("code", {})) for n in nodes]
         common = Counter(ids).most_common()
@@ -331,7 +332,8 @@ def _check_export(report: Report) -> None:
         same = e.manifest.get("config") == state.get("config")
         report.add(e.stage, report.rel(e.path), "config", same,
                    f"equals the config of {ckpts[0].stage}" if same
-                   else f"differs from {ckpts[0].stage}'s state.json: " + _diff(state.get("config"), e.manifest.get("config")))
+                   else f"differs from {ckpts[0].stage}'s state.json: "
+                   + _diff(state.get("config"), e.manifest.get("config")))
         vocab = (e.manifest.get("config") or {}).get("model", {}).get("vocab_size")
         tok_vocab = [t.manifest.get("vocab_size") for t in report.of_kind("tokenizer") if t.manifest.get("vocab_size")]
         if vocab and tok_vocab:

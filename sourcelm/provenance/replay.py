@@ -87,7 +87,8 @@ def replay_segment(report: Report, start: Node | None, end: Node, show_progress:
     """Replays one segment in a temporary run dir and returns the verdict as a Check row."""
     end_state = read_state(end)
     if end_state is None:
-        return Check(end.stage, report.rel(end.dir), "replay", False, "state.json missing or unreadable: nothing to replay")
+        return Check(end.stage, report.rel(end.dir), "replay", False,
+                     "state.json missing or unreadable: nothing to replay")
     a, b = (start.manifest.get("step") if start else 0), end_state["step"]
     label = f"steps {a}→{b}"
     launch = end_state.get("launch") or {"nproc": 1, "ranks_per_node": 1}

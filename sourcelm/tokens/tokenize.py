@@ -90,7 +90,8 @@ def run_task(input_file: str, output: str, tokenizer_dir: str, tokenizer_sha: st
             w.abort()
         raise
     record = {
-        "input": f"documents/{Path(input_file).name}", "input_sha256": sha256_file(input_file), "tokenizer_sha256": tokenizer_sha,
+        "input": f"documents/{Path(input_file).name}", "input_sha256": sha256_file(input_file),
+        "tokenizer_sha256": tokenizer_sha,
         "valid_fraction": valid_fraction, "dtype": str(dtype), "skipped": dict(skipped),
         "splits": {s: {"documents": sum(v[0] for v in counts[s].values()),
                        "tokens": sum(v[1] for v in counts[s].values()),
@@ -234,5 +235,6 @@ def write_manifests(out: Path, curated_dir, tok_dir: Path, tok_sha: str, valid_f
     outputs += [str(p.relative_to(out)) for p in sorted((out / "tasks").glob("*"))]
     write_manifest(out, "tokenize", outputs=outputs, inputs=inputs,
                    config={"valid_fraction": valid_fraction},
-                   extra={**common, **summary, "input_files": {r["input"]: r["input_sha256"] for r in records.values()}})
+                   extra={**common, **summary,
+                          "input_files": {r["input"]: r["input_sha256"] for r in records.values()}})
     return summary

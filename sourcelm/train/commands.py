@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True, help="where checkpoints, metrics and plots go")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     p.add_argument("--resume-from", help="a specific checkpoint directory (default: the newest valid one)")
-    p.add_argument("--stop-after", type=int, help="stop after this many steps (the schedule still spans schedule.steps)")
+    p.add_argument("--stop-after", type=int,
+                   help="stop after this many steps (the schedule still spans schedule.steps)")
     p.add_argument("--nproc", type=int, default=1, help="local processes (expert/data parallel, gloo on CPU)")
     p.add_argument("--ranks-per-node", type=int, default=0,
                    help="split the local processes into pretend nodes of this many ranks (default: one node)")

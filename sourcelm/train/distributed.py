@@ -38,7 +38,8 @@ class DistributedContext:
     def __init__(self, cfg, ranks_per_node: int = 0):
         use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
         # NCCL reduces device tensors only; host-side counters travel on this device
-        self.comm_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+        self.comm_device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda
+                            else torch.device("cpu"))
         if not dist.is_initialized():
             if use_cuda:  # one GPU per local rank, as torchrun numbers them
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

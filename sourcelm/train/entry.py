@@ -15,7 +15,8 @@ from pathlib import Path
 
 def setup_logging(run_dir: Path, rank: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))]
+    handlers: list[logging.Handler] = [
+        logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))]
     if rank == 0:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

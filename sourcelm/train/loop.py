@@ -147,7 +147,8 @@ class Trainer:
             self.ckpt_root, s.step, model_state, optim_state,
             state={
                 "step": s.step, "consumed_samples": s.consumed_samples, "consumed_tokens": s.consumed_tokens,
-                "bad_in_row": s.bad_in_row, "skipped_steps": s.skipped_steps, "optimizer_step": self.dense_opt.step_count,
+                "bad_in_row": s.bad_in_row, "skipped_steps": s.skipped_steps,
+                "optimizer_step": self.dense_opt.step_count,
                 "loader": self.train_data.state(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
                 "layout": self.ctx.description, "launch": self.ctx.launch,
             },
@@ -270,7 +271,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         # memory per rank: ZeRO-1 shards the dense moments, EP shards the experts and theirs
         copies = self.dense_opt.flat_copy.numel() + self.expert_opt.flat_copy.numel()  # bf16 compute copies
-        memory = {"param_bytes_per_rank": sum(p.numel() * p.element_size() for p in self.model.parameters()) + 2 * copies,
+        memory = {"param_bytes_per_rank":
+                  sum(p.numel() * p.element_size() for p in self.model.parameters()) + 2 * copies,
                   "optimizer_state_bytes_per_rank": self.dense_opt.memory_bytes() + self.expert_opt.memory_bytes()}
         if self.ctx.is_main:
             atomic_write_bytes(self.run_dir / "config.json", (cfg.to_json() + "\n").encode())
@@ -287,7 +289,8 @@ class Trainer:
                 record = self.train_step()
                 dt = time.perf_counter() - t0
                 tokens = record["global_batch"] * cfg.data.seq_len
-                record.update(step_time=dt, tokens_per_s=tokens / dt, model_flops_per_s=tokens * self.flops_per_token / dt)
+                record.update(step_time=dt, tokens_per_s=tokens / dt,
+                              model_flops_per_s=tokens * self.flops_per_token / dt)
                 record["mfu"] = record["model_flops_per_s"] / self.peak_flops
                 if cfg.logging.valid_every and (s.step % cfg.logging.valid_every == 0 or s.step == cfg.schedule.steps):
                     record["valid_loss"] = self.validate()

@@ -43,7 +43,8 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
             if key in name:
                 return peak, f"datasheet bf16 dense peak for {key}"
         return float("nan"), f"unknown GPU {name!r}: no peak in the table"
-    return measure_cpu_peak(dtype), f"measured: {str(dtype).removeprefix('torch.')} matmul probe, {torch.get_num_threads()} threads"
+    return (measure_cpu_peak(dtype),
+            f"measured: {str(dtype).removeprefix('torch.')} matmul probe, {torch.get_num_threads()} threads")
 
 
 class MetricsLogger:

@@ -43,7 +43,8 @@ def make_inputs(root: Path, n_jsonl_files: int = 3, docs_per_file: int = 12) -> 
                 lines.append('{"text": 12}')
                 lines.append("{broken json")
         if f == 0:
-            lines.append(json.dumps({"text": "Contact me at someone@example.org from 203.0.113.9. " + english_text(999)}))
+            lines.append(json.dumps({"text": "Contact me at someone@example.org from 203.0.113.9. "
+                                             + english_text(999)}))
         (root / "jsonl" / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
     return root
 

@@ -175,7 +175,8 @@ type = "language"
 
 @pytest.mark.parametrize("text,needle", [
     ('[[input]]\npaths=["data/jsonl/*.jsonl"]\n[[step]]\ntype="nope"\n', "step type 'nope' is unknown"),
-    ('[[input]]\npaths=["data/jsonl/*.jsonl"]\n[[step]]\ntype="gopher_quality"\nmin_wrds=3\n', "unknown key(s) ['min_wrds']"),
+    ('[[input]]\npaths=["data/jsonl/*.jsonl"]\n[[step]]\ntype="gopher_quality"\nmin_wrds=3\n',
+     "unknown key(s) ['min_wrds']"),
     ('[[input]]\npaths=["data/warc/*.warc.gz"]\n[[step]]\ntype="pii"\n', "add [[step]] type = \"extract\""),
     ('[[input]]\npaths=["nothing/*.jsonl"]\n[[step]]\ntype="pii"\n', "matches no file"),
     ('[[input]]\npaths=["data/jsonl/*.jsonl"]\n[[step]]\ntype="c4"\npreset="x"\n', "preset='x'"),

@@ -19,15 +19,22 @@ from tests.data.warc_fixtures import ENGLISH, page
 
 # Article 1 of the UDHR (and a second sentence), in the languages a curation run meets most
 ARTICLE_1 = {
-    "en": "All human beings are born free and equal in dignity and rights. They are endowed with reason and conscience.",
-    "fr": "Tous les êtres humains naissent libres et égaux en dignité et en droits. Ils sont doués de raison et de conscience.",
+    "en": "All human beings are born free and equal in dignity and rights. "
+          "They are endowed with reason and conscience.",
+    "fr": "Tous les êtres humains naissent libres et égaux en dignité et en droits. "
+          "Ils sont doués de raison et de conscience.",
     "de": "Alle Menschen sind frei und gleich an Würde und Rechten geboren. Sie sind mit Vernunft und Gewissen begabt.",
-    "es": "Todos los seres humanos nacen libres e iguales en dignidad y derechos y, dotados como están de razón y conciencia.",
-    "it": "Tutti gli esseri umani nascono liberi ed eguali in dignità e diritti. Essi sono dotati di ragione e di coscienza.",
-    "pt": "Todos os seres humanos nascem livres e iguais em dignidade e em direitos. Dotados de razão e de consciência.",
-    "nl": "Alle mensen worden vrij en gelijk in waardigheid en rechten geboren. Zij zijn begiftigd met verstand en geweten.",
+    "es": "Todos los seres humanos nacen libres e iguales en dignidad y derechos y, "
+          "dotados como están de razón y conciencia.",
+    "it": "Tutti gli esseri umani nascono liberi ed eguali in dignità e diritti. "
+          "Essi sono dotati di ragione e di coscienza.",
+    "pt": "Todos os seres humanos nascem livres e iguais em dignidade e em direitos. "
+          "Dotados de razão e de consciência.",
+    "nl": "Alle mensen worden vrij en gelijk in waardigheid en rechten geboren. "
+          "Zij zijn begiftigd met verstand en geweten.",
     "ru": "Все люди рождаются свободными и равными в своем достоинстве и правах. Они наделены разумом и совестью.",
-    "pl": "Wszyscy ludzie rodzą się wolni i równi pod względem swej godności i swych praw. Są oni obdarzeni rozumem i sumieniem.",
+    "pl": "Wszyscy ludzie rodzą się wolni i równi pod względem swej godności i swych praw. "
+          "Są oni obdarzeni rozumem i sumieniem.",
     "sv": "Alla människor är födda fria och lika i värde och rättigheter. De är utrustade med förnuft och samvete.",
     "tr": "Bütün insanlar hür, haysiyet ve haklar bakımından eşit doğarlar. Akıl ve vicdana sahiptirler.",
     "el": "Όλοι οι άνθρωποι γεννιούνται ελεύθεροι και ίσοι στην αξιοπρέπεια και τα δικαιώματα.",

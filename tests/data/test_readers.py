@@ -59,7 +59,8 @@ def test_truncated_warc_gz_keeps_records_before_the_damage(tmp_path):
 
 
 def test_malformed_warc_record(tmp_path):
-    good = write_warc(tmp_path / "g.warc", [("http://d.test/1", "text/html", page("A", ENGLISH))], gzip=False).read_bytes()
+    good = write_warc(tmp_path / "g.warc", [("http://d.test/1", "text/html", page("A", ENGLISH))],
+                      gzip=False).read_bytes()
     bad = tmp_path / "bad.warc"
     for tail in (b"this is not a warc record\r\n\r\nmore",  # no WARC/ line
                  b"WARC/1.0\r\nbroken header\r\nWARC-Type: response\r\nContent-Length: 19\r\n\r\n"

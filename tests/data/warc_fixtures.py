@@ -9,7 +9,8 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 
-def write_warc(path: Path, pages: list[tuple[str, str, bytes] | tuple[str, str, bytes, str]], gzip: bool = True) -> Path:
+def write_warc(path: Path, pages: list[tuple[str, str, bytes] | tuple[str, str, bytes, str]],
+               gzip: bool = True) -> Path:
     """pages: (url, content type, body[, status]) → one request and one response record each,
     plus a warcinfo record first, as crawlers write them."""
     with open(path, "wb") as f:

@@ -85,7 +85,7 @@ def test_transformers_to_ours(name, tmp_path):
     torch.manual_seed(2)
     hf = transformers.DeepseekV3ForCausalLM(hf_config(cfg))
     with torch.no_grad():
-        for n, p in hf.named_parameters():
+        for _n, p in hf.named_parameters():
             p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0.0))
         for n, b in hf.named_buffers():
             if n.endswith("e_score_correction_bias"):

@@ -107,7 +107,7 @@ def test_yarn_frequencies_and_scale_match_reference_numbers():
 def _moe(cfg, seed=0):
     torch.manual_seed(seed)
     layer = MoE(cfg)
-    for name, p in layer.named_parameters():
+    for _name, p in layer.named_parameters():
         torch.nn.init.normal_(p, std=0.05)
     layer.gate.e_score_correction_bias.uniform_(-0.05, 0.1)
     return layer

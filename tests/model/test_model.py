@@ -21,7 +21,8 @@ def test_init_is_a_pure_function_of_seed_and_name():
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     c = build_model(tiny(), seed=8).state_dict()
-    assert not torch.equal(sa["model.layers.1.self_attn.kv_b_proj.weight"], c["model.layers.1.self_attn.kv_b_proj.weight"])
+    assert not torch.equal(sa["model.layers.1.self_attn.kv_b_proj.weight"],
+                           c["model.layers.1.self_attn.kv_b_proj.weight"])
     # a model with a different number of layers/experts gives the same values to the names they share
     d = build_model(tiny(num_hidden_layers=2), seed=7).state_dict()
     assert torch.equal(d["model.layers.1.self_attn.q_b_proj.weight"], sa["model.layers.1.self_attn.q_b_proj.weight"])

@@ -340,7 +340,8 @@ def test_rope_kernel_declines_what_it_does_not_handle():
     assert cpu_fused.rope_takes(x, cos, cos)
     assert not cpu_fused.rope_takes(x, cos.requires_grad_(), cos)  # a learned angle would need its gradient
     assert not cpu_fused.rope_takes(x.double(), cos.detach(), cos.detach())
-    assert not cpu_fused.rope_takes(x[..., ::2].contiguous()[..., :7], cos.detach()[:, :3], cos.detach()[:, :3])  # odd d
+    # odd d
+    assert not cpu_fused.rope_takes(x[..., ::2].contiguous()[..., :7], cos.detach()[:, :3], cos.detach()[:, :3])
 
 
 # ------------------------------------------------------------------------------------------- SwiGLU
@@ -433,7 +434,8 @@ def test_router_selection_kernel_equals_the_torch_code(e, k, groups, keep):
     router, scores = _router(e, k, groups, keep)
     assert cpu_moe.route_takes(scores, groups, keep, k)
     got = cpu_moe.route_topk(scores, router.e_score_correction_bias, groups, router.per_group_top, keep, k)
-    assert torch.equal(got, reference.route_topk(scores, router.e_score_correction_bias, router.n_group, router.per_group_top, router.topk_group, router.top_k))
+    assert torch.equal(got, reference.route_topk(scores, router.e_score_correction_bias, router.n_group,
+                                                 router.per_group_top, router.topk_group, router.top_k))
 
 
 def test_router_selection_kernel_survives_nan_scores():
@@ -442,7 +444,8 @@ def test_router_selection_kernel_survives_nan_scores():
     scores[1, :5] = float("nan")
     got = cpu_moe.route_topk(scores, router.e_score_correction_bias, 4, 2, 2, 4)
     assert bool(((got >= 0) & (got < 16)).all())  # valid experts; the loss, NaN, stops the step anyway
-    assert torch.equal(got[2:], reference.route_topk(scores[2:], router.e_score_correction_bias, router.n_group, router.per_group_top, router.topk_group, router.top_k))
+    assert torch.equal(got[2:], reference.route_topk(scores[2:], router.e_score_correction_bias, router.n_group,
+                                                     router.per_group_top, router.topk_group, router.top_k))
     assert bool((got[1, None] != torch.arange(5)[:, None]).all())  # a number beats a NaN
 
 

@@ -23,7 +23,8 @@ def test_card_reports_the_run(built_run, tmp_path):
     # the funnel rows are the curation's statistics
     stats = json.loads((run / "curated" / "stats.json").read_text())
     dedup = stats["steps"]["exact_dedup"]
-    assert f"| exact_dedup | {dedup['docs_in']:,} | {dedup['docs_out']:,} | {dedup['docs_in'] - dedup['docs_out']:,} |" in text
+    assert (f"| exact_dedup | {dedup['docs_in']:,} | {dedup['docs_out']:,} | "
+            f"{dedup['docs_in'] - dedup['docs_out']:,} |") in text
     assert "![curation funnel](curated/funnel.png)" in text and "![loss](train/plots/loss.png)" in text
     # size from the FLOP/parameter accounting, for the config of the last checkpoint
     state = json.loads((run / "train" / "checkpoints" / "step_000006" / "state.json").read_text())

@@ -75,7 +75,8 @@ def test_edited_raw_input(run_copy):
     raw.write_text(raw.read_text().replace("barley", "barely", 1))
     found = failures(run_copy)
     # the corpus's own hash of it, and the curation's link to it: both name the corpus
-    assert sorted(found) == [("corpus", "raw/docs/part1.jsonl", "input link"), ("corpus", "raw/docs/part1.jsonl", "output")]
+    assert sorted(found) == [("corpus", "raw/docs/part1.jsonl", "input link"),
+                             ("corpus", "raw/docs/part1.jsonl", "output")]
 
 
 def test_changed_training_config_value(run_copy):

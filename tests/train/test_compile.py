@@ -34,12 +34,14 @@ def test_compiled_training_matches_eager_and_resumes_bit_identically(config, dig
     assert digest(resumed.model) == digest(straight.model)
 
     # the compiled kernels fuse and reorder float operations: close to eager, not equal
-    compiled_losses = [r["loss"] for r in map(json.loads, straight.metrics.path.read_text().splitlines()) if "loss" in r]
+    compiled_losses = [r["loss"] for r in map(json.loads, straight.metrics.path.read_text().splitlines())
+                       if "loss" in r]
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4)
     assert type(straight.model.model.layers[0].attention_block).__name__ != "method"  # really compiled
     # the fused loss's per-chunk step: compiled too, unless the native CPU kernel (faster) runs it
     assert straight.model.ce_chunk is not chunk_loss_and_grad
-    assert (straight.model.ce_chunk is None) == (ops.cross_entropy_chunk(torch.device("cpu")) is not chunk_loss_and_grad)
+    assert (straight.model.ce_chunk is None) == (
+        ops.cross_entropy_chunk(torch.device("cpu")) is not chunk_loss_and_grad)
     # the router and the FFNs: compiled only where the C kernels (faster or equal) do not run them
     moe = next(layer.mlp for layer in straight.model.model.layers if layer.is_moe)
     assert (moe.gate._compiled_call_impl is None) == (straight.model.ce_chunk is None)

@@ -28,7 +28,8 @@ def _glibc_with_mallinfo2() -> bool:
     return name == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 33)
 
 
-@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="the tuning is glibc's mallopt; the check reads mallinfo2 (2.33+)")
+@pytest.mark.skipif(not _glibc_with_mallinfo2(),
+                    reason="the tuning is glibc's mallopt; the check reads mallinfo2 (2.33+)")
 def test_keep_freed_cpu_memory_serves_activations_from_the_heap():
     """By default glibc serves a 20 MB block with its own mmap (unmapped again on free, so the next step
     faults its pages in afresh); tuned, the block comes from the heap, which keeps freed memory."""

@@ -17,7 +17,8 @@ def test_metrics_tensorboard_and_plots(small_config, tmp_path):
     # every token of the global batch is routed to K experts in every MoE layer, MTP included
     tokens = cfg.schedule.global_batch * cfg.data.seq_len
     assert sum(last["expert_load"][0]) == tokens * cfg.model.num_experts_per_tok
-    assert sum(last["expert_load"][-1]) == cfg.schedule.global_batch * (cfg.data.seq_len - 1) * cfg.model.num_experts_per_tok
+    assert (sum(last["expert_load"][-1])
+            == cfg.schedule.global_batch * (cfg.data.seq_len - 1) * cfg.model.num_experts_per_tok)
     for key in ("max_violation", "load_cv", "bias_norm"):
         assert len(last[key]) == n_moe
     assert 0 < last["mfu"] < 1 and last["tokens_per_s"] > 0 and last["valid_loss"] > 0

@@ -18,8 +18,7 @@ def _lines(path: Path):
         return
     with open(path, "rb") as raw:
         reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-        for n, line in enumerate(reader, 1):
-            yield n, line
+        yield from enumerate(reader, 1)
 
 
 def find_document(run: Path, doc_id: str) -> dict | None:

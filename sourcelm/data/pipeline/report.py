@@ -13,7 +13,7 @@ _SUMMED = ("docs_in", "docs_out", "bytes_in", "bytes_out", "time_s")
 def merge_stats(plan: Plan, task_results: list[dict]) -> dict:
     """Sums the task statistics per step, in pipeline order ("read" first)."""
     order = ["read"]
-    for i, name in enumerate(plan.step_names):
+    for _i, name in enumerate(plan.step_names):
         order.append(name)
     merged: dict[str, dict] = {}
     extras: dict[str, dict] = {}

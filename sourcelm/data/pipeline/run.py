@@ -51,9 +51,11 @@ def run_plan(plan: Plan, out: str | Path, executor, workers: int = 1, show_progr
             total_bytes = sum(f.size for t in range(n_tasks) for f in plan.tasks[t])
             with StageProgress(label, expected, show_progress) as progress:
                 if k == 0:
-                    progress.estimate_from_bytes(total_bytes, {t: sum(f.size for f in plan.tasks[t]) for t in range(n_tasks)})
+                    progress.estimate_from_bytes(total_bytes,
+                                                 {t: sum(f.size for f in plan.tasks[t]) for t in range(n_tasks)})
                 progress.resume(done.values())
-                results = executor.run_stage(plan, out, k, pending, progress.advance, progress.task_done) if pending else []
+                results = (executor.run_stage(plan, out, k, pending, progress.advance, progress.task_done)
+                           if pending else [])
             stage_results = sorted([*done.values(), *results], key=lambda r: r["task"])
             task_results += stage_results
             expected = sum(r["docs_written"] for r in stage_results)
