@@ -1,0 +1,253 @@
+"""Does DeepSeek-V3's FP8 recipe keep the loss within 0.25 % of BF16? (issue 19, "Measured")
+
+`loss`: trains the `tiny` preset on real token shards once per (variant, seed), two runs at a time with one thread
+each, every run in its own process (`worker`), and compares the final validation loss of each FP8 variant with the
+BF16 run of the same seed (same init, same data order): relative difference per seed, mean ± spread, next to the
+report's 0.25 %. Variants: `bf16` (train.fp8 = off), `fp8` (train.fp8 = emulate), and `fp8-no-CLASS`: FP8 except one
+class of GEMMs kept in BF16 through a local wrapper of `ops.linear` / `ops.expert_ffn` (no config field), to find
+which quantization costs the most. Classes: `attention` (q_a, q_b, kv_a, kv_b, o of every layer), `dense` (the dense
+layer's FFN and the MoE layers' shared experts), `experts` (the routed experts' grouped GEMMs).
+
+`memory`: activation bytes one decoder layer saves for backward (dense and MoE layer), FP8 against BF16 autocast,
+counted by `torch.autograd.graph.saved_tensors_hooks` over one forward (each storage once, parameters left out).
+
+    .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 [--variants bf16,fp8] [--steps 80]
+    .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 --summarise-only
+    .venv/bin/python bench/fp8_loss.py memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_BOUND = 0.25  # % relative loss difference the report claims FP8 stays within (§3.3)
+CLASSES = ("attention", "dense", "experts")
+
+
+def overrides(tokens: Path, steps: int, seed: int, fp8: str) -> list[str]:
+    """The tiny preset, shortened: no MTP (a third less compute; the report's claim is about the main loss),
+    `steps` steps with a tenth of warm-up, validation once at the end over 8 batches, bf16 compute."""
+    vocab = json.loads((tokens.parent / "tokenizer" / "manifest.json").read_text())["vocab_size"] \
+        if (tokens.parent / "tokenizer" / "manifest.json").exists() else None
+    return [f"data.train=['{tokens / 'train'}']", f"data.valid=['{tokens / 'valid'}']",
+            *([f"model.vocab_size={vocab}"] if vocab else []), "model.num_nextn_predict_layers=0",
+            f"schedule.steps={steps}", f"schedule.warmup_steps={max(steps // 10, 1)}", f"logging.valid_every={steps}",
+            "logging.valid_batches=8", "checkpoint.every=100000", "logging.tensorboard=false", "logging.progress=false",
+            f"seed={seed}", "train.dtype=bfloat16", f"train.fp8={fp8}"]
+
+
+# ------------------------------------------------------------------------------ one class of GEMMs kept in BF16
+
+
+@contextlib.contextmanager
+def _precision_off():
+    from sourcelm.kernels import ops
+
+    previous, ops._linear_precision = ops._linear_precision, "off"
+    try:
+        yield
+    finally:
+        ops._linear_precision = previous
+
+
+def keep_class_in_bf16(model, name: str) -> None:
+    """Runs one class of GEMMs without FP8: forward hooks mark which module is running (the innermost wins), and
+    `ops.linear` / `ops.expert_ffn`, looked up through the module by the model's code, switch FP8 off for that class.
+    Backward follows forward's choice (the FP8 linear is an autograd function chosen at forward)."""
+    from sourcelm.kernels import ops
+
+    if name not in CLASSES:
+        sys.exit(f"unknown GEMM class {name!r}: choose one of {', '.join(CLASSES)}")
+    running: list[str] = []
+    for module_name, module in model.named_modules():
+        leaf = module_name.rsplit(".", 1)[-1]
+        kind = ("attention" if leaf == "self_attn" else
+                "dense" if leaf == "shared_experts" or (leaf == "mlp" and hasattr(module, "gate_proj")) else None)
+        if kind:
+            module.register_forward_pre_hook(lambda *_, k=kind: running.append(k))
+            module.register_forward_hook(lambda *_: running.pop())
+    linear, expert_ffn = ops.linear, ops.expert_ffn
+
+    def patched_linear(x, weight):
+        with _precision_off() if running and running[-1] == name else contextlib.nullcontext():
+            return linear(x, weight)
+
+    def patched_expert_ffn(*args, **kwargs):
+        with _precision_off() if name == "experts" else contextlib.nullcontext():
+            return expert_ffn(*args, **kwargs)
+
+    ops.linear, ops.expert_ffn = patched_linear, patched_expert_ffn
+
+
+def worker(args) -> None:
+    from sourcelm.config import load_config
+    from sourcelm.train.loop import Trainer
+
+    fp8 = "off" if args.variant == "bf16" else "emulate"
+    trainer = Trainer(load_config(args.preset, overrides(args.tokens, args.steps, args.seed, fp8)), args.run_dir,
+                      progress=False)
+    if args.variant.startswith("fp8-no-"):
+        keep_class_in_bf16(trainer.model, args.variant.removeprefix("fp8-no-"))
+    trainer.fit()
+
+
+# ------------------------------------------------------------------------------ the loss comparison
+
+
+def launch(args, variant: str, seed: int) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "worker", "--variant", variant, "--seed", str(seed), "--tokens",
+           str(args.tokens), "--steps", str(args.steps), "--preset", args.preset, "--run-dir",
+           str(args.out / f"{variant}_s{seed}")]
+    log = open(args.out / f"{variant}_s{seed}.log", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def final_losses(run: Path) -> tuple[float, float]:
+    """(validation loss at the last step, train main loss averaged over the last 10 steps)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["valid_loss"] for r in rows if r.get("valid_loss") is not None]
+    train = [r["main_loss"] for r in rows if "main_loss" in r]
+    return valid[-1], statistics.mean(train[-10:])
+
+
+def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
+    runs = {(v, s): final_losses(out / f"{v}_s{s}") for v in variants for s in seeds if (out / f"{v}_s{s}").exists()}
+    first_train = json.loads((out / f"bf16_s{seeds[0]}" / "metrics.jsonl").read_text().splitlines()[0])
+    print(f"bf16 seed {seeds[0]}: main loss {first_train.get('main_loss', float('nan')):.3f} at step 1")
+    print(f"{'variant':18s} " + "  ".join(f"seed {s}" for s in seeds) + "    mean   (final validation loss)")
+    for v in variants:
+        cells = [f"{runs[(v, s)][0]:6.4f}" if (v, s) in runs else "  --  " for s in seeds]
+        print(f"{v:18s} " + "  ".join(cells) + f"   {statistics.mean(runs[(v, s)][0] for s in seeds if (v, s) in runs):.4f}")
+    print(f"\nrelative difference to bf16, same seed (%), validation / train main loss of the last 10 steps; "
+          f"the report: within {REPORT_BOUND} %")
+    bf16_spread = [100 * (runs[("bf16", s)][0] / statistics.mean(runs[("bf16", t)][0] for t in seeds) - 1)
+                   for s in seeds]
+    print(f"  bf16 seed-to-seed: validation loss {min(bf16_spread):+.3f} .. {max(bf16_spread):+.3f} % around its mean")
+    for v in variants[1:]:
+        done = [s for s in seeds if (v, s) in runs]
+        rel = [100 * (runs[(v, s)][0] / runs[("bf16", s)][0] - 1) for s in done]
+        rel_train = [100 * (runs[(v, s)][1] / runs[("bf16", s)][1] - 1) for s in done]
+        spread = f" ± {statistics.stdev(rel):.3f} (std over seeds)" if len(rel) > 1 else ""
+        print(f"  {v:16s} validation {statistics.mean(rel):+.3f}{spread} [" + ", ".join(f"{x:+.3f}" for x in rel)
+              + f"]   train {statistics.mean(rel_train):+.3f} [" + ", ".join(f"{x:+.3f}" for x in rel_train) + "]")
+
+
+def loss(args) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = args.variants.split(",")
+    if variants[0] != "bf16":
+        sys.exit("--variants must start with bf16, the reference")
+    if not args.summarise_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        todo = [(v, s) for v in variants[::-1] for s in seeds]  # the slow FP8 runs first, so the pairs finish together
+        running: list[subprocess.Popen] = []
+        while todo or running:
+            while todo and len(running) < args.parallel:
+                running.append(launch(args, *todo.pop(0)))
+            running[0].wait()
+            if running[0].returncode:
+                sys.exit(f"a training run failed (exit {running[0].returncode}); see the logs in {args.out}")
+            running.pop(0)
+    summarise(args.out, variants, seeds)
+
+
+# ------------------------------------------------------------------------------ activation memory
+
+
+def saved_bytes(layer, run) -> dict:
+    """Bytes of the tensors autograd keeps for backward while `run()` runs `layer` forward: each storage once,
+    the layer's parameters (and views of them) left out. The FP8 linear's saved E4M3 tiles and their fp32 scales
+    count as what they are."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, tuple[int, str]] = {}  # storage -> (bytes, dtype)
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            size = max(seen.get(storage.data_ptr(), (0, ""))[0], storage.nbytes())
+            seen[storage.data_ptr()] = (size, str(t.dtype).removeprefix("torch."))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    by_dtype: dict[str, int] = {}
+    for size, dtype in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    return by_dtype
+
+
+def memory(args) -> None:
+    import torch
+
+    from sourcelm.config import load_config
+    from sourcelm.kernels import ops
+    from sourcelm.model import build_model
+
+    cfg = load_config(args.preset, ["model.num_nextn_predict_layers=0"])
+    model = build_model(cfg.model, seed=0)
+    tokens = args.batch * cfg.data.seq_len
+    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    print(f"{args.preset} preset, batch {args.batch} × seq {cfg.data.seq_len} = {tokens} tokens, bf16 autocast; "
+          "bytes autograd saves for backward in one layer's forward (parameters excluded)")
+    print(f"{'layer':8s} {'kind':5s} {'bf16 MiB':>9s} {'fp8 MiB':>8s} {'fp8/bf16':>8s}  bytes/token bf16 -> fp8   "
+          "MiB by dtype, bf16 | fp8")
+    for i, layer in enumerate(model.model.layers):
+        kind = "MoE" if hasattr(layer.mlp, "experts") else "dense"
+        got = {}
+        for fp8 in ("off", "emulate"):
+            captured = {}
+
+            def pre_hook(module, args_, kwargs, captured=captured):
+                captured["args"], captured["kwargs"] = args_, kwargs
+
+            handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                model(ids)  # the layer's real inputs (hidden states, RoPE tables, masks)
+            handle.remove()
+            h = captured["args"][0].detach().requires_grad_(True)
+            with ops.linear_precision(fp8), torch.autocast("cpu", dtype=torch.bfloat16):
+                got[fp8] = saved_bytes(layer, lambda: layer(h, *captured["args"][1:], **captured["kwargs"]))
+        bf16, f8 = sum(got["off"].values()), sum(got["emulate"].values())
+        mix = " | ".join(", ".join(f"{d} {b / 2**20:.2f}" for d, b in sorted(got[m].items())) for m in ("off", "emulate"))
+        print(f"{i:<8d} {kind:5s} {bf16 / 2**20:9.2f} {f8 / 2**20:8.2f} {f8 / bf16:8.3f}  {bf16 / tokens:.0f} -> "
+              f"{f8 / tokens:.0f}   {mix}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="what", required=True)
+    lo = sub.add_parser("loss")
+    lo.add_argument("--tokens", type=Path, required=True, help="token dir with train/ and valid/ (tokenizer/ beside)")
+    lo.add_argument("--out", type=Path, required=True)
+    lo.add_argument("--preset", default="tiny")
+    lo.add_argument("--steps", type=int, default=80)
+    lo.add_argument("--seeds", default="0,1,2")
+    lo.add_argument("--variants", default="bf16,fp8", help="bf16 first; then fp8 and/or fp8-no-" + "|".join(CLASSES))
+    lo.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    lo.add_argument("--summarise-only", action="store_true")
+    w = sub.add_parser("worker")
+    for name, kind in (("--variant", str), ("--seed", int), ("--tokens", Path), ("--steps", int), ("--preset", str),
+                       ("--run-dir", Path)):
+        w.add_argument(name, type=kind, required=True)
+    me = sub.add_parser("memory")
+    me.add_argument("--preset", default="tiny")
+    me.add_argument("--batch", type=int, default=8)
+    args = p.parse_args()
+    if args.what == "worker":
+        sys.path.insert(0, str(ROOT))
+    {"loss": loss, "worker": worker, "memory": memory}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
