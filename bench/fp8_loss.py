@@ -126,7 +126,8 @@ def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
     print(f"{'variant':18s} " + "  ".join(f"seed {s}" for s in seeds) + "    mean   (final validation loss)")
     for v in variants:
         cells = [f"{runs[(v, s)][0]:6.4f}" if (v, s) in runs else "  --  " for s in seeds]
-        print(f"{v:18s} " + "  ".join(cells) + f"   {statistics.mean(runs[(v, s)][0] for s in seeds if (v, s) in runs):.4f}")
+        mean = statistics.mean(runs[(v, s)][0] for s in seeds if (v, s) in runs)
+        print(f"{v:18s} " + "  ".join(cells) + f"   {mean:.4f}")
     print(f"\nrelative difference to bf16, same seed (%), validation / train main loss of the last 10 steps; "
           f"the report: within {REPORT_BOUND} %")
     bf16_spread = [100 * (runs[("bf16", s)][0] / statistics.mean(runs[("bf16", t)][0] for t in seeds) - 1)
@@ -197,7 +198,8 @@ def memory(args) -> None:
     cfg = load_config(args.preset, ["model.num_nextn_predict_layers=0"])
     model = build_model(cfg.model, seed=0)
     tokens = args.batch * cfg.data.seq_len
-    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, cfg.data.seq_len),
+                        generator=torch.Generator().manual_seed(0))
     print(f"{args.preset} preset, batch {args.batch} × seq {cfg.data.seq_len} = {tokens} tokens, bf16 autocast; "
           "bytes autograd saves for backward in one layer's forward (parameters excluded)")
     print(f"{'layer':8s} {'kind':5s} {'bf16 MiB':>9s} {'fp8 MiB':>8s} {'fp8/bf16':>8s}  bytes/token bf16 -> fp8   "
@@ -219,7 +221,8 @@ def memory(args) -> None:
             with ops.linear_precision(fp8), torch.autocast("cpu", dtype=torch.bfloat16):
                 got[fp8] = saved_bytes(layer, lambda: layer(h, *captured["args"][1:], **captured["kwargs"]))
         bf16, f8 = sum(got["off"].values()), sum(got["emulate"].values())
-        mix = " | ".join(", ".join(f"{d} {b / 2**20:.2f}" for d, b in sorted(got[m].items())) for m in ("off", "emulate"))
+        mix = " | ".join(", ".join(f"{d} {b / 2**20:.2f}" for d, b in sorted(got[m].items()))
+                         for m in ("off", "emulate"))
         print(f"{i:<8d} {kind:5s} {bf16 / 2**20:9.2f} {f8 / 2**20:8.2f} {f8 / bf16:8.3f}  {bf16 / tokens:.0f} -> "
               f"{f8 / tokens:.0f}   {mix}")
 
