@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "sourcelm.interop.commands",  # export
     "sourcelm.infer.commands",  # generate
     "sourcelm.provenance.commands",  # verify, card
+    "sourcelm.eval.commands",  # eval
 )
 
 

@@ -29,6 +29,7 @@ ALLOWED = {
     "infer": {"model", "kernels", "interop"},
     "plan": {"model", "kernels", "parallel"},
     "provenance": {"data", "tokens", "model", "kernels", "parallel", "train", "interop", "infer"},
+    "eval": {"data", "model", "interop"},  # the decontamination step, the untrained baseline, HF export
     "cli": {"*"}, "demo": {"*"}, "__main__": {"*"},
 }
 
