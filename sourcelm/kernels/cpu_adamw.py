@@ -13,23 +13,27 @@ from sourcelm.kernels.build import checked, library
 
 class AdamWBlocks:
     """The blocks of one optimizer's flat buffers, laid out once for `adamw_blocks` (`csrc/adamw.c`): each
-    a slice of the fp32 weights, of the two moments and optionally of the bf16 compute copy, and of one
-    gradient, which `step` takes fresh each time (backward makes new ones)."""
+    a slice of the fp32 weights, of the two moments (fp32, or bf16 in every block) and optionally of the bf16
+    compute copy, and of one gradient, which `step` takes fresh each time (backward makes new ones)."""
 
-    FIELDS = 8  # p, g, m, v, copy, n, grad is bf16, decayed
+    FIELDS = 9  # p, g, m, v, copy, n, grad is bf16, decayed, moments are bf16
 
     def __init__(self, params: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
                  copies: list[torch.Tensor | None], decayed: list[bool]):
-        for t in [*params, *exp_avg, *exp_avg_sq]:
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError("adamw_blocks takes contiguous fp32 CPU weights and moments")
+        moment_dtype = exp_avg[0].dtype if exp_avg else torch.float32
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"adamw_blocks keeps moments in fp32 or bf16, not {moment_dtype}")
+        for tensors, dtype in ((params, torch.float32), ([*exp_avg, *exp_avg_sq], moment_dtype)):
+            for t in tensors:
+                if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+                    raise ValueError("adamw_blocks takes contiguous CPU fp32 weights and moments all fp32 or all bf16")
         self.desc = np.zeros((len(params), self.FIELDS), dtype=np.int64)
         for i, (p, m, v, c, d) in enumerate(zip(params, exp_avg, exp_avg_sq, copies, decayed)):
             if m.numel() != p.numel() or v.numel() != p.numel() or (c is not None and (
                     c.numel() != p.numel() or c.dtype != torch.bfloat16 or not c.is_contiguous())):
                 raise ValueError("adamw_blocks: a block's moments and copy must match its weights")
             self.desc[i] = [p.data_ptr(), 0, m.data_ptr(), v.data_ptr(), 0 if c is None else c.data_ptr(),
-                            p.numel(), 0, int(d)]
+                            p.numel(), 0, int(d), int(moment_dtype == torch.bfloat16)]
         self.numel = [p.numel() for p in params]
 
     def step(self, grads: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,

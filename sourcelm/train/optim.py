@@ -26,6 +26,12 @@ forward and backward no gradient to cast back to fp32, two passes over every mat
 values are the ones autocast's casts produced, so training gives the same bits with or without them;
 gradients of several micro-batches are summed in fp32 (`fold_grads`), as before.
 
+Moments in bf16 (`state_dtype=torch.bfloat16`, as the report keeps them, §3.3): half the optimizer memory. Each
+element's update runs in fp32 exactly as with fp32 moments, the moments are rounded to bf16 (nearest even) as they
+are stored. The native kernel reads and writes them directly; torch's fused kernel takes one dtype for all its
+tensors, so elsewhere a block's moments are widened to fp32, updated, and rounded back (the same arithmetic, one
+extra pass over the moments). Checkpoints keep them in bf16, so a resumed run continues bit for bit.
+
 Weight decay: applied to matrices (linear weights, embeddings, the head, experts) and not to
 vectors (RMSNorm gains) nor to the router's expert-bias, which is a buffer outside the optimizer.
 This is the usual convention (decay shrinks weights that multiply activations; decaying a norm gain
@@ -48,11 +54,17 @@ def decays(name: str, param: nn.Parameter) -> bool:
 
 
 BLOCK = 1 << 16  # elements per fused-kernel block, and the granularity of a rank's slice
+STATE_DTYPES = (torch.float32, torch.bfloat16)  # the AdamW moments' storage
 
 
 class FlatAdamW:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=0.1, group: dist.ProcessGroup | None = None, copies: Collection[str] = ()):
+                 weight_decay=0.1, group: dist.ProcessGroup | None = None, copies: Collection[str] = (),
+                 state_dtype: torch.dtype = torch.float32):
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"FlatAdamW state_dtype = {state_dtype}: keep the moments in torch.float32 or "
+                             "torch.bfloat16")
+        self.state_dtype = state_dtype
         for n, p in named_params:
             if p.dtype != torch.float32:
                 raise ValueError(f"FlatAdamW keeps fp32 master weights; parameter {n} is {p.dtype}: keep the model "
@@ -100,8 +112,8 @@ class FlatAdamW:
         self._holders = [self.copies.get(n, p) for n, p in zip(self.names, self.params)]  # where each gradient lands
         self.refresh_copies()
         n = max(self.hi - self.lo, 0)
-        self.exp_avg = torch.zeros(n, dtype=torch.float32, device=self.device)
-        self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.exp_avg = torch.zeros(n, dtype=state_dtype, device=self.device)
+        self.exp_avg_sq = torch.zeros(n, dtype=state_dtype, device=self.device)
         self.step_count = 0
         self._blocks = self._cut_blocks()
         if self.native:
@@ -203,15 +215,22 @@ class FlatAdamW:
         unscale = {} if grad_scale == 1.0 else {"grad_scale": torch.tensor(1.0 / grad_scale, device=self.device)}
         step = torch.tensor(float(self.step_count), device=self.device)
         b1, b2 = self.betas
+        widen = self.state_dtype != torch.float32  # the fused kernel's tensors share one dtype (module docstring)
         for decayed in (True, False):  # matrices (decayed) come first in the buffer, then vectors
             blocks = [(flat, m, grads[i][g]) for d, flat, m, i, g in self._blocks if d == decayed]
             if blocks:
+                stored = [(self.exp_avg[m], self.exp_avg_sq[m]) for _, m, _ in blocks]
+                moments = [(a.float(), b.float()) for a, b in stored] if widen else stored
                 torch._fused_adamw_(
                     [self.flat_param[f] for f, _, _ in blocks], [g for _, _, g in blocks],
-                    [self.exp_avg[m] for _, m, _ in blocks], [self.exp_avg_sq[m] for _, m, _ in blocks], [],
+                    [a for a, _ in moments], [b for _, b in moments], [],
                     [step] * len(blocks), lr=lr, beta1=b1, beta2=b2, eps=self.eps,
                     weight_decay=self.weight_decay if decayed else 0.0, amsgrad=False, maximize=False,
                     **unscale)
+                if widen:
+                    for (a, b), (a32, b32) in zip(stored, moments):
+                        a.copy_(a32)
+                        b.copy_(b32)
 
     # -- state, keyed by parameter name so any layout can load it ---------------------------------
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -239,12 +258,13 @@ class FlatAdamW:
             missing = [n for n in self.names if f"{n}.{key}" not in tensors]
             if missing:
                 raise KeyError(f"optimizer state lacks {key} for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            # saved in either dtype; bf16 read into bf16 moments is exact, fp32 into bf16 rounds once
             flat = torch.cat([tensors[f"{n}.{key}"].reshape(-1).float().to(self.device) for n in self.names]
-                             or [dst.new_zeros(0)])
+                             or [dst.new_zeros(0, dtype=torch.float32)])
             dst.copy_(flat[self.lo:self.hi])
 
     def memory_bytes(self) -> int:
-        return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * 4
+        return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * self.exp_avg.element_size()
 
 
 class ComputeCopies:

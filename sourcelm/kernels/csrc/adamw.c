@@ -15,7 +15,11 @@
    One call updates every block of a step (a list of them: the caller cuts the flat buffers into blocks
    inside one parameter each, the same cuts on every rank), one thread per block at a time. Elementwise,
    over 64-element chunks counted from the block's start (only its last chunk is short), so the bits
-   depend neither on the thread count nor on which rank updates the block. */
+   depend neither on the thread count nor on which rank updates the block.
+
+   The moments m and v are fp32, or bf16 as the report keeps them (`moments_bf16`): read into fp32, updated
+   in fp32 as above, and rounded to nearest even on the store, as torch's fp32 -> bf16 cast rounds. The fp32
+   case compiles to the same code as before the option existed. */
 
 #include <stdlib.h>
 
@@ -23,13 +27,13 @@
 
 #define CHUNK 64
 
-/* one block of the flat buffers, as the caller lays it out (eight 8-byte fields) */
+/* one block of the flat buffers, as the caller lays it out (nine 8-byte fields) */
 typedef struct {
     float *p;
     const void *g;
-    float *m, *v;
+    void *m, *v; /* fp32, or bf16 when moments_bf16 */
     uint16_t *copy; /* NULL: no compute copy */
-    int64_t n, grad_bf16, decayed;
+    int64_t n, grad_bf16, decayed, moments_bf16;
 } adamw_block;
 
 typedef struct {
@@ -37,17 +41,18 @@ typedef struct {
 } adamw_args;
 
 static inline __attribute__((always_inline)) void update(float *restrict p, const void *restrict g,
-                                                         float *restrict m, float *restrict v,
+                                                         void *restrict m, void *restrict v,
                                                          uint16_t *restrict copy, int64_t n, float decay,
-                                                         const adamw_args *a, int grad_bf16) {
+                                                         const adamw_args *a, int grad_bf16, int moments_bf16) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         const float gi = load(g, i, grad_bf16) * a->grad_mult;
-        const float mi = m[i] + a->one_minus_beta1 * (gi - m[i]);
-        const float vi = a->beta2 * v[i] + a->one_minus_beta2 * gi * gi;
+        const float m0 = load(m, i, moments_bf16), v0 = load(v, i, moments_bf16);
+        const float mi = m0 + a->one_minus_beta1 * (gi - m0);
+        const float vi = a->beta2 * v0 + a->one_minus_beta2 * gi * gi;
         const float pi = p[i] * decay - a->step_size * mi / (sqrtf(vi) / a->bc2_sqrt + a->eps);
-        m[i] = mi;
-        v[i] = vi;
+        store(m, i, mi, moments_bf16);
+        store(v, i, vi, moments_bf16);
         p[i] = pi;
         if (copy)
             copy[i] = f32_to_bf16(pi);
@@ -55,16 +60,23 @@ static inline __attribute__((always_inline)) void update(float *restrict p, cons
 }
 
 static void update_block(const adamw_block *b, const adamw_args *a, float decay) {
+    const int64_t moment_bytes = b->moments_bf16 ? 2 : 4;
     for (int64_t lo = 0; lo < b->n; lo += CHUNK) {
         const int64_t len = b->n - lo < CHUNK ? b->n - lo : CHUNK;
         const char *g = (const char *)b->g + lo * (b->grad_bf16 ? 2 : 4);
+        char *m = (char *)b->m + lo * moment_bytes, *v = (char *)b->v + lo * moment_bytes;
         uint16_t *copy = b->copy ? b->copy + lo : 0;
-        if (len == CHUNK && b->grad_bf16)
-            update(b->p + lo, g, b->m + lo, b->v + lo, copy, CHUNK, decay, a, 1);
+        /* full chunks: one specialisation per dtype combination, so the loads and stores vectorise */
+        if (len == CHUNK && b->moments_bf16 && b->grad_bf16)
+            update(b->p + lo, g, m, v, copy, CHUNK, decay, a, 1, 1);
+        else if (len == CHUNK && b->moments_bf16)
+            update(b->p + lo, g, m, v, copy, CHUNK, decay, a, 0, 1);
+        else if (len == CHUNK && b->grad_bf16)
+            update(b->p + lo, g, m, v, copy, CHUNK, decay, a, 1, 0);
         else if (len == CHUNK)
-            update(b->p + lo, g, b->m + lo, b->v + lo, copy, CHUNK, decay, a, 0);
+            update(b->p + lo, g, m, v, copy, CHUNK, decay, a, 0, 0);
         else
-            update(b->p + lo, g, b->m + lo, b->v + lo, copy, len, decay, a, (int)b->grad_bf16);
+            update(b->p + lo, g, m, v, copy, len, decay, a, (int)b->grad_bf16, (int)b->moments_bf16);
     }
 }
 
