@@ -107,8 +107,10 @@ class Report:
         return {k: sorted(v, key=lambda n: n.manifest.get("step", 0)) for k, v in sorted(runs.items())}
 
     def final(self) -> Node | None:
-        """The final artifact: the export if there is one, else the newest checkpoint."""
-        exports = self.of_kind("export")
+        """The final artifact: the export if there is one, else the newest checkpoint. A run continued from an
+        exported checkpoint reaches that export too (through its base record): a root's export comes first."""
+        roots = {Path(r).resolve() for r in self.roots}
+        exports = [n for n in self.of_kind("export") if n.path in roots] or self.of_kind("export")
         if exports:
             return max(exports, key=lambda n: str(n.path))
         ckpts = [c for run in self.checkpoint_runs().values() for c in run]

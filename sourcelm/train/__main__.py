@@ -13,6 +13,8 @@ parser.add_argument("--no-resume", action="store_true")
 parser.add_argument("--resume-from")
 parser.add_argument("--stop-after", type=int)
 parser.add_argument("--ranks-per-node", type=int, default=0)
+parser.add_argument("--init-from", help="an HF DeepSeek-V3 checkpoint directory to continue training from")
 args = parser.parse_args()
 sys.exit(train_main(args.config, args.overrides, args.run_dir, resume=not args.no_resume,
-                    resume_from=args.resume_from, stop_after=args.stop_after, ranks_per_node=args.ranks_per_node))
+                    resume_from=args.resume_from, stop_after=args.stop_after, ranks_per_node=args.ranks_per_node,
+                    init_from=args.init_from))

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1, help="local processes (expert/data parallel, gloo on CPU)")
     p.add_argument("--ranks-per-node", type=int, default=0,
                    help="split the local processes into pretend nodes of this many ranks (default: one node)")
+    p.add_argument("--init-from", metavar="HF_DIR",
+                   help="continue from an HF DeepSeek-V3 checkpoint: its config.json gives the model (overrides still "
+                        "apply), each rank reads only the weights it holds; see configs/continue.toml")
     p.set_defaults(func=run_train, intermixed=True)  # overrides may follow the options
 
     p = sub.add_parser("plot", help="write loss / LR / throughput / expert-load PNGs for a run")
@@ -29,11 +32,29 @@ def run_train(args) -> int:
     if args.nproc > 1:
         from sourcelm.parallel.launch import launch_local
 
+        if args.init_from:
+            args = _resolved_for_ranks(args)
         return launch_local(args)
     from sourcelm.train.entry import train_main
 
     return train_main(args.config, args.overrides, args.run_dir, resume=not args.no_resume,
-                      resume_from=args.resume_from, stop_after=args.stop_after)
+                      resume_from=args.resume_from, stop_after=args.stop_after, init_from=args.init_from)
+
+
+def _resolved_for_ranks(args) -> argparse.Namespace:
+    """For local ranks: the config resolved against the checkpoint once, here, and saved as the JSON the ranks load;
+    the base record the ranks find in the run directory tells them where the weights are (`init_from.py`)."""
+    from pathlib import Path
+
+    from sourcelm.artifacts import atomic_write_bytes
+    from sourcelm.train.init_from import BASE_DIR, record_base, resolve_config
+
+    run = Path(args.run_dir)
+    cfg = resolve_config(args.config, args.overrides, args.init_from)
+    record_base(run, args.init_from)
+    resolved = run / BASE_DIR / "train_config.json"
+    atomic_write_bytes(resolved, (cfg.to_json() + "\n").encode())
+    return argparse.Namespace(**{**vars(args), "config": str(resolved), "overrides": [], "init_from": None})
 
 
 def run_plot(args) -> int:

@@ -37,6 +37,7 @@ from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
 from sourcelm.train.device import keep_freed_cpu_memory
 from sourcelm.train.executor import StepWork
+from sourcelm.train.init_from import BASE_MANIFEST
 from sourcelm.train.lr_schedule import (
     Progress,
     bias_update_speed,
@@ -65,7 +66,8 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, ctx=None, progress: bool | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, ctx=None, progress: bool | None = None, base=None):
+        """base: the weights to start from instead of an initialisation (`init_from.BaseWeights`), or None."""
         from sourcelm.model import build_model
         from sourcelm.model.flops import model_stats
         from sourcelm.tokens.loader import TokenWindows
@@ -81,7 +83,10 @@ class Trainer:
         cfg.train.dtype = resolve_dtype(cfg.train.dtype, self.device)
         log.info("linear layers: %s", check_fp8_setting(cfg.train.fp8, self.device))  # fails at once if unusable
         # built and initialised on the CPU (the same bits on every device), then moved
-        self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
+        if base is None:
+            self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)
+        else:  # continued training: each rank reads only the part of the checkpoint it holds (`init_from.py`)
+            self.model = base.build_model(cfg.model, self.ctx, self.device)
         self.executor = self.ctx.executor()  # runs each step's micro-batches (`executor.py`)
         if cfg.train.compile:  # after any expert-parallel swap; names and parameters are unchanged
             self.model.compile_blocks(getattr(torch, cfg.train.dtype))
@@ -118,6 +123,7 @@ class Trainer:
             self.peak_source += f", × {self.ctx.world} ranks"
         # the token shards behind the training and the validation loss, pinned by their manifests
         self.inputs = [Path(p) / "manifest.json" for p in [*cfg.data.train, *cfg.data.valid]]
+        self.inputs.append(self.run_dir / BASE_MANIFEST)  # the checkpoint a continued run started from, if any
 
     def _peak(self) -> tuple[float, str]:
         """The device peak, probed once per run directory and recorded (a resumed run reuses it)."""
