@@ -59,9 +59,54 @@ class _WindowSet:
     def window(self, w: int) -> np.ndarray:
         return self.stream.read(w * self.seq_len, self.seq_len + 1)
 
-    def sample(self, i: int) -> np.ndarray:
+    def window_index(self, i: int) -> int:
         epoch, pos = divmod(i, self.num_windows)
-        return self.window(int(self.permutation(epoch)[pos]))
+        return int(self.permutation(epoch)[pos])
+
+    def sample(self, i: int) -> np.ndarray:
+        return self.window(self.window_index(i))
+
+
+class _TokenSources:
+    """The source of every token of a stream: that of the document the token belongs to (a shard's
+    `.sources.json` sidecar; a shard without one counts as the source named after the shard file).
+    Ids index `names`, one list for every stream of a TokenWindows, so ranks and windows agree."""
+
+    def __init__(self, stream: TokenStream, index: dict[str, int]):
+        self.stream = stream
+        self.doc_source = []  # per shard of the stream: the source id of each document
+        for shard in stream.shards:
+            recorded = read_doc_sources(shard.prefix, len(shard))
+            if recorded is None:
+                self.doc_source.append(np.full(len(shard), index[Path(shard.prefix).name], dtype=np.int64))
+            else:
+                names, idx = recorded
+                self.doc_source.append(np.array([index[_source_name(n)] for n in names], dtype=np.int64)[idx])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Source ids of the stream's tokens [start, start + length)."""
+        st = self.stream
+        pos = np.arange(start, start + length, dtype=np.int64)
+        seg = np.searchsorted(st.seg_begin, pos, side="right") - 1
+        offset = st.seg_start[seg] + pos - st.seg_begin[seg]  # token offset inside its shard
+        out = np.empty(length, dtype=np.int64)
+        for k in np.unique(st.seg_shard[seg]):
+            here = st.seg_shard[seg] == k
+            doc = np.searchsorted(st.shards[k].doc_offsets, offset[here], side="right") - 1
+            out[here] = self.doc_source[k][doc]
+        return out
+
+
+def _source_name(recorded: str) -> str:
+    return recorded or "(no source)"
+
+
+def _source_names(readers: dict[str, ShardReader]) -> list[str]:
+    names = set()
+    for prefix, reader in readers.items():
+        recorded = read_doc_sources(prefix, len(reader))
+        names.update(map(_source_name, recorded[0]) if recorded else [Path(prefix).name])
+    return sorted(names)
 
 
 class _MixtureSchedule:
@@ -163,6 +208,7 @@ class TokenWindows:
             self.sets = [self._source_set(name, prefixes, readers, base_masks) for name in self.schedule.names]
         self.num_windows = sum(s.num_windows for s in self.sets)
         self.fingerprint = self._fingerprint(readers)
+        self._readers, self._names, self._token_sources = readers, None, None  # built when first asked for
 
     def _source_set(self, name, prefixes, readers, base_masks) -> _WindowSet:
         tag = (zlib.crc32(name.encode()) | 1,)
@@ -221,6 +267,30 @@ class TokenWindows:
         rows = [self.sample(i) for i in range(first, first + per)]
         out = np.stack(rows) if rows else np.zeros((0, self.seq_len + 1), dtype=np.int64)
         return torch.from_numpy(out)
+
+    @property
+    def source_names(self) -> list[str]:
+        """The document sources of this data, sorted; `batch_sources` gives indices into this list."""
+        if self._names is None:
+            self._names = _source_names(self._readers)
+            index = {n: i for i, n in enumerate(self._names)}
+            self._token_sources = [_TokenSources(s.stream, index) for s in self.sets]
+        return self._names
+
+    def batch_sources(self, start: int, size: int, rank: int = 0, world: int = 1):
+        """LongTensor shaped like `batch(start, size, rank, world)`: for each token, the index in `source_names`
+        of the source of the document it belongs to (a window may span documents of several sources)."""
+        import torch
+
+        if self._token_sources is None:
+            self.source_names  # noqa: B018 (the property builds the per-stream tables)
+        per = size // world
+        rows = []
+        for i in range(start + rank * per, start + (rank + 1) * per):
+            s, local = (0, i) if self.schedule is None else self.schedule.locate(i)
+            w = self.sets[s].window_index(local)
+            rows.append(self._token_sources[s].read(w * self.seq_len, self.seq_len + 1))
+        return torch.from_numpy(np.stack(rows) if rows else np.zeros((0, self.seq_len + 1), dtype=np.int64))
 
     def state(self) -> dict:
         """A few integers identifying the order (the trainer keeps consumed_samples itself)."""

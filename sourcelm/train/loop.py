@@ -104,7 +104,7 @@ class Trainer:
         log.info("AdamW update: %s; bf16 compute copies of %d of %d parameters (the matmul weights; none unless the "
                  "kernel runs and the compute dtype is bf16)", "the native CPU kernel" if self.dense_opt.native else
                  "torch's fused kernel (no native kernel on this device)", len(self.compute_copies.slots), len(named))
-        self.balancer = LoadBalancer(self.model.moe_layers())
+        self.balancer = LoadBalancer(self.ctx.moe_layers(self.model))
         d = cfg.data
         self.train_data = TokenWindows(d.train, d.seq_len, d.seed, split="train", valid_fraction=d.valid_fraction,
                                        mixture=d.mixture)
@@ -221,7 +221,7 @@ class Trainer:
         ctx.reduce_gradients(self.dense_opt, self.expert_opt)
         counts = ctx.sum_tensor(self.balancer.take())
         parts = ctx.sum_tensor(result.loss_parts)  # loss, main, mtp, balance (sums of rank means)
-        grad_norm = float((self.dense_opt.grad_sq_sum() + ctx.expert_sq_sum(self.expert_opt.grad_sq_sum())).sqrt())
+        grad_norm = float(ctx.global_grad_sq(self.dense_opt.grad_sq_sum(), self.expert_opt.grad_sq_sum()).sqrt())
         record = {"step": s.step + 1, "lr": lr, "mtp_weight": lam, "bias_update_speed": gamma, "global_batch": gb,
                   "loss": float(parts[0]), "main_loss": float(parts[1]), "mtp_loss": float(parts[2]),
                   "balance_loss": float(parts[3]), "grad_norm": grad_norm}
@@ -254,22 +254,32 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def validate(self) -> float | None:
+    def validate(self) -> dict | None:
+        """{"valid_loss", "valid_loss_by_source", "valid_tokens_by_source"} over the same valid_batches ×
+        global_batch windows whatever the layout. Each target token's loss counts for the source of the document
+        that token belongs to (a window may span documents of several sources), so the per-source losses weighted
+        by their token counts sum to the overall loss."""
         if self.valid_data is None:
             return None
+        from sourcelm.train.metrics import source_loss_sums
+
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        # the same valid_batches × global_batch samples whatever the layout, so runs compare
+        names = self.valid_data.source_names
+        sums = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
         gb = self.cfg.schedule.global_batch
         for start in range(0, self.cfg.logging.valid_batches * gb, self.quantum):
             batch = self.valid_data.batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world).to(self.device)
+            sources = self.valid_data.batch_sources(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world)
             with self._compute():
-                out = self.model(batch[:, :-1], labels=batch[:, 1:], return_logits=False)
-            total += torch.stack([out.main_loss.detach().double() * batch.shape[0],
-                                  torch.tensor(float(batch.shape[0]), dtype=torch.float64, device=self.device)])
+                h, _, _ = self.model.hidden_states(batch[:, :-1])  # the main stack only: no MTP in the valid loss
+                sums += source_loss_sums(h, self.model.lm_head.weight, batch[:, 1:], sources[:, 1:].to(self.device),
+                                         len(names), self.model.ce_chunk)
         self.model.train()
-        total = self.ctx.sum_tensor(total)
-        return float(total[0] / total[1])
+        sums = self.ctx.sum_tensor(sums).cpu()
+        seen = [i for i in range(len(names)) if sums[i, 1] > 0]
+        return {"valid_loss": float(sums[:, 0].sum() / sums[:, 1].sum()),
+                "valid_loss_by_source": {names[i]: float(sums[i, 0] / sums[i, 1]) for i in seen},
+                "valid_tokens_by_source": {names[i]: int(sums[i, 1]) for i in seen}}
 
     # ------------------------------------------------------------------------------ the run
     def fit(self, stop_after: int | None = None) -> TrainState:
@@ -299,7 +309,7 @@ class Trainer:
                               model_flops_per_s=tokens * self.flops_per_token / dt)
                 record["mfu"] = record["model_flops_per_s"] / self.peak_flops
                 if cfg.logging.valid_every and (s.step % cfg.logging.valid_every == 0 or s.step == cfg.schedule.steps):
-                    record["valid_loss"] = self.validate()
+                    record.update(self.validate() or {"valid_loss": None})
                     self.ctx.stats()  # validation's all-to-all bytes are not the next step's
                 if s.step % cfg.logging.every == 0 or s.step == end:
                     self.metrics.log(record)

@@ -22,6 +22,23 @@ GPU_PEAK_BF16 = {
 }
 
 
+def source_loss_sums(h: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor,
+                     n_sources: int, chunk_fn=None) -> torch.Tensor:
+    """float64 [n_sources, 2]: per source, the summed cross-entropy of the main head over the target tokens of
+    that source, and their count. h [B, T, H] final-normed hidden states; labels [B, T]; sources [B, T] the source
+    index of each target token (the document the target belongs to). Each source's rows go through the same
+    fused head + loss as training (`linear_cross_entropy`), so the sums over sources are the overall loss's."""
+    from sourcelm.model.loss import linear_cross_entropy
+
+    h2, y, src = h.reshape(-1, h.shape[-1]), labels.reshape(-1), sources.reshape(-1)
+    out = torch.zeros(n_sources, 2, dtype=torch.float64, device=h.device)
+    for s in torch.unique(src).tolist():
+        rows = src == s
+        out[s, 0] = linear_cross_entropy(h2[rows], head_weight, y[rows], chunk_fn=chunk_fn).double()
+        out[s, 1] = int(rows.sum())
+    return out
+
+
 def measure_cpu_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of a square matmul on this CPU with torch's current thread count."""
     gen = torch.Generator().manual_seed(0)  # a private generator: probing must not move the global RNG
@@ -75,6 +92,10 @@ class MetricsLogger:
                 elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
                     for i, v in enumerate(value):
                         self.writer.add_scalar(f"{kind}/{key}/{i}", v, record["step"])
+                elif isinstance(value, dict):  # e.g. the validation loss per source: one curve per name
+                    for name, v in value.items():
+                        if isinstance(v, (int, float)):
+                            self.writer.add_scalar(f"{kind}/{key}/{name}", v, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:

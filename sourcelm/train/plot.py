@@ -1,6 +1,8 @@
 """`sourcelm plot RUN_DIR`: the run's curves as PNGs.
 
 loss.png        train loss (total and main), MTP loss, validation loss
+valid_by_source.png  with several data sources: the validation loss of each (each target token counted for the
+                source of its document), with the overall validation loss
 lr.png          learning rate and the MTP weight λ
 throughput.png  tokens/s and MFU
 expert_load.png per MoE layer, the share of tokens each expert received, over steps (a heat map:
@@ -48,6 +50,20 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     save(fig, "loss.png")
+
+    by_source = [r for r in records if r.get("valid_loss_by_source")]
+    if len({n for r in by_source for n in r["valid_loss_by_source"]}) > 1:  # one source: loss.png says it all
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in sorted({n for r in by_source for n in r["valid_loss_by_source"]}):
+            points = [(r["step"], r["valid_loss_by_source"][name]) for r in by_source
+                      if name in r["valid_loss_by_source"]]
+            ax.plot(*zip(*points), "o-", label=name, ms=3, lw=1)
+        ax.plot([r["step"] for r in by_source], [r["valid_loss"] for r in by_source], "k--", label="all sources",
+                lw=1.5)
+        ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="Validation loss per source")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        save(fig, "valid_by_source.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(steps, [r["lr"] for r in records], label="learning rate")
