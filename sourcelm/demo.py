@@ -10,7 +10,8 @@ One command, from nothing, on a laptop CPU:
   6. export     the last checkpoint in the Hugging Face DeepSeek-V3 format
   7. generate   load it with transformers' AutoModelForCausalLM and with `sourcelm generate`
   8. verify     walk the provenance chain and replay the last training segment bit for bit
-  9. card       plots and the model card
+  9. card       plots, the offline evaluation (`sourcelm eval`, next to chance and an untrained model of the
+                same config) and the model card
 
 Every stage runs as the `sourcelm` command a user would type (printed before it runs), in its own
 process, showing its own progress. A rerun skips the stages whose manifest is present and whose
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.toml"
 NPROC, RANKS_PER_NODE = 4, 2
 PROMPT = "The Debian package manager"
+EVAL_TASKS = ("sourcelm_pydoc_cloze", "sourcelm_udhr_langid", "sourcelm_fortune_nextline")
+EVAL_LIMIT, EVAL_LIMIT_QUICK = 100, 8  # items per task (±0.05 standard error at 100)
 VALID_FRACTION = 0.05  # of ~850 curated documents: ~40 held out, enough validation windows
 FULL = {"vocab_size": 8192, "inputs": ["warc/*.warc.gz", "fortunes/*.jsonl", "udhr/*.html"], "train": []}
 QUICK = {"vocab_size": 2048, "inputs": ["warc/handbook-en-US.warc.gz", "warc/python-docs.warc.gz",
@@ -150,7 +153,21 @@ class Demo:
 
     def card(self) -> None:
         self.run("plot", str(self.out / "train"))
+        self.evaluate()
         self.run("card", str(self.out))
+
+    def evaluate(self) -> None:
+        """The offline tasks on the exported model and on an untrained one of the same config (the card sets them
+        beside chance); only EVAL_LIMIT items per task, to keep the demo short. Skipped without lm-eval."""
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            self.console.print("[yellow]lm-eval is not installed (pip install 'sourcelm[eval]'): evaluation skipped[/]")
+            return
+        tasks = ",".join(EVAL_TASKS)
+        limit = str(EVAL_LIMIT_QUICK if self.quick else EVAL_LIMIT)
+        self.run("eval", str(self.out), "--tasks", tasks, "--limit", limit)
+        self.run("eval", str(self.out), "--tasks", tasks, "--limit", limit, "--untrained")
 
     def skip(self, what: str) -> None:
         self.console.print(f"[yellow]{self.out / what} is complete (manifest and hashes match): skipped[/]")
@@ -171,7 +188,7 @@ class Demo:
                  ("export", "Hugging Face DeepSeek-V3 format", self.export),
                  ("generate", "load with transformers and generate; the same with sourcelm", self.generate),
                  ("verify", "check every hash back to the raw bytes; replay the last training segment", self.verify),
-                 ("card", "plots and the model card", self.card)]
+                 ("card", "plots, offline evaluation vs chance and an untrained model, the model card", self.card)]
         for i, (name, what, fn) in enumerate(steps, start=1):
             self.stage(i, name, what)
             self.timed(name, fn)
@@ -190,7 +207,8 @@ class Demo:
                 ("tokenizer", self.out / "tokenizer"), ("token shards", self.out / "tokens"),
                 ("training run (checkpoints, metrics, plots)", self.out / "train"),
                 ("HF export (load with transformers)", self.out / "hf"), ("samples", self.out / "samples.json"),
-                ("model card", self.out / "MODEL_CARD.md"), ("training config", self.out / "train_config.toml"),
+                ("model card", self.out / "MODEL_CARD.md"), ("evaluation results", self.out / "eval"),
+                ("training config", self.out / "train_config.toml"),
                 ("stage timings", self.out / "timings.json")]
         for what, where in rows:
             t.add_row(what, str(where))

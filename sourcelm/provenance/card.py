@@ -86,7 +86,7 @@ class Card:
     # ------------------------------------------------------------------------------ sections
     def render(self) -> str:
         parts = [self.header(), self.data(), self.funnel(), self.tokenizer(), self.architecture(), self.training(),
-                 self.samples(), self.provenance(), self.reproduce()]
+                 self.samples(), self.evaluation(), self.provenance(), self.reproduce()]
         return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
     def stats(self) -> dict:
@@ -269,6 +269,29 @@ class Card:
                           f"`DeepseekV3ForCausalLM` and with `sourcelm generate` ({same}):", "",
                           "```text", s.get("transformers", ""), "```"])
 
+    def evaluation(self) -> str:
+        """`sourcelm eval`'s results (RUN/eval/TASK.json), beside chance and the untrained model of the same config."""
+        trained, untrained = _eval_records(self.run / "eval"), _eval_records(self.run / "eval" / "untrained")
+        if not trained:
+            return ""
+        lines = ["## Evaluation", "", "lm-evaluation-harness through its `hf` model type on the export, offline "
+                 "(`sourcelm eval`); accuracy ± standard error, chance = mean of 1 / choices over the items scored.",
+                 "",
+                 "| task | items | this model | untrained, same config | chance | harness | task hash |",
+                 "|---|---|---|---|---|---|---|"]
+        for task, r in trained.items():
+            base = untrained.get(task, {}).get("metrics", {})
+            acc = f"{r['metrics']['acc']:.3f} ± {r['metrics'].get('acc_stderr', float('nan')):.3f}"
+            lines.append(f"| {task} | {r['items']} | {acc} | {_f(base.get('acc'))} | {_f(r.get('chance'))} | "
+                         f"lm_eval {r['harness']['lm_eval_version']} | `{r['harness']['task_hash'][:16]}` |")
+        files = sorted({(name, sha) for r in trained.values() for name, sha in (r.get("task_files") or {}).items()})
+        if files:
+            lines += ["", "Task files (sourcelm/eval/tasks; curation decontaminated the training data against the "
+                      "data files):", "", *(f"- `{name}`: `{sha}`" for name, sha in files)]
+        command = next(iter(trained.values()))["harness"]["command"]
+        lines += ["", f"The same numbers with the harness alone: `{command}` (one task shown)."]
+        return "\n".join(lines)
+
     def provenance(self) -> str:
         lines = ["## Provenance", "", "Every stage wrote a manifest: the SHA-256 of each file it wrote, of each "
                  "input it read, its config, the code version and the environment. `sourcelm verify` checks them "
@@ -372,6 +395,15 @@ def _config_of(toml: Path) -> dict | None:
         return load_config(toml).to_dict()
     except ConfigError:
         return None
+
+
+def _eval_records(folder: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and "task" in record and "metrics" in record:
+            out[record["task"]] = record
+    return out
 
 
 def _metrics(train_dir: Path) -> list[dict]:
