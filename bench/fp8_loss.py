@@ -72,8 +72,9 @@ def keep_class_in_bf16(model, name: str) -> None:
         kind = ("attention" if leaf == "self_attn" else
                 "dense" if leaf == "shared_experts" or (leaf == "mlp" and hasattr(module, "gate_proj")) else None)
         if kind:
+            # hooks return None: anything else would replace the module's inputs or output
             module.register_forward_pre_hook(lambda *_, k=kind: running.append(k))
-            module.register_forward_hook(lambda *_: running.pop())
+            module.register_forward_hook(lambda *_: running.pop() and None)
     linear, expert_ffn = ops.linear, ops.expert_ffn
 
     def patched_linear(x, weight):
