@@ -7,12 +7,16 @@ import json
 import logging
 import sys
 
+INPUT_HELP = ("curated dir (output of `sourcelm curate`), or a file or folder of plain JSONL (.jsonl, .jsonl.gz, "
+              ".jsonl.zst), Parquet and text files (.txt, .md, .rst; one document each)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on curated documents")
     tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
-    train = tk_sub.add_parser("train", help="train on CURATED_DIR/documents/*.jsonl.zst")
-    train.add_argument("--input", required=True, help="curated dir (output of `sourcelm curate`)")
+    train = tk_sub.add_parser("train", help="train on curated documents or plain JSONL / Parquet / text files")
+    train.add_argument("--input", required=True, help=INPUT_HELP)
+    train.add_argument("--text-key", default="text", help="plain JSONL / Parquet: the field holding the text")
     train.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
     train.add_argument("--output", required=True, help="dir for tokenizer.json and the transformers config files")
     train.add_argument("--heldout-fraction", type=float, default=0.02,
@@ -22,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run_tokenizer_train)
     tk.set_defaults(func=lambda args: (tk.print_help(), 2)[1])
 
-    tz = sub.add_parser("tokenize", help="curated documents -> Megatron .bin/.idx token shards")
-    tz.add_argument("--input", required=True, help="curated dir (output of `sourcelm curate`)")
+    tz = sub.add_parser("tokenize", help="documents (curated, or plain JSONL / Parquet / text) -> Megatron .bin/.idx")
+    tz.add_argument("--input", required=True, help=INPUT_HELP)
+    tz.add_argument("--text-key", default="text", help="plain JSONL / Parquet: the field holding the text")
     tz.add_argument("--tokenizer", required=True, help="dir written by `sourcelm tokenizer train`")
     tz.add_argument("--output", required=True, help="tokens dir; shards go to OUTPUT/train and OUTPUT/valid")
     tz.add_argument("--workers", type=int, default=1, help="parallel tasks (processes or Ray CPUs)")
@@ -44,7 +49,8 @@ def run_tokenizer_train(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = train_tokenizer(args.input, args.vocab_size, args.output, heldout_fraction=args.heldout_fraction,
-                                 min_frequency=args.min_frequency, show_progress=not args.no_progress)
+                                 min_frequency=args.min_frequency, show_progress=not args.no_progress,
+                                 text_key=args.text_key)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -72,7 +78,8 @@ def run_tokenize(args) -> int:
     try:
         summary = tokenize(args.input, args.tokenizer, args.output, workers=args.workers, executor=args.executor,
                            valid_fraction=args.valid_fraction, batch_size=args.batch_size,
-                           ray_address=args.ray_address, show_progress=not args.no_progress)
+                           ray_address=args.ray_address, show_progress=not args.no_progress,
+                           text_key=args.text_key)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

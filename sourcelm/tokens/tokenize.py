@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from sourcelm.artifacts import atomic_write_bytes, sha256_file, write_manifest
-from sourcelm.tokens.documents import curated_manifest, document_files, iter_documents
+from sourcelm.tokens.documents import DocumentInput
 from sourcelm.tokens.indexed import ShardWriter, dtype_for_vocab
 from sourcelm.tokens.stream import SOURCES_SUFFIX, in_valid_split, write_doc_sources
 from sourcelm.tokens.tokenizer import EOS, load_tokenizer
@@ -32,24 +32,20 @@ _SINGLE_THREAD_ENV = {"RAYON_RS_NUM_CPUS": "1", "RAYON_NUM_THREADS": "1"}
 _TOKENIZERS: dict[str, object] = {}  # per-process cache: a worker loads the tokenizer once
 
 
-def task_name(path: Path) -> str:
-    name = path.name
-    return name[: -len(".jsonl.zst")] if name.endswith(".jsonl.zst") else path.stem
-
-
 def _tokenizer(path: str):
     if path not in _TOKENIZERS:
         _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
 
-def run_task(input_file: str, output: str, tokenizer_dir: str, tokenizer_sha: str, valid_fraction: float,
-             batch_size: int = 1000) -> dict:
-    """Tokenizes one input file into its train/valid shards; returns (and records) its counts."""
+def run_task(source: DocumentInput, input_file: str, output: str, tokenizer_dir: str, tokenizer_sha: str,
+             valid_fraction: float, batch_size: int = 1000) -> dict:
+    """Tokenizes one input unit (a file, or a folder of text files) into its train/valid shards; returns (and
+    records) its counts."""
     tok = _tokenizer(tokenizer_dir)
     eos = tok.token_to_id(EOS)
     dtype = dtype_for_vocab(tok.get_vocab_size(with_added_tokens=True))
-    name, out = task_name(Path(input_file)), Path(output)
+    name, out = source.task_name(Path(input_file)), Path(output)
     writers: dict[str, ShardWriter] = {}
     sources: dict[str, list[str]] = defaultdict(list)
     counts = {s: defaultdict(lambda: [0, 0]) for s in SPLITS}  # split -> source -> [docs, tokens]
@@ -75,7 +71,7 @@ def run_task(input_file: str, output: str, tokenizer_dir: str, tokenizer_sha: st
             (out / split / f"{name}{ext}").unlink(missing_ok=True)
     try:
         batch: list[dict] = []
-        for doc in iter_documents(input_file, skipped, skip_log):
+        for doc in source.documents(Path(input_file), skipped, skip_log):
             batch.append(doc)
             if len(batch) >= batch_size:
                 flush(batch)
@@ -90,7 +86,7 @@ def run_task(input_file: str, output: str, tokenizer_dir: str, tokenizer_sha: st
             w.abort()
         raise
     record = {
-        "input": f"documents/{Path(input_file).name}", "input_sha256": sha256_file(input_file),
+        "input": source.label(Path(input_file)), "input_sha256": source.unit_sha256(Path(input_file)),
         "tokenizer_sha256": tokenizer_sha,
         "valid_fraction": valid_fraction, "dtype": str(dtype), "skipped": dict(skipped),
         "splits": {s: {"documents": sum(v[0] for v in counts[s].values()),
@@ -160,8 +156,9 @@ def _run_ray(jobs: list[tuple], workers: int, address: str | None, on_done) -> N
 
 def tokenize(curated_dir: str | Path, tokenizer_dir: str | Path, output: str | Path, workers: int = 1,
              executor: str = "local", valid_fraction: float = 0.01, batch_size: int = 1000,
-             ray_address: str | None = None, show_progress: bool = True) -> dict:
-    """Runs every unfinished task, then writes the manifests. Returns the top-level summary."""
+             ray_address: str | None = None, show_progress: bool = True, text_key: str = "text") -> dict:
+    """Runs every unfinished task, then writes the manifests. Returns the top-level summary. `curated_dir`: or
+    plain JSONL / Parquet / text (`DocumentInput`; `text_key` names plain records' text field)."""
     from sourcelm.tokens.progress import progress_bar
 
     if executor not in ("local", "ray"):
@@ -170,16 +167,17 @@ def tokenize(curated_dir: str | Path, tokenizer_dir: str | Path, output: str | P
         raise ValueError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    files = document_files(curated_dir)
+    source = DocumentInput(Path(curated_dir), text_key)
+    files = source.units()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = Path(tokenizer_dir)
     load_tokenizer(tok_dir)  # fails early, naming the missing file
     tok_sha = sha256_file(tok_dir / "tokenizer.json")
-    names = [task_name(f) for f in files]
+    names = [source.task_name(f) for f in files]
     if len(set(names)) != len(names):
         raise ValueError(f"{curated_dir}: two input files share a task name")
-    jobs = [(str(f), str(out), str(tok_dir), tok_sha, valid_fraction, batch_size)
+    jobs = [(source, str(f), str(out), str(tok_dir), tok_sha, valid_fraction, batch_size)
             for f, n in zip(files, names) if not _is_done(out, n, tok_sha, valid_fraction)]
     if len(jobs) < len(files):
         log.info("tokenize: %d of %d tasks already done, skipped", len(files) - len(jobs), len(files))
@@ -196,16 +194,16 @@ def tokenize(curated_dir: str | Path, tokenizer_dir: str | Path, output: str | P
         else:
             _run_local(jobs, workers, on_done)
     records = {n: json.loads((out / "tasks" / f"{n}.json").read_text()) for n in names}
-    return write_manifests(out, curated_dir, tok_dir, tok_sha, valid_fraction, records)
+    return write_manifests(out, source.provenance_inputs(files), tok_dir, tok_sha, valid_fraction, records)
 
 
-def write_manifests(out: Path, curated_dir, tok_dir: Path, tok_sha: str, valid_fraction: float,
+def write_manifests(out: Path, read: list[Path], tok_dir: Path, tok_sha: str, valid_fraction: float,
                     records: dict[str, dict]) -> dict:
     """One manifest per split dir (its shards, with per-shard and per-source counts) and one at the
     top linking both, the skip logs and the inputs."""
     tok = load_tokenizer(tok_dir)
     dtype = dtype_for_vocab(tok.get_vocab_size(with_added_tokens=True))
-    inputs = [*curated_manifest(curated_dir), tok_dir / "manifest.json" if (tok_dir / "manifest.json").exists()
+    inputs = [*read, tok_dir / "manifest.json" if (tok_dir / "manifest.json").exists()
               else tok_dir / "tokenizer.json"]
     common = {"tokenizer_sha256": tok_sha, "dtype": str(dtype), "vocab_size": tok.get_vocab_size(),
               "eos_token_id": tok.token_to_id(EOS), "eos_appended": True}

@@ -22,12 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sourcelm.artifacts import atomic_write_bytes, sha256_file, write_manifest
-from sourcelm.tokens.documents import (
-    curated_manifest,
-    document_files,
-    iter_documents,
-    language_of,
-)
+from sourcelm.tokens.documents import DocumentInput, language_of
 from sourcelm.tokens.stream import in_valid_split
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -63,10 +58,10 @@ def new_tokenizer():
     return tok
 
 
-def _training_texts(files: list[Path], heldout_fraction: float, skipped: Counter, progress=None,
-                    task=None) -> Iterator[str]:
+def _training_texts(source: DocumentInput, files: list[Path], heldout_fraction: float, skipped: Counter,
+                    progress=None, task=None) -> Iterator[str]:
     for path in files:
-        for doc in iter_documents(path, skipped):
+        for doc in source.documents(path, skipped):
             if not in_valid_split(doc["id"].encode(), heldout_fraction):
                 yield doc["text"]
         if progress is not None:
@@ -75,9 +70,10 @@ def _training_texts(files: list[Path], heldout_fraction: float, skipped: Counter
 
 def train_tokenizer(curated_dir: str | Path, vocab_size: int, output: str | Path,
                     heldout_fraction: float = 0.02, min_frequency: int = 2,
-                    report_docs: int = 2000, show_progress: bool = True) -> dict:
+                    report_docs: int = 2000, show_progress: bool = True, text_key: str = "text") -> dict:
     """Trains, saves to `output` (loadable by transformers.AutoTokenizer), writes the compression
-    report and the manifest. Returns the report."""
+    report and the manifest. Returns the report. `curated_dir`: or plain JSONL / Parquet / text
+    (`DocumentInput`; `text_key` names plain records' text field)."""
     from tokenizers import pre_tokenizers, trainers
 
     from sourcelm.tokens.progress import progress_bar
@@ -85,7 +81,8 @@ def train_tokenizer(curated_dir: str | Path, vocab_size: int, output: str | Path
     if vocab_size < SPECIAL_BLOCK + 256 + 1:
         raise ValueError(f"--vocab-size {vocab_size} is too small: the {SPECIAL_BLOCK} special tokens and the "
                          f"256 bytes need {SPECIAL_BLOCK + 256}; use at least {SPECIAL_BLOCK + 257}")
-    files = document_files(curated_dir)
+    source = DocumentInput(Path(curated_dir), text_key)
+    files = source.units()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     tok = new_tokenizer()
@@ -95,21 +92,21 @@ def train_tokenizer(curated_dir: str | Path, vocab_size: int, output: str | Path
     skipped: Counter = Counter()
     with progress_bar(show_progress) as progress:
         task = progress.add_task("tokenizer: reading documents", total=len(files), unit="files")
-        tok.train_from_iterator(_training_texts(files, heldout_fraction, skipped, progress, task), trainer)
+        tok.train_from_iterator(_training_texts(source, files, heldout_fraction, skipped, progress, task), trainer)
     save_tokenizer(tok, out)
-    report = compression_report(tok, files, heldout_fraction, report_docs)
+    report = compression_report(tok, source, files, heldout_fraction, report_docs)
     report["vocab_size"] = tok.get_vocab_size()
     report["requested_vocab_size"] = vocab_size
     report["skipped_documents"] = dict(skipped)
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     write_manifest(out, "tokenizer", outputs=[*TOKENIZER_FILES, "report.json"],
-                   inputs=curated_manifest(curated_dir),
+                   inputs=source.provenance_inputs(files),
                    config={"vocab_size": vocab_size, "heldout_fraction": heldout_fraction,
                            "min_frequency": min_frequency, "special_block": SPECIAL_BLOCK},
                    extra={"tokenizer_sha256": sha256_file(out / "tokenizer.json"),
                           "vocab_size": tok.get_vocab_size(),
                           "special_tokens": {"bos": [BOS, 0], "eos": [EOS, 1], "pad": [PAD, 2]},
-                          "input_files": {str(p.relative_to(Path(curated_dir))): sha256_file(p) for p in files}})
+                          "input_files": {source.label(p): source.unit_sha256(p) for p in files}})
     return report
 
 
@@ -138,12 +135,12 @@ def load_tokenizer(directory: str | Path):
     return Tokenizer.from_file(str(path))
 
 
-def compression_report(tok, files: list[Path], heldout_fraction: float, max_docs: int) -> dict:
+def compression_report(tok, source: DocumentInput, files: list[Path], heldout_fraction: float, max_docs: int) -> dict:
     """Bytes (UTF-8) per token on the held-out documents, per language and per source, and whether
     every one of them decoded back to its exact text."""
     docs = []
     for path in files:
-        for doc in iter_documents(path):
+        for doc in source.documents(path):
             if in_valid_split(doc["id"].encode(), heldout_fraction):
                 docs.append(doc)
                 if len(docs) >= max_docs:
