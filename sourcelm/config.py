@@ -294,6 +294,11 @@ class ParallelConfig:
     ranks_per_node: int = 0  # 0: the real node size from the launcher
     dispatcher: str = "two_hop"  # "flat" or "two_hop"
     zero1: bool = True
+    # pipeline stages; world = pp x (the ranks of a stage, expert and data parallel). A step's micro-batches
+    # (schedule.global_batch / (schedule.micro_batch x ranks per stage)) run under `pp_schedule`: "1f1b", or
+    # "dualpipev" (DeepSeek's; 2 x pp chunks in a V, at least 2 x pp micro-batches); sourcelm/parallel/pipeline_plan.py
+    pp: int = 1
+    pp_schedule: str = "1f1b"
 
 
 @dataclass
@@ -344,6 +349,15 @@ class Config:
         _choice("train", "dtype", self.train.dtype, ("auto", "float32", "bfloat16"))
         _choice("train", "device", self.train.device, ("auto", "cpu", "cuda"))
         _choice("train", "fp8", self.train.fp8, ("off", "emulate", "cuda"))
+        _choice("parallel", "pp_schedule", self.parallel.pp_schedule, ("1f1b", "dualpipev"))
+        pp = self.parallel.pp
+        if pp < 1:
+            raise ConfigError(f"parallel.pp = {pp} must be >= 1 (1: no pipeline)")
+        chunks = 2 * pp if self.parallel.pp_schedule == "dualpipev" else pp
+        if pp > 1 and chunks > self.model.num_hidden_layers:
+            raise ConfigError(f"parallel.pp = {pp} with {self.parallel.pp_schedule} cuts {chunks} chunks, more than "
+                              f"the model.num_hidden_layers = {self.model.num_hidden_layers} main layers; set "
+                              f"parallel.pp <= {self.model.num_hidden_layers // (chunks // pp)}")
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
         if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:
             raise ConfigError(f"parallel.ep = {self.parallel.ep} must divide model.n_routed_experts = "
@@ -361,12 +375,24 @@ class Config:
 
 def check_batch_layout(cfg: "Config", ranks: int) -> int:
     """The sequences one micro-step consumes over `ranks` data-parallel ranks; the global batch must be
-    a whole number of them."""
+    a whole number of them, and under pipeline parallelism as many as the schedule needs."""
     quantum = cfg.schedule.micro_batch * ranks
     if cfg.schedule.global_batch % quantum:
         raise ConfigError(
             f"schedule.global_batch = {cfg.schedule.global_batch} must be a multiple of schedule.micro_batch × "
             f"processes = {cfg.schedule.micro_batch} × {ranks}; change schedule.micro_batch or the process count")
+    pp, kind = cfg.parallel.pp, cfg.parallel.pp_schedule
+    if pp > 1:
+        need = 2 * pp if kind == "dualpipev" else pp
+        sched = cfg.schedule
+        smallest = sched.ramp_start_batch if sched.batch_ramp_steps else sched.global_batch
+        if smallest // quantum < need:
+            fits = [d for d in divisors(smallest) if smallest // (d * ranks) >= need and smallest % (d * ranks) == 0]
+            raise ConfigError(
+                f"parallel.pp = {pp} under {kind} needs at least {need} micro-batches a step, but batch {smallest} / "
+                f"(schedule.micro_batch {cfg.schedule.micro_batch} × {ranks} data-parallel ranks) gives "
+                f"{smallest // quantum}; set schedule.micro_batch to one of {fits or [1]} or raise "
+                f"schedule.global_batch")
     return quantum
 
 

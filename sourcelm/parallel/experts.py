@@ -80,9 +80,10 @@ class ExpertParallelExperts(RoutedExperts):
 
 
 def topology_from_config(cfg) -> Topology:
-    """The topology for a validated `Config` (parallel.ep, parallel.ranks_per_node, the router groups)."""
+    """The topology for a validated `Config` (parallel.pp, parallel.ep, parallel.ranks_per_node, the router groups)."""
     m = cfg.model
-    return build_topology(cfg.parallel.ep, cfg.parallel.ranks_per_node, m.n_routed_experts, m.n_group, m.topk_group)
+    return build_topology(cfg.parallel.ep, cfg.parallel.ranks_per_node, m.n_routed_experts, m.n_group, m.topk_group,
+                          cfg.parallel.pp)
 
 
 def apply_expert_parallel(model: nn.Module, topo: Topology, dispatcher_kind: str = "two_hop") -> Dispatcher:

@@ -4,11 +4,18 @@ Ranks are numbered node-major: rank r sits on node r // ranks_per_node at local 
 r % ranks_per_node (DeepEP's convention, report §3.1). On one machine `ranks_per_node` splits the
 local processes into pretend nodes, so the cross-node code paths run and are tested on a laptop.
 
+Pipeline parallelism is the outermost dimension: with `pp` stages, pipeline rank s holds the ranks
+[s * S, (s + 1) * S) (S = world / pp, the stage's ranks: whole nodes, or one node's share); inside a stage
+the ranks are expert and data parallel exactly as a whole world is without pipelining (the report's PP 16 x
+EP 64 x ZeRO-1 DP: 128 GPUs per stage).
+
 Groups (every rank builds every group, in the same order, as torch.distributed requires):
   ep             `ep` contiguous ranks sharing the routed experts of a layer (expert parallel)
-  dp             all ranks: data parallel for the non-expert parameters (ZeRO-1 shards over it)
-  expert_replica ranks holding the same experts (same position in different EP groups); expert
-                 gradients are reduced over it
+  dp             the ranks of this stage: data parallel for the non-expert parameters (ZeRO-1 shards
+                 over it); all ranks without pipelining
+  expert_replica ranks of this stage holding the same experts (same position in different EP groups);
+                 expert gradients are reduced over it
+  pp             the ranks at this position in every stage, one per stage: the pipeline's p2p peers
   intra_node     the ranks of this node
   inter_node     the ranks at this local index on every node
   ep_intra       the ranks of this EP group on this node (the NVLink hop of two-hop dispatch)
@@ -38,9 +45,15 @@ class Layout:
     n_routed_experts: int
     n_group: int = 1  # router groups; mapped onto the nodes an EP group spans
     topk_group: int = 1
+    pp: int = 1  # pipeline stages (pipeline ranks)
 
     def __post_init__(self):
-        validate_layout(self.world, self.ranks_per_node, self.ep, self.n_routed_experts, self.n_group)
+        validate_layout(self.world, self.ranks_per_node, self.ep, self.n_routed_experts, self.n_group, self.pp)
+
+    @property
+    def stage_world(self) -> int:
+        """Ranks per pipeline stage: the data-parallel world of the dense parameters."""
+        return self.world // self.pp
 
     @property
     def nodes(self) -> int:
@@ -71,10 +84,23 @@ class Layout:
         return (expert // self.experts_per_rank) // self.ep_local
 
 
-def validate_layout(world: int, ranks_per_node: int, ep: int, n_routed_experts: int, n_group: int = 1) -> None:
+def validate_layout(world: int, ranks_per_node: int, ep: int, n_routed_experts: int, n_group: int = 1,
+                    pp: int = 1) -> None:
     """Raises ConfigError naming the field and the fix when the layout cannot work."""
     if world <= 0:
         raise ConfigError(f"world size {world} must be positive")
+    if pp <= 0 or world % pp:
+        raise ConfigError(f"parallel.pp = {pp} must divide the world size {world} (PP x EP x DP = world); choose "
+                          f"among {divisors(world)} or launch a multiple of {pp} processes")
+    stage = world // pp
+    if pp > 1 and stage % ranks_per_node and ranks_per_node % stage:
+        raise ConfigError(f"parallel.pp = {pp} gives pipeline stages of {stage} ranks, which neither fill whole nodes "
+                          f"of parallel.ranks_per_node = {ranks_per_node} nor divide one; make world / pp a multiple "
+                          f"or a divisor of ranks_per_node")
+    if pp > 1 and stage % ep:
+        raise ConfigError(f"parallel.ep = {ep} must divide the {stage} ranks of a pipeline stage (world {world} / "
+                          f"parallel.pp {pp}); choose parallel.ep among "
+                          f"{[d for d in divisors(stage) if n_routed_experts % d == 0]}")
     if ranks_per_node <= 0 or world % ranks_per_node:
         raise ConfigError(
             f"parallel.ranks_per_node = {ranks_per_node} must divide the world size {world}; "
@@ -165,6 +191,20 @@ class Topology:
         return self.ep_rank % self.layout.ep_local
 
     @property
+    def stage(self) -> int:
+        """Pipeline rank: which stage this rank belongs to."""
+        return self.rank // self.layout.stage_world
+
+    @property
+    def stage_rank(self) -> int:
+        """Position inside the stage: the data-parallel rank, and the p2p peer's position in the next stage."""
+        return self.rank % self.layout.stage_world
+
+    def rank_of_stage(self, stage: int) -> int:
+        """The global rank at this rank's position in pipeline stage `stage`."""
+        return stage * self.layout.stage_world + self.stage_rank
+
+    @property
     def local_experts(self) -> range:
         e = self.layout.experts_per_rank
         return range(self.ep_rank * e, (self.ep_rank + 1) * e)
@@ -182,11 +222,14 @@ class Topology:
 def partitions(layout: Layout) -> dict[str, list[list[int]]]:
     """Every group kind as a partition of the ranks (pure; used by build_topology and its tests)."""
     w, rpn, ep, el = layout.world, layout.ranks_per_node, layout.ep, layout.ep_local
-    ep_groups = [list(range(g * ep, (g + 1) * ep)) for g in range(w // ep)]
+    s = layout.stage_world
+    ep_groups = [list(range(g * ep, (g + 1) * ep)) for g in range(w // ep)]  # contiguous: never across stages
+    stages = [range(k * s, (k + 1) * s) for k in range(layout.pp)]
     return {
         "ep": ep_groups,
-        "dp": [list(range(w))],
-        "expert_replica": [list(range(p, w, ep)) for p in range(ep)],
+        "dp": [list(stage) for stage in stages],
+        "expert_replica": [list(range(stage.start + p, stage.stop, ep)) for stage in stages for p in range(ep)],
+        "pp": [list(range(i, w, s)) for i in range(s)],
         "intra_node": [list(range(n * rpn, (n + 1) * rpn)) for n in range(layout.nodes)],
         "inter_node": [list(range(i, w, rpn)) for i in range(rpn)],
         "ep_intra": [g[j * el:(j + 1) * el] for g in ep_groups for j in range(layout.ep_nodes)],
@@ -195,7 +238,7 @@ def partitions(layout: Layout) -> dict[str, list[list[int]]]:
 
 
 def build_topology(ep: int, ranks_per_node: int, n_routed_experts: int, n_group: int = 1,
-                   topk_group: int = 1) -> Topology:
+                   topk_group: int = 1, pp: int = 1) -> Topology:
     """Validates the layout for the current process group and creates every group on every rank.
 
     Without an initialised process group (one process) it returns a world-of-one topology whose
@@ -204,13 +247,14 @@ def build_topology(ep: int, ranks_per_node: int, n_routed_experts: int, n_group:
         world, rank = dist.get_world_size(), dist.get_rank()
     else:
         world, rank = 1, 0
-    layout = Layout(world, resolve_ranks_per_node(ranks_per_node, world), ep, n_routed_experts, n_group, topk_group)
+    layout = Layout(world, resolve_ranks_per_node(ranks_per_node, world), ep, n_routed_experts, n_group, topk_group,
+                    pp)
     topo = Topology(layout, rank)
     for kind, parts in partitions(layout).items():
         if world == 1:
             topo.groups[kind], topo.members[kind] = None, [0]
             continue
-        if kind == "dp":
+        if kind == "dp" and layout.pp == 1:
             topo.groups[kind], topo.members[kind] = dist.group.WORLD, list(range(world))
             continue
         topo.groups[kind], topo.members[kind] = _new_groups(parts, rank)

@@ -46,9 +46,13 @@ class SingleProcess:
         """Σ over all ranks (expert counts, loss sums)."""
         return t
 
-    def expert_sq_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Σ over the ranks that hold distinct experts (for the global gradient norm)."""
-        return t
+    def global_grad_sq(self, dense: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Σ g² over the whole model from this rank's dense and expert sums (for the global gradient norm)."""
+        return dense + experts
+
+    def moe_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every MoE layer of the model, in order, for the load balancer."""
+        return model.moe_layers()
 
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's tensors under their global names (experts gathered from every EP rank)."""

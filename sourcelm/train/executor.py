@@ -56,3 +56,9 @@ class MicroBatchLoop:
                                   out.balance_loss.detach()]).double() * work.loss_scale
             counts = out.expert_counts if counts is None else counts + out.expert_counts
         return StepResult(parts, counts)
+
+    @torch.no_grad()
+    def final_hidden(self, model: torch.nn.Module, batch: torch.Tensor, compute) -> torch.Tensor:
+        """The main stack's final-normed hidden states [b, T, H] of a batch [b, T + 1], forward only (no MTP)."""
+        with compute():
+            return model.hidden_states(batch[:, :-1])[0]

@@ -270,8 +270,11 @@ class Trainer:
         for start in range(0, self.cfg.logging.valid_batches * gb, self.quantum):
             batch = self.valid_data.batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world).to(self.device)
             sources = self.valid_data.batch_sources(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world)
+            # the main stack only (no MTP in the valid loss), through the pipeline where there is one
+            h = self.executor.final_hidden(self.model, batch, self._compute)
+            if h is None:  # a pipeline rank that does not hold the head
+                continue
             with self._compute():
-                h, _, _ = self.model.hidden_states(batch[:, :-1])  # the main stack only: no MTP in the valid loss
                 sums += source_loss_sums(h, self.model.lm_head.weight, batch[:, 1:], sources[:, 1:].to(self.device),
                                          len(names), self.model.ce_chunk)
         self.model.train()

@@ -1,0 +1,231 @@
+"""Pipeline parallelism, the pure part: how the layers are cut into chunks, which rank holds which chunk, and the
+order in which each rank runs its forward (F) and backward (B) chunks under 1F1B and DualPipeV.
+
+Chunks. The model's main layers are cut into `n_chunks` contiguous ranges: P chunks under 1F1B (stage s holds chunk
+s), 2P under DualPipeV (report §3.2.1; the "cut-in-half" DualPipe): rank r holds chunk r and chunk 2P-1-r, a V, so rank
+0 holds both the first chunk (the embedding) and the last (final norm, head, MTP) and the MTP module shares the
+embedding and the head with the main model on one rank, as the report requires. The cut balances compute: each main
+layer costs its forward FLOPs per token (attention, and the dense FFN or the activated experts and router), the first
+chunk also the embedding lookup (free), the last chunk the head and every MTP depth (a block, `eh_proj` and the head
+again); the cut minimises the largest chunk's cost, every chunk keeping at least one main layer.
+
+Schedules (`schedule`): the list of (kind, chunk, micro-batch) a rank runs, in order. Sends are asynchronous and a
+receive waits for its sender, so a list is runnable when every op's inputs were produced earlier on their ranks;
+`simulate` checks that (no deadlock, every micro-batch's F and B exactly once per chunk) and measures the idle time
+for given F and B costs, which the tests compare with the report's bubble formulas (Table 2).
+- 1F1B: stage s runs min(P-s-1, M) forwards, then alternates F and B, then the remaining backwards.
+- DualPipeV (DeepSeek's dualpipev.py, eight phases; phase 0 = chunk r, phase 1 = chunk 2P-1-r): F0 x 2(P-r-1);
+  (F0, F1) x (r+1); (B1, W, F1) x (P-r-1); (F0&B1, F1&B0) x (M-2P+r+1); (B1, F1&B0) x (P-r-1); (B1, B0) x (r+1);
+  (W, B0) x (P-r-1); W x (r+1). Backward here computes input and weight gradients together (no zero-bubble W split),
+  so the W ops are empty and the bubble is the formula's with W = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sourcelm.config import ConfigError, ModelConfig
+
+SCHEDULES = ("1f1b", "dualpipev")
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # "F" or "B"
+    chunk: int
+    micro_batch: int
+
+
+def n_chunks(pp: int, schedule: str) -> int:
+    return 2 * pp if schedule == "dualpipev" else pp
+
+
+def chunk_rank(chunk: int, pp: int, schedule: str) -> int:
+    """The pipeline rank (stage index) holding `chunk`."""
+    if schedule == "dualpipev":
+        return chunk if chunk < pp else 2 * pp - 1 - chunk
+    return chunk
+
+
+def rank_chunks(rank: int, pp: int, schedule: str) -> list[int]:
+    return [rank, 2 * pp - 1 - rank] if schedule == "dualpipev" else [rank]
+
+
+def min_micro_batches(pp: int, schedule: str) -> int:
+    """The fewest micro-batches a step may have: 2P under DualPipeV (its phases assume it); 1F1B runs any count,
+    but with fewer than P the pipeline never fills, so P is required."""
+    return 2 * pp if schedule == "dualpipev" else pp
+
+
+# ------------------------------------------------------------------------------------------------ partition
+
+def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float]:
+    """Forward FLOPs per token of each main layer, and of the last chunk's extra work (head and MTP)."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    q = h * heads * cfg.qk_head_dim if cfg.q_lora_rank is None else cfg.q_lora_rank * (h + heads * cfg.qk_head_dim)
+    kv = h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim
+                                                                                        + cfg.v_head_dim)
+    attention = 2 * (q + kv + heads * cfg.v_head_dim * h) + 2 * heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    dense = 2 * 3 * h * cfg.intermediate_size
+    moe = (2 * 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+           + 2 * h * cfg.n_routed_experts)
+    costs = [attention + (moe if cfg.is_moe_layer(i) else dense) for i in range(cfg.num_hidden_layers)]
+    head = 2 * h * cfg.vocab_size
+    mtp_layer = attention + (moe if cfg.is_moe_layer(cfg.num_hidden_layers) else dense)
+    tail = head + cfg.num_nextn_predict_layers * (mtp_layer + 2 * 2 * h * h + head)
+    return costs, tail
+
+
+def partition_layers(cfg: ModelConfig, chunks: int, seq_len: int) -> list[range]:
+    """Contiguous ranges of main layers, one per chunk, minimising the largest chunk cost (`layer_costs`, the tail
+    on the last chunk), each chunk at least one layer; ties go to the cut that puts fewer layers late (the last
+    chunk already carries the head)."""
+    costs, tail = layer_costs(cfg, seq_len)
+    n = len(costs)
+    if chunks > n:
+        raise ConfigError(f"{chunks} pipeline chunks need at least {chunks} main layers; model.num_hidden_layers = "
+                          f"{n}: lower parallel.pp (DualPipeV cuts 2 x pp chunks) or add layers")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest largest-cost of cutting layers [0, i) into k chunks; cut[k][i]: where chunk k starts
+    best = [[inf] * (n + 1) for _ in range(chunks + 1)]
+    cut = [[0] * (n + 1) for _ in range(chunks + 1)]
+    best[0][0] = 0.0
+    for k in range(1, chunks + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = prefix[i] - prefix[j] + (tail if k == chunks and i == n else 0.0)
+                value = max(best[k - 1][j], cost)
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    bounds, i = [n], n
+    for k in range(chunks, 0, -1):
+        i = cut[k][i]
+        bounds.append(i)
+    bounds.reverse()
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def describe_partition(cfg: ModelConfig, ranges: list[range], pp: int, schedule: str, seq_len: int) -> str:
+    costs, tail = layer_costs(cfg, seq_len)
+    total = sum(costs) + tail
+    lines = []
+    for c, r in enumerate(ranges):
+        cost = sum(costs[i] for i in r) + (tail if c == len(ranges) - 1 else 0.0)
+        parts = (["embedding"] if c == 0 else []) + [f"layers {r.start}-{r.stop - 1}"] + (
+            ["norm, head" + (f", MTP x {cfg.num_nextn_predict_layers}" if cfg.num_nextn_predict_layers else "")]
+            if c == len(ranges) - 1 else [])
+        lines.append(f"chunk {c} on pipeline rank {chunk_rank(c, pp, schedule)}: {', '.join(parts)} "
+                     f"({100 * cost / total:.0f}% of the FLOPs)")
+    return "; ".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+
+def schedule(rank: int, pp: int, micro_batches: int, kind: str) -> list[Op]:
+    """The ops pipeline rank `rank` runs for one step of `micro_batches` micro-batches (module docstring)."""
+    if micro_batches < min_micro_batches(pp, kind):
+        raise ConfigError(f"{kind} over {pp} pipeline ranks needs at least {min_micro_batches(pp, kind)} micro-batches "
+                          f"a step, got {micro_batches}")
+    return _one_f_one_b(rank, pp, micro_batches) if kind == "1f1b" else _dualpipev(rank, pp, micro_batches)
+
+
+def _one_f_one_b(stage: int, pp: int, m: int) -> list[Op]:
+    warmup = min(pp - stage - 1, m)
+    ops = [Op("F", stage, i) for i in range(warmup)]
+    for i in range(m - warmup):
+        ops += [Op("F", stage, warmup + i), Op("B", stage, i)]
+    ops += [Op("B", stage, i) for i in range(m - warmup, m)]
+    return ops
+
+
+def _dualpipev(rank: int, pp: int, m: int) -> list[Op]:
+    c0, c1 = rank, 2 * pp - 1 - rank
+    next_mb = {("F", c0): 0, ("F", c1): 0, ("B", c0): 0, ("B", c1): 0}
+    ops: list[Op] = []
+
+    def run(kind: str, chunk: int) -> None:
+        ops.append(Op(kind, chunk, next_mb[kind, chunk]))
+        next_mb[kind, chunk] += 1
+
+    tail = pp - rank - 1
+    for _ in range(2 * tail):                       # 1: F0
+        run("F", c0)
+    for _ in range(rank + 1):                       # 2: F0 F1
+        run("F", c0)
+        run("F", c1)
+    for _ in range(tail):                           # 3: B1 (W) F1
+        run("B", c1)
+        run("F", c1)
+    for _ in range(m - 2 * pp + rank + 1):          # 4: F0&B1, F1&B0 (the pairs DualPipe overlaps)
+        run("F", c0)
+        run("B", c1)
+        run("F", c1)
+        run("B", c0)
+    for _ in range(tail):                           # 5: B1, F1&B0
+        run("B", c1)
+        run("F", c1)
+        run("B", c0)
+    for _ in range(rank + 1):                       # 6: B1 B0
+        run("B", c1)
+        run("B", c0)
+    for _ in range(tail):                           # 7: (W) B0
+        run("B", c0)
+    return ops                                      # 8: (W) only
+
+
+# ----------------------------------------------------------------------------------------------- simulation
+
+@dataclass
+class Timeline:
+    finish: float  # when the last rank finishes
+    busy: list[float]  # per rank: time spent computing
+    idle: list[float]  # per rank: finish - busy (the bubble, as the report counts it, for equal work per rank)
+    order: list[list[Op]]  # per rank: the ops in the order they ran
+
+
+def simulate(pp: int, micro_batches: int, kind: str, f: float = 1.0, b: float = 2.0) -> Timeline:
+    """Runs every rank's op list against the data dependencies (an F of chunk c needs the F of chunk c-1 of the same
+    micro-batch; a B needs its own F and the B of chunk c+1), each F costing `f` and each B `b`, communication free.
+    Raises RuntimeError naming the stuck ops on a deadlock."""
+    chunks = n_chunks(pp, kind)
+    lists = [schedule(r, pp, micro_batches, kind) for r in range(pp)]
+    done: dict[Op, float] = {}
+    clock, pos = [0.0] * pp, [0] * pp
+    busy = [0.0] * pp
+
+    def ready(op: Op) -> float | None:
+        needs = []
+        if op.kind == "F" and op.chunk > 0:
+            needs.append(Op("F", op.chunk - 1, op.micro_batch))
+        if op.kind == "B":
+            needs.append(Op("F", op.chunk, op.micro_batch))
+            if op.chunk < chunks - 1:
+                needs.append(Op("B", op.chunk + 1, op.micro_batch))
+        if any(n not in done for n in needs):
+            return None
+        return max([done[n] for n in needs], default=0.0)
+
+    while any(pos[r] < len(lists[r]) for r in range(pp)):
+        progressed = False
+        for r in range(pp):
+            if pos[r] == len(lists[r]):
+                continue
+            op = lists[r][pos[r]]
+            at = ready(op)
+            if at is None:
+                continue
+            cost = f if op.kind == "F" else b
+            clock[r] = max(clock[r], at) + cost
+            busy[r] += cost
+            done[op] = clock[r]
+            pos[r] += 1
+            progressed = True
+        if not progressed:
+            stuck = {r: lists[r][pos[r]] for r in range(pp) if pos[r] < len(lists[r])}
+            raise RuntimeError(f"{kind} schedule deadlocks (P {pp}, {micro_batches} micro-batches): waiting ops "
+                               f"{stuck}")
+    finish = max(clock)
+    return Timeline(finish, busy, [finish - x for x in busy], lists)
