@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "sourcelm.tokens.commands",  # tokenizer train, tokenize
     "sourcelm.model.commands",  # info
     "sourcelm.train.commands",  # train, plot
+    "sourcelm.plan.commands",  # plan
     "sourcelm.interop.commands",  # export
     "sourcelm.infer.commands",  # generate
     "sourcelm.provenance.commands",  # verify, card

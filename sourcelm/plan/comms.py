@@ -1,0 +1,143 @@
+"""Communication per step: dispatch/combine rows per link class, data-parallel reduction, pipeline sends.
+
+Dispatch/combine (`dispatch_rows`) counts exactly what `sourcelm.parallel.dispatch` counts in its
+`LinkStats`, as a function of the routing (each rank's topk_idx) and the layout:
+  flat     a token row to every EP rank holding one of its experts; intra- or inter-node by the
+           physical nodes of sender and receiver; the sender's own rank is free.
+  two_hop  hop 1: a row to every EP node holding one of its experts, to the rank with the sender's
+           local index there (inter-node); hop 2: the forwarder sends it on to the ranks of that
+           node holding its experts (intra-node). Rows a rank keeps for itself cross no link.
+Only hidden-state rows count (the routing metadata is left out, as in DeepEP's bandwidth figures).
+A training step moves each row four times: dispatch, combine, and their two backwards (combine's
+backward is a dispatch of the output gradient, dispatch's a combine of the input gradient), so the
+bytes are rows x hidden x 2 x (dispatch element bytes + combine element bytes).
+
+Without a measured routing the rows per token come from a sampled one (`sampled_routing`): the
+model's own router on random inputs, i.e. the balanced routing the bias-based balancer aims at.
+
+The report's node-limited routing argument (§3.2.2): a token crosses IB once per target node and is
+forwarded over NVLink to the experts there; both transfers overlap, so while a node receives up to
+NVLink / IB (≈ 3.2) of a token's experts the NVLink hop costs nothing extra, and with M = 4 nodes a
+token could use up to 4 x 3.2 ≈ 13 experts at the communication cost of 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LINK_CLASSES = ("inter_node", "intra_node")
+
+
+def dispatch_rows(topk_idx: list[torch.Tensor], ep: int, ranks_per_node: int, n_experts: int,
+                  dispatcher: str = "two_hop") -> list[dict[str, int]]:
+    """Rows each rank sends per link class in one forward dispatch. topk_idx[r]: rank r's [T_r, K]
+    global expert ids (-1: no expert); ranks are numbered node-major and EP groups are contiguous,
+    as in `sourcelm.parallel.topology`."""
+    world = len(topk_idx)
+    el = min(ep, ranks_per_node)  # ranks of an EP group on one node
+    e_local = n_experts // ep
+    sent = [{c: 0 for c in LINK_CLASSES} for _ in range(world)]
+
+    def link(a: int, b: int) -> str | None:
+        return None if a == b else "intra_node" if a // ranks_per_node == b // ranks_per_node else "inter_node"
+
+    for src, idx in enumerate(topk_idx):
+        if idx.numel() == 0:
+            continue
+        base, pos = src - src % ep, src % ep  # the EP group's first rank; the sender's position in it
+        valid = idx >= 0
+        dest = torch.where(valid, idx // e_local, torch.full_like(idx, ep))  # EP position, ep = none
+        in_rank = torch.zeros(idx.shape[0], ep + 1, dtype=torch.bool)
+        in_rank.scatter_(1, dest, True)
+        in_rank = in_rank[:, :ep]  # [T, ep]: token goes to position p
+        if dispatcher == "flat":
+            for p, rows in enumerate(in_rank.sum(0).tolist()):
+                kind = link(src, base + p)
+                if kind and rows:
+                    sent[src][kind] += rows
+            continue
+        by_node = in_rank.view(-1, ep // el, el)  # [T, EP node, local index]
+        for n in range(ep // el):
+            forwarder = base + n * el + pos % el  # the rank at the sender's local index on node n
+            arriving = by_node[:, n].any(-1)
+            kind = link(src, forwarder)
+            if kind:
+                sent[src][kind] += int(arriving.sum())
+            for j, rows in enumerate(by_node[arriving, n].sum(0).tolist()):
+                kind = link(forwarder, base + n * el + j)
+                if kind and rows:
+                    sent[forwarder][kind] += rows
+    return sent
+
+
+def step_link_bytes(rows: dict[str, float], hidden: int, dispatch_elem_bytes: float, combine_elem_bytes: float,
+                    backward: bool = True) -> dict[str, float]:
+    """Bytes per link class of the dispatch + combine (and their backwards) of the given forward-dispatch rows."""
+    per_row = hidden * (dispatch_elem_bytes + combine_elem_bytes) * (2 if backward else 1)
+    return {f"{c}_bytes": rows.get(c, 0) * per_row for c in LINK_CLASSES}
+
+
+def sampled_routing(cfg, tokens: int = 8192, seed: int = 0) -> torch.Tensor:
+    """topk_idx [tokens, K] from the model's router (group-limited top-k with zero biases) on random
+    hidden states: a balanced routing with the model's node limit."""
+    from sourcelm.model.moe import Router
+
+    gen = torch.Generator().manual_seed(seed)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * cfg.initializer_range)
+        x = torch.randn(tokens, cfg.hidden_size, generator=gen)
+        topk_idx, _, _ = router(x)
+    return topk_idx
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Forward-dispatch rows per routed token, per link class, for one layout (from a routing)."""
+
+    inter_node: float
+    intra_node: float
+    nodes_per_token: float  # distinct EP nodes a token's experts lie on
+    ranks_per_token: float  # distinct EP ranks
+    source: str  # "sampled (balanced router)" or "measured"
+
+
+def routing_stats(topk_idx: torch.Tensor, ep: int, ranks_per_node: int, n_experts: int, dispatcher: str,
+                  source: str) -> RoutingStats:
+    """Rows per token of `topk_idx` [T, K] spread evenly over the positions of one EP group."""
+    t = topk_idx.shape[0]
+    world = ep
+    rows = dispatch_rows([topk_idx[r::world] for r in range(world)], ep, ranks_per_node, n_experts, dispatcher)
+    e_local, el = n_experts // ep, min(ep, ranks_per_node)
+    rank = torch.where(topk_idx >= 0, topk_idx // e_local, torch.full_like(topk_idx, -1))
+    node = torch.where(rank >= 0, rank // el, rank)
+    distinct = [sum(len(set(r) - {-1}) for r in m.tolist()) / max(t, 1) for m in (node, rank)]
+    return RoutingStats(sum(r["inter_node"] for r in rows) / t, sum(r["intra_node"] for r in rows) / t,
+                        distinct[0], distinct[1], source)
+
+
+# --------------------------------------------------------------------------- the report's §3.2.2 figures
+
+
+def experts_per_node_at_no_extra_cost(nvlink_bw: float, ib_bw: float) -> float:
+    """While a node receives a token once over IB, NVLink can forward it to this many of its GPUs in the same time."""
+    return nvlink_bw / ib_bw
+
+
+def max_experts_at_same_cost(nodes_per_token: int, nvlink_bw: float, ib_bw: float) -> int:
+    """Experts a token could select, M nodes x the free experts per node, at the communication cost of the IB hop."""
+    return round(nodes_per_token * experts_per_node_at_no_extra_cost(nvlink_bw, ib_bw))
+
+
+# --------------------------------------------------------------------------- collectives outside the MoE
+
+
+def ring_bytes(size: float, members: int) -> float:
+    """Bytes one member sends in a ring reduce-scatter or all-gather of `size` bytes."""
+    return size * (members - 1) / members if members > 1 else 0.0
+
+
+def collective_time(nbytes: float, bw: float, steps: int, latency: float) -> float:
+    return nbytes / bw + steps * latency
