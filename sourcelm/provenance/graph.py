@@ -108,13 +108,19 @@ class Report:
 
     def final(self) -> Node | None:
         """The final artifact: the export if there is one, else the newest checkpoint. A run continued from an
-        exported checkpoint reaches that export too (through its base record): a root's export comes first."""
+        exported checkpoint reaches that export too (through its base record): the run's own artifacts come first
+        (an export among the roots, else its newest checkpoint)."""
         roots = {Path(r).resolve() for r in self.roots}
-        exports = [n for n in self.of_kind("export") if n.path in roots] or self.of_kind("export")
-        if exports:
-            return max(exports, key=lambda n: str(n.path))
+        run_dir = self.run_dir.resolve()
         ckpts = [c for run in self.checkpoint_runs().values() for c in run]
-        return max(ckpts, key=lambda n: n.manifest.get("step", 0)) if ckpts else None
+        for exports, checkpoints in (([n for n in self.of_kind("export") if n.path in roots],
+                                      [c for c in ckpts if run_dir in c.path.parents]),
+                                     (self.of_kind("export"), ckpts)):
+            if exports:
+                return max(exports, key=lambda n: str(n.path))
+            if checkpoints:
+                return max(checkpoints, key=lambda n: n.manifest.get("step", 0))
+        return None
 
 
 def stage_name(path: Path, manifest: dict) -> str:
