@@ -40,7 +40,7 @@ from sourcelm.model import DeepseekV3
 
 log = logging.getLogger(__name__)
 
-# the HF layout's names (sourcelm.interop.hf, sourcelm.interop.fp8_checkpoint; tests/train/test_hf_reader.py)
+# the HF layout's names (sourcelm.interop.hf, sourcelm.interop.fp8_checkpoint; tests/train/test_init_from.py)
 EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
