@@ -122,8 +122,9 @@ def final_losses(run: Path) -> tuple[float, float]:
 
 def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
     runs = {(v, s): final_losses(out / f"{v}_s{s}") for v in variants for s in seeds if (out / f"{v}_s{s}").exists()}
-    first_train = json.loads((out / f"bf16_s{seeds[0]}" / "metrics.jsonl").read_text().splitlines()[0])
-    print(f"bf16 seed {seeds[0]}: main loss {first_train.get('main_loss', float('nan')):.3f} at step 1")
+    rows = map(json.loads, (out / f"bf16_s{seeds[0]}" / "metrics.jsonl").read_text().splitlines())
+    first_train = next(r for r in rows if "main_loss" in r)
+    print(f"bf16 seed {seeds[0]}: main loss {first_train['main_loss']:.3f} at step {first_train['step']}")
     print(f"{'variant':18s} " + "  ".join(f"seed {s}" for s in seeds) + "    mean   (final validation loss)")
     for v in variants:
         cells = [f"{runs[(v, s)][0]:6.4f}" if (v, s) in runs else "  --  " for s in seeds]
