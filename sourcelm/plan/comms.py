@@ -81,10 +81,14 @@ def step_link_bytes(rows: dict[str, float], hidden: int, dispatch_elem_bytes: fl
 
 def sampled_routing(cfg, tokens: int = 8192, seed: int = 0) -> torch.Tensor:
     """topk_idx [tokens, K] from the model's router (group-limited top-k with zero biases) on random
-    hidden states: a balanced routing with the model's node limit."""
+    hidden states: a balanced routing with the model's node limit. The selection does not depend on the
+    hidden size, so the router is built 64 wide."""
+    import dataclasses
+
     from sourcelm.model.moe import Router
 
     gen = torch.Generator().manual_seed(seed)
+    cfg = dataclasses.replace(cfg, hidden_size=64)
     router = Router(cfg)
     with torch.no_grad():
         router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * cfg.initializer_range)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sourcelm.config import ConfigError, ModelConfig, divisors
 from sourcelm.parallel.topology import validate_layout
 from sourcelm.plan.cluster import Cluster
-from sourcelm.plan.model_costs import RECOMPUTE, chunk_counts_that_work, pipeline_cuts
+from sourcelm.plan.model_costs import RECOMPUTE
 from sourcelm.plan.pipeline_sim import SCHEDULES, check_schedule
 
 DTYPES = ("fp32", "bf16", "fp8")
@@ -85,14 +85,12 @@ def resolve(layout: PlanLayout, model: ModelConfig, cluster: Cluster) -> Resolve
     if lay.pp > 1 and lay.schedule not in SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule = {lay.schedule!r}: choose one of {', '.join(map(repr, SCHEDULES))}")
     chunks = lay.pp * (2 if lay.pp > 1 and lay.schedule == "dualpipev" else 1)
-    units = pipeline_cuts(model)
-    if units["layers"] % chunks and units["slots"] % chunks:
-        per_rank = 2 if chunks != lay.pp else 1
-        ok = [c // per_rank for c in chunk_counts_that_work(model) if c % per_rank == 0 and world % (c // per_rank) == 0]
+    if chunks > model.num_hidden_layers:  # the trainer balances uneven cuts, but a chunk needs a layer
+        most = model.num_hidden_layers // (chunks // lay.pp)
         raise ConfigError(
-            f"parallel.pp = {lay.pp}{' (dualpipev: ' + str(chunks) + ' chunks)' if per_rank == 2 else ''} does not "
-            f"divide the model's {units['layers']} decoder layers nor its {units['slots']} slots (embedding, layers, "
-            f"MTP, head); choose parallel.pp among {ok}")
+            f"parallel.pp = {lay.pp} cuts the model into {chunks} chunks"
+            f"{' (dualpipev: 2 per rank)' if chunks != lay.pp else ''} but it has {model.num_hidden_layers} decoder "
+            f"layers; choose parallel.pp among {[d for d in divisors(world) if d <= most]}")
     dp = world // lay.pp
     if model.n_routed_experts % lay.ep:
         raise ConfigError(f"parallel.ep = {lay.ep} must divide model.n_routed_experts = {model.n_routed_experts}; "

@@ -43,12 +43,13 @@ class RankMemory:
 
 
 def rank_params(chunks: list[list[Slot]], held: list[int], ep: int) -> dict[str, float]:
-    """Parameters one rank holds: dense in full, routed experts / EP; matmul weights (those with compute copies)."""
+    """Parameters one rank holds: dense in full, routed experts / EP; "copied": the matmul weights the
+    trainer keeps compute copies of (the routed experts among them, / EP)."""
     slots = [s for c in held for s in chunks[c]]
     dense = sum(s.params - s.expert_params for s in slots)
     experts = sum(s.expert_params for s in slots) / ep
-    matmul = sum(s.params - s.expert_params for s in slots if s.kind in ("dense", "moe", "mtp")) + experts
-    return {"dense": dense, "experts": experts, "matmul": matmul}
+    copied = sum(s.copied - s.expert_params for s in slots) + experts
+    return {"dense": dense, "experts": experts, "copied": copied}
 
 
 def state_terms(p: dict[str, float], res: Resolved, recipe: str) -> dict[str, float]:
@@ -57,7 +58,7 @@ def state_terms(p: dict[str, float], res: Resolved, recipe: str) -> dict[str, fl
     dense_shards = res.dp if lay.zero1 else 1
     total = p["dense"] + p["experts"]
     if recipe == "sourcelm":
-        copies = p["matmul"] if lay.dtype != "fp32" else 0
+        copies = p["copied"] if lay.dtype != "fp32" else 0
         return {"weights (fp32 masters)": 4 * total, "weights (bf16 compute copies)": 2 * copies,
                 "gradients (fp32, + bf16 of the copies)": 4 * total + 2 * copies,
                 "optimizer moments (fp32, ZeRO-1 over DP)": 8 * (p["dense"] / dense_shards + p["experts"])}
@@ -65,7 +66,7 @@ def state_terms(p: dict[str, float], res: Resolved, recipe: str) -> dict[str, fl
     out = {"weights (bf16)": 2 * total, "gradients (fp32)": 4 * total,
            "fp32 masters + bf16 moments (ZeRO-1)": 8 * (p["dense"] / dense_shards + p["experts"] / expert_shards)}
     if lay.dtype == "fp8":  # the matmul weights quantised once per step, 128 x 128 blocks with fp32 scales
-        out["FP8 weight caches"] = p["matmul"] * (1 + 4 / (128 * 128))
+        out["FP8 weight caches"] = p["copied"] * (1 + 4 / (128 * 128))
     return out
 
 
@@ -75,8 +76,9 @@ def chunk_activation_bytes(model: ModelConfig, chunk: list[Slot], res: Resolved,
     tokens = lay.micro_batch * lay.seq_len
     per_slot = []
     for s in chunk:
+        sourcelm = recipe == "sourcelm"  # autocast: the residual stream stays in the masters' fp32
         per_token = activation_bytes(model, s.kind, lay.seq_len, lay.dtype, lay.recompute, lay.attention,
-                                     expert_outputs=recipe == "sourcelm")
+                                     expert_outputs=sourcelm, residual_bytes=4 if sourcelm else None)
         per_slot.append(per_token * tokens)
     return sum(per_slot), max(per_slot, default=0.0)
 

@@ -17,6 +17,7 @@ trains in FP8:
   "norm_up_proj"  recompute RMSNorm outputs and MLA's up-projections (q, k, v) in backward (report §3.2.3)
   "swiglu"        recompute the SwiGLU outputs of the experts from their (cached) inputs (report §3.3.2)
   "full"          keep only each layer's input and recompute the layer
+Pipeline chunks are cut as the trainer cuts them (`cut_chunks`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Slot:
     expert_params: int  # of which routed experts (sharded over EP)
     matmul: int  # matmul parameters one token multiplies (activated), head pass included for MTP
     attn_flops: float  # causal attention core, forward, per token
+    copied: int = 0  # parameters the trainer keeps a compute-dtype copy of (`DeepseekV3.matmul_weights`)
 
     @property
     def f_flops(self) -> float:
@@ -71,17 +73,23 @@ def model_slots(cfg: ModelConfig, seq_len: int) -> list[Slot]:
     def experts(module) -> int:
         return sum(p.numel() for m in module.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
 
+    copies = set(model.matmul_weights())
+
+    def copied(prefix: str, module) -> int:
+        return sum(p.numel() for n, p in module.named_parameters(prefix=prefix) if n in copies)
+
     attn = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
     emb = _count(model.model.embed_tokens, cfg)
     slots = [Slot("embed", "embed", emb["total"], 0, 0, 0.0)]
     for i, layer in enumerate(model.model.layers):
         c = _count(layer, cfg)
         slots.append(Slot(f"layer.{i}", "moe" if layer.is_moe else "dense", c["total"], experts(layer), c["matmul"],
-                          attn))
+                          attn, copied(f"model.layers.{i}", layer)))
     head = _count(model.lm_head, cfg)
     for k, layer in enumerate(model.mtp):
         c = _count(layer, cfg)
-        slots.append(Slot(f"mtp.{k}", "mtp", c["total"], experts(layer), c["matmul"] + head["matmul"], attn))
+        slots.append(Slot(f"mtp.{k}", "mtp", c["total"], experts(layer), c["matmul"] + head["matmul"], attn,
+                          copied(f"mtp.{k}", layer)))
     norm = _count(model.model.norm, cfg)
     slots.append(Slot("head", "head", head["total"] + norm["total"], 0, head["matmul"], 0.0))
     return slots
@@ -91,25 +99,29 @@ def model_slots(cfg: ModelConfig, seq_len: int) -> list[Slot]:
 
 
 def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, recompute: tuple[str, ...] = (),
-                     attention: str = "flash", expert_outputs: bool = True) -> dict[str, float]:
+                     attention: str = "flash", expert_outputs: bool = True,
+                     residual_bytes: float | None = None) -> dict[str, float]:
     """Bytes per token a slot of `kind` keeps for its backward, by tensor. dtype: the layout's compute
     dtype ("fp32", "bf16" or "fp8": FP8 caches the inputs of the matmuls it runs in FP8). attention:
     "flash" keeps the softmax statistics only; "materialised" keeps the causal probabilities (the CPU
     kernels: about S/2 per head and token). expert_outputs: the routing weights multiply the experts'
     outputs, which are kept for the weights' gradient (sourcelm); False where the weight scales the
-    SwiGLU output before the down projection (the report's fused kernel) and nothing more is kept."""
+    SwiGLU output before the down projection (the report's fused kernel) and nothing more is kept.
+    residual_bytes: bytes per element of the residual stream (the norms' inputs); None: the compute dtype's.
+    Under autocast (sourcelm) the stream keeps the fp32 of the master weights."""
     act = DTYPE_BYTES[dtype]
+    res = act if residual_bytes is None else residual_bytes
     mm_in = FP8_BYTES if dtype == "fp8" else act  # a matmul input cached for its weight gradient
     h = cfg.hidden_size
     if kind == "embed":
         return {}
     if kind == "head":
-        return {"final norm input": h * act, "head input": h * mm_in, "loss: gradient of the head input": h * 4}
+        return {"final norm input": h * res, "head input": h * mm_in, "loss: gradient of the head input": h * 4}
     if "full" in recompute:  # only the layer input survives; the layer runs again in backward
-        return {"layer input (recomputed)": h * act}
+        return {"layer input (recomputed)": h * res}
     drop_norm_up = "norm_up_proj" in recompute
     heads, qk, v = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
-    t: dict[str, float] = {"attention-norm input": h * act}
+    t: dict[str, float] = {"attention-norm input": h * res}
     if not drop_norm_up:
         t["attention-norm output (down-projection input)"] = h * mm_in
     if cfg.q_lora_rank:
@@ -123,7 +135,7 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
     t["attention output (o-projection input)"] = heads * v * mm_in
     t["softmax statistics" if attention == "flash" else "attention probabilities"] = (
         heads * 4 if attention == "flash" else heads * seq_len / 2 * act)
-    t["FFN-norm input"] = h * act
+    t["FFN-norm input"] = h * res
     if not drop_norm_up:
         t["FFN-norm output"] = h * mm_in
     if kind == "dense":
@@ -140,8 +152,9 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
                                recompute))
     if kind == "mtp":
         t["MTP merge: normed embedding and hidden state (eh_proj input)"] = 2 * h * mm_in
-        t["MTP merge: norm inputs"] = 2 * h * act
-        t.update({f"MTP head: {name}": b for name, b in activation_terms(cfg, "head", seq_len, dtype).items()})
+        t["MTP merge: norm inputs"] = 2 * h * res
+        t.update({f"MTP head: {name}": b
+                  for name, b in activation_terms(cfg, "head", seq_len, dtype, residual_bytes=res).items()})
     return t
 
 
@@ -156,8 +169,9 @@ def _swiglu_terms(what: str, inner: int, copies: int, h: int, act: float, mm_in:
 
 
 def activation_bytes(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, recompute: tuple[str, ...] = (),
-                     attention: str = "flash", expert_outputs: bool = True) -> float:
-    return sum(activation_terms(cfg, kind, seq_len, dtype, recompute, attention, expert_outputs).values())
+                     attention: str = "flash", expert_outputs: bool = True, residual_bytes: float | None = None) -> float:
+    return sum(activation_terms(cfg, kind, seq_len, dtype, recompute, attention, expert_outputs,
+                                residual_bytes).values())
 
 
 def recompute_flops(cfg: ModelConfig, slot: Slot, recompute: tuple[str, ...]) -> float:
@@ -178,28 +192,16 @@ def recompute_flops(cfg: ModelConfig, slot: Slot, recompute: tuple[str, ...]) ->
 # ------------------------------------------------------------------------------------ stage cutting
 
 
-def pipeline_cuts(cfg: ModelConfig) -> dict[str, int]:
-    """The two units a pipeline may be cut in: decoder layers (embedding on the first chunk, MTP and head
-    on the last, Megatron's default) or slots (embedding, layers, MTP depths and head one slot each:
-    the report's PP16 cuts 1 + 61 + 1 + 1 = 64 slots into chunks of 4)."""
-    return {"layers": cfg.num_hidden_layers, "slots": cfg.num_hidden_layers + cfg.num_nextn_predict_layers + 2}
+def cut_chunks(slots: list[Slot], cfg: ModelConfig, chunks: int, seq_len: int) -> list[list[Slot]]:
+    """The slots of each pipeline chunk, cut as the trainer cuts them (`sourcelm.parallel.pipeline_plan`:
+    main layers in contiguous ranges balancing forward FLOPs, the embedding on the first chunk, the final
+    norm, head and MTP depths on the last). Raises ConfigError when there are more chunks than layers."""
+    from sourcelm.parallel.pipeline_plan import partition_layers
 
-
-def chunk_counts_that_work(cfg: ModelConfig) -> list[int]:
-    return sorted({d for n in pipeline_cuts(cfg).values() for d in range(1, n + 1) if n % d == 0})
-
-
-def cut_chunks(slots: list[Slot], cfg: ModelConfig, chunks: int) -> list[list[Slot]]:
-    """Contiguous chunks of slots, equal in layers or in slots (whichever divides; layers first)."""
-    units = pipeline_cuts(cfg)
-    if units["layers"] % chunks == 0:
-        per = units["layers"] // chunks
-        layers = [s for s in slots if s.kind in ("dense", "moe")]
-        out = [layers[i * per:(i + 1) * per] for i in range(chunks)]
-        out[0] = [slots[0], *out[0]]
-        out[-1] = [*out[-1], *[s for s in slots if s.kind in ("mtp", "head")]]
-        return out
-    if units["slots"] % chunks == 0:
-        per = units["slots"] // chunks
-        return [slots[i * per:(i + 1) * per] for i in range(chunks)]
-    raise ValueError(f"{chunks} chunks: not in {chunk_counts_that_work(cfg)} (validate the layout first)")
+    if chunks == 1:
+        return [list(slots)]
+    layers = [s for s in slots if s.kind in ("dense", "moe")]
+    out = [[layers[i] for i in r] for r in partition_layers(cfg, chunks, seq_len)]
+    out[0] = [slots[0], *out[0]]
+    out[-1] = [*out[-1], *[s for s in slots if s.kind in ("mtp", "head")]]
+    return out

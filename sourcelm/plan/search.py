@@ -60,7 +60,7 @@ def search(model: ModelConfig, cluster: Cluster, base: PlanLayout, assumptions: 
 
 def fixes(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assumptions: Assumptions,
           limit: int = 4) -> list[tuple[str, Plan]]:
-    """One-field changes of `layout` that fit, as ("field = value", plan), least memory first: more EP,
+    """One-field changes of `layout` that fit, as ("field = value", plan), fastest first: more EP,
     more PP, recomputation, a smaller micro-batch, ZeRO-1, or more nodes."""
     trials: list[tuple[str, PlanLayout, Cluster]] = []
     for ep in divisors(model.n_routed_experts):
@@ -88,5 +88,5 @@ def fixes(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assumptions:
             continue
         if plan.fits:
             found.append((label, plan))
-    found.sort(key=lambda lp: lp[1].worst_memory.total)
+    found.sort(key=lambda lp: (lp[1].step_time, lp[1].worst_memory.total))
     return found[:limit]

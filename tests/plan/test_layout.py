@@ -1,0 +1,104 @@
+"""Layouts that cannot exist are refused naming the field; layouts that exist but do not fit are reported
+with their largest term and the one-field changes that make them fit; the search ranks what fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from sourcelm.cli import main
+from sourcelm.config import ConfigError, load_config
+from sourcelm.plan.cluster import load_cluster
+from sourcelm.plan.estimate import Assumptions, plan_layout
+from sourcelm.plan.layout import PlanLayout, resolve
+from sourcelm.plan.search import fixes, search
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config("tiny").model
+
+
+@pytest.fixture(scope="module")
+def v3():
+    return load_config("deepseek-v3-671b").model
+
+
+ONE_NODE = load_cluster("h100").with_nodes(1)  # 8 GPUs
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pp": 3}, r"parallel.pp = 3 must divide the 8 ranks \(1 nodes x 8\); choose among \[1, 2, 4, 8\]"),
+    ({"pp": 8}, r"parallel.pp = 8 cuts the model into 8 chunks but it has 4 decoder layers; choose parallel.pp among "
+                r"\[1, 2, 4\]"),
+    ({"pp": 4, "schedule": "dualpipev"}, r"parallel.pp = 4 cuts the model into 8 chunks \(dualpipev: 2 per rank\)"),
+    ({"ep": 3}, r"parallel.ep = 3 must divide model.n_routed_experts = 16; choose among \[1, 2, 4, 8, 16\]"),
+    ({"ep": 16}, r"parallel.ep = 16 must divide the 8 ranks of a pipeline stage"),
+    ({"pp": 2, "ep": 8}, r"parallel.ep = 8 must divide the 4 ranks of a pipeline stage"),
+    ({"global_batch": 12}, r"schedule.global_batch = 12 must be a multiple of schedule.micro_batch x DP = 1 x 8"),
+    ({"pp": 2, "schedule": "dualpipe", "global_batch": 8}, r"'dualpipe' needs .* at least 2 x pp = 4 \(got 2\)"),
+    ({"dtype": "fp16"}, r"train.dtype = 'fp16'"),
+    ({"recompute": ("attention",)}, r"plan.recompute = 'attention'"),
+])
+def test_impossible_layouts_are_refused_naming_the_field(tiny, change, message):
+    lay = dataclasses.replace(PlanLayout(micro_batch=1, global_batch=8, seq_len=256), **change)
+    with pytest.raises(ConfigError, match=message):
+        resolve(lay, tiny, ONE_NODE)
+
+
+def test_deepseek_layouts_that_cannot_exist(v3):
+    h800 = load_cluster("h800")
+    base = PlanLayout(pp=16, ep=64, schedule="dualpipe", micro_batch=1, global_batch=15360, seq_len=4096)
+    resolve(base, v3, h800)  # the report's layout exists
+    with pytest.raises(ConfigError, match=r"parallel.pp = 64 cuts the model into 128 chunks .* 61 decoder layers"):
+        resolve(dataclasses.replace(base, pp=64, schedule="dualpipev"), v3, h800)
+    with pytest.raises(ConfigError, match=r"parallel.ep = 48 must divide model.n_routed_experts = 256"):
+        resolve(dataclasses.replace(base, ep=48), v3, h800)
+    # EP 64 on one node of 8: the EP group is larger than a pipeline stage
+    with pytest.raises(ConfigError, match=r"parallel.ep = 64 must divide the 8 ranks of a pipeline stage"):
+        resolve(dataclasses.replace(base, pp=1, global_batch=8), v3, h800.with_nodes(1))
+
+
+def test_cli_refuses_with_the_field_and_exit_code_2(capsys):
+    assert main(["plan", "tiny", "--cluster", "h100", "--nodes", "1", "--pp", "8", "--schedule", "1f1b"]) == 2
+    assert "config error: parallel.pp = 8 cuts the model into 8 chunks" in capsys.readouterr().err
+
+
+def test_a_layout_that_does_not_fit_names_its_largest_term_and_the_fixes():
+    """The 1B `small` preset at 32 sequences of 2048 per micro-batch on 80 GB: the activations (63 GB of
+    92) do not fit; a smaller micro-batch or recomputation would."""
+    small = load_config("small").model
+    lay = PlanLayout(micro_batch=32, global_batch=256, seq_len=2048, dtype="bf16")
+    plan = plan_layout(small, ONE_NODE, lay)
+    assert not plan.fits and plan.worst_memory.total > ONE_NODE.hbm_bytes
+    assert plan.worst_memory.largest[0].startswith("activations")
+    found = fixes(small, ONE_NODE, lay, Assumptions())
+    labels = [label for label, _ in found]
+    assert "schedule.micro_batch = 1" in labels and any(label.startswith("plan.recompute = ") for label in labels)
+    assert all(p.fits for _, p in found)
+    assert [p.step_time for _, p in found] == sorted(p.step_time for _, p in found)
+
+
+def test_cli_json_reports_not_fitting(capsys):
+    code = main(["plan", "small", "--cluster", "h100", "--nodes", "1", "--micro-batch", "32", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1
+    mem = out["memory"]
+    assert mem["fits"] is False and mem["largest_term"].startswith("activations")
+    assert mem["worst_total_bytes"] > mem["capacity_bytes"]
+    assert any(f["change"] == "schedule.micro_batch = 1" and f["worst_total_bytes"] < mem["capacity_bytes"]
+               for f in mem["fixes"])
+
+
+def test_search_ranks_the_layouts_that_fit(tiny):
+    base = PlanLayout(micro_batch=1, global_batch=16, seq_len=256)
+    result = search(tiny, ONE_NODE, base, Assumptions(), top=1000)
+    assert result.impossible > 0  # e.g. PP 8 (more chunks than tiny's 4 layers), EP 16 on 8 GPUs
+    times = [p.step_time for p in result.fitting]
+    assert times == sorted(times)
+    assert all(p.fits for p in result.fitting)
+    layouts = {(p.res.layout.pp, p.res.layout.ep, p.res.layout.schedule) for p in result.fitting}
+    assert {(1, 8, "1f1b"), (2, 4, "dualpipe"), (4, 2, "zb1p"), (2, 2, "dualpipev")} <= layouts
+    assert not any(pp == 8 for pp, _, _ in layouts)

@@ -1,0 +1,73 @@
+"""Memory terms against the trainer itself: its parameter and optimizer-state bytes exactly, and the
+activation bytes per token against what autograd really keeps for the backward."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from sourcelm.config import load_config
+from sourcelm.plan.cluster import load_cluster
+from sourcelm.plan.estimate import plan_layout
+from sourcelm.plan.layout import PlanLayout
+from sourcelm.plan.measure import write_token_shard
+from sourcelm.plan.model_costs import activation_bytes, model_slots
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_and_optimizer_state_equal_the_trainers(tmp_path: Path, dtype):
+    from sourcelm.train.loop import Trainer
+
+    data = write_token_shard(tmp_path, 8192, tokens=20_000)
+    cfg = load_config("tiny", [f"data.train=['{data}']", f"train.dtype={dtype}", "train.device=cpu",
+                               "logging.tensorboard=false", "logging.progress=false"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    masters = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    copies = 2 * (trainer.dense_opt.flat_copy.numel() + trainer.expert_opt.flat_copy.numel())
+    moments = trainer.dense_opt.memory_bytes() + trainer.expert_opt.memory_bytes()
+    lay = PlanLayout(micro_batch=8, global_batch=8, seq_len=256, dtype={"float32": "fp32", "bfloat16": "bf16"}[dtype])
+    one_rank = dataclasses.replace(load_cluster("h100"), nodes=1, gpus_per_node=1)
+    terms = plan_layout(cfg.model, one_rank, lay).memory[0].terms
+    assert terms["weights (fp32 masters)"] == masters
+    assert terms["optimizer moments (fp32, ZeRO-1 over DP)"] == moments
+    if copies:  # the trainer keeps bf16 copies where its CPU kernels run
+        assert terms["weights (bf16 compute copies)"] == copies
+    elif dtype == "bfloat16":
+        pytest.skip("no bf16 compute copies on this machine: the copies' bytes are not checked")
+
+
+def _saved_bytes(cfg, dtype: torch.dtype, micro_batch: int) -> int:
+    """Bytes of the tensors autograd keeps for the backward of one training forward (parameters excluded)."""
+    from sourcelm.model import build_model
+
+    model = build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (micro_batch, 257), generator=torch.Generator().manual_seed(0))
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("dtype, attn, attention", [(torch.float32, "bmm", "materialised"),
+                                                    (torch.float32, "sdpa", "flash"),
+                                                    (torch.bfloat16, "bmm", "materialised")])
+def test_activation_bytes_per_token_track_autograd(dtype, attn, attention):
+    """Per token (the difference between 8 and 2 sequences of 256, which cancels the fixed buffers),
+    the formula is within 10 % of what the tiny model saves (measured: 4.4 %, 0.8 %, 6.0 % under)."""
+    cfg = dataclasses.replace(load_config("tiny").model, attn_impl=attn)
+    measured = (_saved_bytes(cfg, dtype, 8) - _saved_bytes(cfg, dtype, 2)) / (6 * 256)
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    formula = sum(activation_bytes(cfg, s.kind, 256, name, (), attention, residual_bytes=4)
+                  for s in model_slots(cfg, 256))
+    assert abs(formula / measured - 1) < 0.10, (formula, measured)
