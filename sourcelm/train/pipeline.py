@@ -82,6 +82,7 @@ class PipelineExecutor:
         self.n_rows = sum(map(len, self.rows)) + len(self.mtp_rows)
         self.has_mtp = model_cfg.num_nextn_predict_layers > 0
         self.alpha = model_cfg.balance_loss_alpha
+        self._pending, self._mailbox = [], {}  # sends in flight; messages between two chunks of this rank
 
     # -- p2p ----------------------------------------------------------------------------------------------------
     def _peer(self, chunk: int) -> int:
@@ -93,17 +94,23 @@ class PipelineExecutor:
     def _send(self, t: torch.Tensor, chunk: int, kind: int, tag_chunk: int, m: int) -> None:
         if t.dtype != torch.float32 or tuple(t.shape) != self.shape:
             raise RuntimeError(f"pipeline message {tuple(t.shape)} {t.dtype}: expected {self.shape} float32")
-        t = t.detach().contiguous()
-        self._pending.append((dist.isend(t, self._peer(chunk), tag=self._tag(kind, tag_chunk, m)), t))
+        t, peer, tag = t.detach().contiguous(), self._peer(chunk), self._tag(kind, tag_chunk, m)
+        if peer == self.topo.rank:  # the bottom of DualPipeV's V: both chunks here, handed over in memory
+            self._mailbox[tag] = t
+        else:
+            self._pending.append((dist.isend(t, peer, tag=tag), t))
 
     def _recv(self, chunk: int, kind: int, tag_chunk: int, m: int) -> torch.Tensor:
+        tag = self._tag(kind, tag_chunk, m)
+        if tag in self._mailbox:
+            return self._mailbox.pop(tag)
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        dist.recv(buf, self._peer(chunk), tag=self._tag(kind, tag_chunk, m))
+        dist.recv(buf, self._peer(chunk), tag=tag)
         return buf
 
     # -- the step -----------------------------------------------------------------------------------------------
     def run(self, model: nn.Module, work: StepWork) -> StepResult:
-        self._pending, self._live = [], {}
+        self._live = {}
         self._parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._counts = torch.zeros(self.n_rows, self.cfg.n_routed_experts, dtype=torch.int64, device=self.device)
         for op in schedule(self.topo.stage, self.pp, work.n_micro, self.kind):
@@ -111,10 +118,14 @@ class PipelineExecutor:
                 self._forward(model, work, op.chunk, op.micro_batch)
             else:
                 self._backward(work, op.chunk, op.micro_batch)
+        self._drain()
+        return StepResult(self._parts, self._counts)
+
+    def _drain(self) -> None:
+        """Waits for every send in flight (each waited once: gloo's send handles must not be waited twice)."""
         for handle, _ in self._pending:
             handle.wait()
         self._pending = []
-        return StepResult(self._parts, self._counts)
 
     def _forward(self, model, work: StepWork, c: int, m: int) -> None:
         last, live = c == self.n_chunks - 1, {}
@@ -181,7 +192,7 @@ class PipelineExecutor:
         """One batch forward through the main layers of the pipeline (no backward, no MTP): the final-normed hidden
         states on the rank holding the last chunk, None elsewhere. Every rank of the pipeline calls it with its
         data-parallel slice of the same batch."""
-        self._pending, result = [], None
+        result = None
         for c in sorted(self.chunks):
             with compute():
                 x = model.embed(batch[:, :-1]) if c == 0 else self._recv(c - 1, ACT, c, 0)
@@ -190,6 +201,5 @@ class PipelineExecutor:
                     result = model.model.norm(h)
                 else:
                     self._send(h, c + 1, ACT, c + 1, 0)
-        for handle, _ in self._pending:
-            handle.wait()
+        self._drain()
         return result
