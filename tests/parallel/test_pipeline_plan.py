@@ -1,0 +1,114 @@
+"""The pure part of pipeline parallelism: each rank's op order against the schedule's definition, no deadlock, every
+micro-batch's F and B exactly once per chunk, the bubble against the report's Table 2, the cost-balanced cut, and the
+layouts that cannot work."""
+
+import dataclasses
+
+import pytest
+
+from sourcelm.config import ConfigError, load_config
+from sourcelm.parallel.pipeline_plan import (
+    Op,
+    chunk_rank,
+    layer_costs,
+    partition_layers,
+    rank_chunks,
+    schedule,
+    simulate,
+)
+from sourcelm.parallel.topology import Layout, partitions, validate_layout
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
+@pytest.mark.parametrize("pp,m", [(2, 4), (2, 9), (4, 8), (4, 13), (3, 6)])
+def test_every_micro_batch_runs_forward_and_backward_once_per_chunk_without_deadlock(kind, pp, m):
+    timeline = simulate(pp, m, kind)  # raises on a deadlock
+    chunks = 2 * pp if kind == "dualpipev" else pp
+    ops = [op for per_rank in timeline.order for op in per_rank]
+    assert sorted(ops, key=lambda o: (o.kind, o.chunk, o.micro_batch)) == sorted(
+        (Op(k, c, i) for k in "FB" for c in range(chunks) for i in range(m)),
+        key=lambda o: (o.kind, o.chunk, o.micro_batch))
+    for r, per_rank in enumerate(timeline.order):
+        assert {op.chunk for op in per_rank} == set(rank_chunks(r, pp, kind))
+        assert all(chunk_rank(op.chunk, pp, kind) == r for op in per_rank)
+        for c in rank_chunks(r, pp, kind):  # a chunk's micro-batches go in order, each B after its own F
+            fs = [op.micro_batch for op in per_rank if op.chunk == c and op.kind == "F"]
+            bs = [op.micro_batch for op in per_rank if op.chunk == c and op.kind == "B"]
+            assert fs == bs == list(range(m))
+            assert all(per_rank.index(Op("F", c, i)) < per_rank.index(Op("B", c, i)) for i in range(m))
+
+
+def test_one_f_one_b_order_is_the_textbook_one():
+    # stage 0 of 4, 6 micro-batches: 3 warm-up forwards, then F/B pairs, then the last 3 backwards
+    assert [f"{o.kind}{o.micro_batch}" for o in schedule(0, 4, 6, "1f1b")] == \
+        ["F0", "F1", "F2", "F3", "B0", "F4", "B1", "F5", "B2", "B3", "B4", "B5"]
+    assert [f"{o.kind}{o.micro_batch}" for o in schedule(3, 4, 4, "1f1b")] == \
+        ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"]
+
+
+def test_dualpipev_order_follows_deepseeks_eight_phases():
+    """P 2, 4 micro-batches, rank 0 (chunks 0 and 3): F0 x 2 (phase 1), F0 F1 (2), B1 F1 (3), F0 B1 F1 B0 (4),
+    B1 F1 B0 (5), B1 B0 (6), B0 (7)."""
+    got = [f"{o.kind}{o.chunk}.{o.micro_batch}" for o in schedule(0, 2, 4, "dualpipev")]
+    assert got == ["F0.0", "F0.1", "F0.2", "F3.0", "B3.0", "F3.1", "F0.3", "B3.1", "F3.2", "B0.0", "B3.2", "F3.3",
+                   "B0.1", "B3.3", "B0.2", "B0.3"]
+
+
+@pytest.mark.parametrize("pp", [2, 4, 8])
+def test_bubbles_against_the_reports_table_2(pp):
+    """1F1B's idle time per rank is (P-1)(F+B) exactly. DualPipeV, with the same work per rank (two chunks of half the
+    layers), idles less: below 1F1B's and below Table 2's (P_V/2-1)(F&B+B-3W) for its 2P stages with W = 0 (no
+    zero-bubble split here) and F&B = F+B (no overlap inside a pair)."""
+    f, b, m = 2.0, 4.0, 4 * pp
+    one_f_one_b = simulate(pp, m, "1f1b", f, b)
+    assert one_f_one_b.idle == pytest.approx([(pp - 1) * (f + b)] * pp)
+    dual = simulate(pp, m, "dualpipev", f / 2, b / 2)  # each of the 2P chunks holds half a stage's layers
+    formula = (2 * pp / 2 - 1) * ((f / 2 + b / 2) + b / 2)
+    assert max(dual.idle) < one_f_one_b.idle[0]
+    assert max(dual.idle) <= formula
+    assert dual.busy == pytest.approx(one_f_one_b.busy)  # the same work, fewer idle seconds
+
+
+def test_too_few_micro_batches_are_refused_naming_the_minimum():
+    with pytest.raises(ConfigError, match="at least 8 micro-batches"):
+        schedule(0, 4, 7, "dualpipev")
+    with pytest.raises(ConfigError, match="at least 4 micro-batches"):
+        schedule(0, 4, 3, "1f1b")
+
+
+def test_partition_balances_compute_and_keeps_every_chunk_non_empty():
+    cfg = dataclasses.replace(load_config("deepseek-v3-671b").model)  # 3 dense layers, 58 MoE, MTP 1
+    ranges = partition_layers(cfg, 16, 4096)
+    assert [r.start for r in ranges] == sorted(r.start for r in ranges) and ranges[0].start == 0
+    assert ranges[-1].stop == cfg.num_hidden_layers and all(len(r) >= 1 for r in ranges)
+    costs, tail = layer_costs(cfg, 4096)
+    chunk_cost = [sum(costs[i] for i in r) + (tail if c == 15 else 0) for c, r in enumerate(ranges)]
+    even = (sum(costs) + tail) / 16
+    assert max(chunk_cost) < 1.25 * even  # within one MoE layer of the even split (a chunk holds ~4 of them)
+    assert len(ranges[-1]) < len(ranges[1])  # the last chunk carries the head and MTP, so fewer layers
+    assert len(ranges[0]) >= len(ranges[1])  # the first holds the three cheap dense layers
+
+
+def test_partition_refuses_more_chunks_than_layers():
+    cfg = load_config("tiny").model  # 4 layers
+    with pytest.raises(ConfigError, match="num_hidden_layers = 4"):
+        partition_layers(cfg, 8, 256)
+
+
+def test_config_refuses_layouts_that_cannot_work():
+    with pytest.raises(ConfigError, match="parallel.pp_schedule"):
+        load_config("tiny", ["parallel.pp_schedule=gpipe"])
+    with pytest.raises(ConfigError, match="parallel.pp = 4 with dualpipev cuts 8 chunks"):
+        load_config("tiny", ["parallel.pp=4", "parallel.pp_schedule=dualpipev"])
+    with pytest.raises(ConfigError, match=r"parallel.pp = 3 must divide the world size 4"):
+        validate_layout(4, 2, 1, 16, 4, pp=3)
+    with pytest.raises(ConfigError, match="parallel.ep = 4 must divide the 2 ranks of a pipeline stage"):
+        validate_layout(4, 2, 4, 16, 4, pp=2)
+
+
+def test_pipeline_stages_are_outermost_and_groups_stay_inside_a_stage():
+    parts = partitions(Layout(8, 2, 2, 16, 4, 2, pp=2))  # 2 stages of 4 ranks, EP 2
+    assert parts["dp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert parts["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert parts["ep"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert parts["expert_replica"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
