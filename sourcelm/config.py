@@ -240,6 +240,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    state_dtype: str = "float32"  # AdamW moments: "float32" or "bfloat16" (the report's choice, §3.3.3)
 
 
 @dataclass
@@ -349,6 +350,7 @@ class Config:
         _choice("train", "dtype", self.train.dtype, ("auto", "float32", "bfloat16"))
         _choice("train", "device", self.train.device, ("auto", "cpu", "cuda"))
         _choice("train", "fp8", self.train.fp8, ("off", "emulate", "cuda"))
+        _choice("optim", "state_dtype", self.optim.state_dtype, ("float32", "bfloat16"))
         _choice("parallel", "pp_schedule", self.parallel.pp_schedule, ("1f1b", "dualpipev"))
         pp = self.parallel.pp
         if pp < 1:

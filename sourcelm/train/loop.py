@@ -97,9 +97,12 @@ class Trainer:
         self.dtype = getattr(torch, cfg.train.dtype)
         # bf16 compute: the matmul weights get bf16 copies the update writes (`optim.py`, where the kernels run)
         copies = self.model.matmul_weights() if self.dtype == torch.bfloat16 else []
+        moments = getattr(torch, o.state_dtype)  # fp32, or bf16 as the report keeps them
         self.dense_opt = FlatAdamW(self.dense_params, o.betas, o.eps, o.weight_decay,
-                                   group=self.ctx.zero_group if cfg.parallel.zero1 else None, copies=copies)
-        self.expert_opt = FlatAdamW(self.expert_params, o.betas, o.eps, o.weight_decay, copies=copies)
+                                   group=self.ctx.zero_group if cfg.parallel.zero1 else None, copies=copies,
+                                   state_dtype=moments)
+        self.expert_opt = FlatAdamW(self.expert_params, o.betas, o.eps, o.weight_decay, copies=copies,
+                                    state_dtype=moments)
         self.compute_copies = ComputeCopies(self.model, self.dense_opt, self.expert_opt)
         log.info("AdamW update: %s; bf16 compute copies of %d of %d parameters (the matmul weights; none unless the "
                  "kernel runs and the compute dtype is bf16)", "the native CPU kernel" if self.dense_opt.native else

@@ -109,3 +109,23 @@ def test_resume_from_a_checkpoint_is_bit_identical_with_bf16_moments(update_path
 def test_an_unsupported_moment_dtype_is_refused_by_name():
     with pytest.raises(ValueError, match="state_dtype"):
         FlatAdamW(make_params(), state_dtype=torch.float16)
+
+
+def test_trainer_with_bf16_moments_resumes_bit_identically(small_config, digest, tmp_path):
+    """optim.state_dtype = bfloat16 through the whole trainer: the moments are bf16 in memory and in the checkpoint,
+    and k steps + resume + the rest equal the straight run bit for bit."""
+    from sourcelm.train import checkpoint as ckpt
+    from sourcelm.train.loop import Trainer
+
+    cfg = small_config("optim.state_dtype=bfloat16")
+    ref = Trainer(cfg, tmp_path / "straight", progress=False)
+    ref.fit()
+    assert ref.dense_opt.exp_avg.dtype == ref.expert_opt.exp_avg_sq.dtype == torch.bfloat16
+    first = Trainer(cfg, tmp_path / "split", progress=False)
+    first.fit(stop_after=4)
+    _, optim_state, _ = ckpt.load_checkpoint(ckpt.newest_valid_checkpoint(tmp_path / "split" / "checkpoints"))
+    assert {t.dtype for t in optim_state.values()} == {torch.bfloat16}
+    second = Trainer(cfg, tmp_path / "split", progress=False)
+    assert second.resume()
+    second.fit()
+    assert digest(second.model) == digest(ref.model)
