@@ -39,7 +39,7 @@ def small_config(token_dirs):
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_args(token_dirs):
     """The same run as `small_config`, as command-line arguments."""
     train, valid = token_dirs
