@@ -41,7 +41,8 @@ def _assert_same_run(reference, got, name):
     assert len(got) == len(reference) == 20, name
     for a, b in zip(reference, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (name, a["step"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (name, a["step"])
+        # the norm sums squares over ranks and stages in another order: its last bits move first
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
         assert b["max_violation"] == pytest.approx(a["max_violation"]), (name, a["step"])  # the same routing
         assert b["bias_norm"] == pytest.approx(a["bias_norm"], rel=1e-5), (name, a["step"])  # every layer's bias
     assert reference[-1]["valid_loss"] == pytest.approx(got[-1]["valid_loss"], rel=1e-5), name
