@@ -60,7 +60,8 @@ def save_checkpoint(root: Path, step: int, model_tensors: dict[str, torch.Tensor
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in model_tensors.items()}, tmp / "model.safetensors")
     save_file({k: v.contiguous() for k, v in optim_tensors.items()}, tmp / "optimizer.safetensors")
-    state = dict(state, files={name: sha256_file(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")})
+    state = dict(state, files={name: sha256_file(tmp / name)
+                               for name in ("model.safetensors", "optimizer.safetensors")})
     (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     write_manifest(tmp, "checkpoint", ["model.safetensors", "optimizer.safetensors", "state.json"],
                    inputs=[p for p in manifest_inputs if Path(p).exists()], config=state.get("config"),

@@ -71,6 +71,10 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
+    def per_rank(self, figures: dict[str, float]) -> dict[str, list[float]]:
+        """Each figure as a list over the ranks."""
+        return {k: [float(v)] for k, v in figures.items()}
+
     def stats(self) -> dict:
         """Communication counters since the last call (bytes per link class)."""
         return {}

@@ -179,6 +179,16 @@ class DistributedContext:
     def barrier(self) -> None:
         dist.barrier()
 
+    def per_rank(self, figures: dict[str, float]) -> dict[str, list[float]]:
+        """Each figure as a list over the ranks, in rank order (collective; every rank passes the same keys)."""
+        if not figures:
+            return {}
+        keys = sorted(figures)
+        mine = torch.tensor([float(figures[k]) for k in keys], dtype=torch.float64, device=self.comm_device)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine)
+        return {k: [float(t[i]) for t in everyone] for i, k in enumerate(keys)}
+
     def stats(self) -> dict:
         counts = self.dispatcher.stats.reset() if self.dispatcher is not None else {}
         if not counts:

@@ -57,6 +57,10 @@ class MicroBatchLoop:
             counts = out.expert_counts if counts is None else counts + out.expert_counts
         return StepResult(parts, counts)
 
+    def stats(self) -> dict[str, float]:
+        """Per-rank figures of the last step (none here; the pipeline executor reports its timings)."""
+        return {}
+
     @torch.no_grad()
     def final_hidden(self, model: torch.nn.Module, batch: torch.Tensor, compute) -> torch.Tensor:
         """The main stack's final-normed hidden states [b, T, H] of a batch [b, T + 1], forward only (no MTP)."""

@@ -248,6 +248,7 @@ class Trainer:
         s.consumed_tokens += gb * cfg.data.seq_len
         record["consumed_tokens"] = s.consumed_tokens
         record.update(ctx.stats())
+        record.update(ctx.per_rank(self.executor.stats()))  # the pipeline's timings and memory, per rank
         if s.bad_in_row >= cfg.train.max_bad_steps:
             self.metrics.log(record)
             path = self.save()  # past the bad batches, so a resume does not replay them

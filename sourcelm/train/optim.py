@@ -83,7 +83,8 @@ class FlatAdamW:
         self.params = [p for _, p in ordered]
         for n, p in ordered:
             if p.device != self.device:
-                raise ValueError(f"FlatAdamW keeps its parameters on one device; {n} is on {p.device}, not {self.device}")
+                raise ValueError(f"FlatAdamW keeps its parameters on one device; {n} is on {p.device}, "
+                                 f"not {self.device}")
         self.copy_end = sum(p.numel() for n, p in ordered if n in copied)
         self.decay_end = sum(p.numel() for n, p in ordered if decays(n, p))
         self.numel = sum(p.numel() for p in self.params)
@@ -119,7 +120,8 @@ class FlatAdamW:
         if self.native:
             self._kernel_blocks = cpu_adamw.AdamWBlocks(
                 [self.flat_param[f] for _, f, _, _, _ in self._blocks],
-                [self.exp_avg[m] for _, _, m, _, _ in self._blocks], [self.exp_avg_sq[m] for _, _, m, _, _ in self._blocks],
+                [self.exp_avg[m] for _, _, m, _, _ in self._blocks],
+                [self.exp_avg_sq[m] for _, _, m, _, _ in self._blocks],
                 [self.flat_copy[f] if f.start < self.copy_end else None for _, f, _, _, _ in self._blocks],
                 [d for d, _, _, _, _ in self._blocks])
 

@@ -23,6 +23,9 @@ as well (device tensors, the same op order on both ends of every link; NCCL igno
 
 from __future__ import annotations
 
+import resource
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -83,6 +86,7 @@ class PipelineExecutor:
         self.has_mtp = model_cfg.num_nextn_predict_layers > 0
         self.alpha = model_cfg.balance_loss_alpha
         self._pending, self._mailbox = [], {}  # sends in flight; messages between two chunks of this rank
+        self._timing: dict[str, float] = {}
 
     # -- p2p ----------------------------------------------------------------------------------------------------
     def _peer(self, chunk: int) -> int:
@@ -105,7 +109,9 @@ class PipelineExecutor:
         if tag in self._mailbox:
             return self._mailbox.pop(tag)
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        start = time.perf_counter()
         dist.recv(buf, self._peer(chunk), tag=tag)
+        self._timing["wait"] += time.perf_counter() - start
         return buf
 
     # -- the step -----------------------------------------------------------------------------------------------
@@ -113,13 +119,32 @@ class PipelineExecutor:
         self._live = {}
         self._parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._counts = torch.zeros(self.n_rows, self.cfg.n_routed_experts, dtype=torch.int64, device=self.device)
+        self._timing = {"wait": 0.0, "F": 0.0, "B": 0.0, "n_F": 0, "n_B": 0, "in_flight": 0}
+        start = time.perf_counter()
         for op in schedule(self.topo.stage, self.pp, work.n_micro, self.kind):
+            waited, t0 = self._timing["wait"], time.perf_counter()
             if op.kind == "F":
                 self._forward(model, work, op.chunk, op.micro_batch)
             else:
                 self._backward(work, op.chunk, op.micro_batch)
+            # an op's compute: its wall time less the time its receives waited
+            self._timing[op.kind] += time.perf_counter() - t0 - (self._timing["wait"] - waited)
+            self._timing[f"n_{op.kind}"] += 1
+            self._timing["in_flight"] = max(self._timing["in_flight"], sum(isinstance(k[0], int) for k in self._live))
         self._drain()
+        self._timing["step"] = time.perf_counter() - start
         return StepResult(self._parts, self._counts)
+
+    def stats(self) -> dict[str, float]:
+        """This rank's figures of the last step: compute and receive-wait seconds, mean F and B op times, the most
+        micro-batch chunk states alive at once (the activation memory the schedule holds), peak RSS."""
+        t = self._timing
+        if "step" not in t:
+            return {}
+        return {"pp_step_s": t["step"], "pp_busy_s": t["F"] + t["B"], "pp_wait_s": t["wait"],
+                "pp_f_ms": 1e3 * t["F"] / max(t["n_F"], 1), "pp_b_ms": 1e3 * t["B"] / max(t["n_B"], 1),
+                "pp_in_flight": t["in_flight"],
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def _drain(self) -> None:
         """Waits for every send in flight (each waited once: gloo's send handles must not be waited twice)."""
