@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="preset name (tiny, small, deepseek-v3-671b), TOML file, or HF model dir / config.json")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (presets and TOML only)")
     p.add_argument("--cluster", default="h800", help="h800, h100, h200, a cluster TOML file, or 'cpu' (this machine, "
-                                                     "measured; takes ~20 s)")
+                                                     "measured, with a short training run of a 2-layer cut of the "
+                                                     "model; about a minute)")
     p.add_argument("--nodes", type=int, help="node count (default: the cluster file's; on cpu: nproc / ranks-per-node)")
     p.add_argument("--nproc", type=int, default=1, help="cpu: local processes (as `sourcelm train --nproc`)")
     p.add_argument("--ranks-per-node", type=int, default=0, help="cpu: pretend node size (default: all processes)")
@@ -90,7 +91,7 @@ def run_plan(args) -> int:
 
         rpn = args.ranks_per_node or args.nproc
         lay = _layout(args, defaults, args.nproc, True)
-        cluster, rate = measure_cpu_box(args.nproc, rpn, model, lay.micro_batch, lay.seq_len, lay.dtype)
+        cluster, rate = measure_cpu_box(args.nproc, rpn, model, lay.ep, lay.micro_batch, lay.seq_len, lay.dtype)
         assumptions = Assumptions(compute_rate=rate, recipe=args.recipe)
     else:
         cluster = load_cluster(args.cluster).with_nodes(args.nodes)

@@ -72,6 +72,17 @@ def dispatch_rows(topk_idx: list[torch.Tensor], ep: int, ranks_per_node: int, n_
     return sent
 
 
+def row_element_bytes(recipe: str, dtype: str) -> tuple[float, float]:
+    """Bytes per hidden element of a dispatched and of a combined row. sourcelm dispatches the MoE norm's
+    output, which stays fp32 for the fp32 router under autocast, and combines the experts' outputs in the
+    compute dtype; the report dispatches FP8 (with its 1 x 128 scales) and combines BF16 (§3.3.2)."""
+    from sourcelm.plan.model_costs import FP8_BYTES
+
+    if recipe == "sourcelm":
+        return 4.0, 4.0 if dtype == "fp32" else 2.0
+    return (FP8_BYTES if dtype == "fp8" else 4.0 if dtype == "fp32" else 2.0), 4.0 if dtype == "fp32" else 2.0
+
+
 def step_link_bytes(rows: dict[str, float], hidden: int, dispatch_elem_bytes: float, combine_elem_bytes: float,
                     backward: bool = True) -> dict[str, float]:
     """Bytes per link class of the dispatch + combine (and their backwards) of the given forward-dispatch rows."""

@@ -28,10 +28,8 @@ from sourcelm.plan import comms
 from sourcelm.plan.cluster import Cluster
 from sourcelm.plan.layout import PlanLayout, Resolved, resolve
 from sourcelm.plan.memory import RECIPES, RankMemory, rank_memory
-from sourcelm.plan.model_costs import FP8_BYTES, Slot, cut_chunks, model_slots, recompute_flops
+from sourcelm.plan.model_costs import Slot, cut_chunks, model_slots, recompute_flops
 from sourcelm.plan.pipeline_sim import PipelineRun, Step, run_schedule
-
-ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp8": FP8_BYTES}
 
 
 @dataclass(frozen=True)
@@ -39,14 +37,19 @@ class Assumptions:
     efficiency: float = 0.5  # achieved FLOP/s of the compute kernels / the dtype's dense peak
     recipe: str = "sourcelm"  # memory.RECIPES
     routing: comms.RoutingStats | None = None  # None: sampled from the model's router (balanced)
-    dispatch_elem_bytes: float | None = None  # None: the dtype's (FP8 with scales for fp8)
-    combine_elem_bytes: float | None = None  # None: bf16 (fp32 in fp32 runs)
+    dispatch_elem_bytes: float | None = None  # None: `element_bytes`
+    combine_elem_bytes: float | None = None
     compute_rate: float | None = None  # measured FLOP/s per rank; overrides efficiency x peak (the CPU box)
 
     def describe(self) -> str:
         rate = (f"measured compute {self.compute_rate / 1e9:.0f} GFLOP/s per rank" if self.compute_rate
                 else f"compute at {self.efficiency:.0%} of the dtype's peak")
         return f"{rate}; {self.recipe} precision recipe"
+
+
+def element_bytes(a: Assumptions, dtype: str) -> tuple[float, float]:
+    d, c = comms.row_element_bytes(a.recipe, dtype)
+    return a.dispatch_elem_bytes or d, a.combine_elem_bytes or c
 
 
 @dataclass
@@ -155,8 +158,7 @@ def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, clu
     lay = res.layout
     tokens = lay.micro_batch * lay.seq_len
     rate = a.compute_rate or a.efficiency * cluster.peak(lay.dtype)
-    d_elem = a.dispatch_elem_bytes or ELEM_BYTES[lay.dtype]
-    c_elem = a.combine_elem_bytes or (4 if lay.dtype == "fp32" else 2)
+    d_elem, c_elem = element_bytes(a, lay.dtype)
     calls_f, calls_b = moe_collectives(lay.dispatcher, lay.ep, res.ep_nodes, min(lay.ep, cluster.gpus_per_node))
     out = []
     for chunk in chunks:
@@ -273,8 +275,7 @@ def _step_extras(plan: Plan, held: list[list[int]]) -> None:
         n_moe = max(sum(1 for c in h for s in plan.chunks[c] if s.kind in ("moe", "mtp")) for h in held)
         a = plan.assumptions
         per_row = comms.step_link_bytes({"inter_node": 1, "intra_node": 0}, plan.model.hidden_size,
-                                        a.dispatch_elem_bytes or ELEM_BYTES[lay.dtype],
-                                        a.combine_elem_bytes or (4 if lay.dtype == "fp32" else 2))["inter_node_bytes"]
+                                        *element_bytes(a, lay.dtype))["inter_node_bytes"]
         plan.comm_bytes["dispatch/combine inter-node"] = r.inter_node * tokens * n_moe * per_row
         plan.comm_bytes["dispatch/combine intra-node"] = r.intra_node * tokens * n_moe * per_row
     plan.comm_bytes["data-parallel reduction"] = dp_bytes

@@ -1,19 +1,25 @@
 """This machine as a cluster: measured, because the CPU trainer runs on what these numbers describe.
 
   peak          a square matmul's FLOP/s in the compute dtype (`sourcelm.train.metrics.measure_cpu_peak`)
-  compute rate  the trainer's step on the model cut down to its dense layers and one MoE layer (no MTP),
-                at the run's micro-batch, in FLOP/s: the whole model's time is then its FLOPs / this rate
   memory copy   bytes/s of copying a large tensor (the optimizer's update is memory-bound)
   links         gloo all-to-all between local processes, pairs of ranks at once as the dispatcher's hops
                 run: latency (tiny messages) and bandwidth (4 MB per peer). Every "link" is the loopback.
-  runtime       the resident size of a process that has imported torch and the trainer, before any tensor
-Ranks share the cores: with more processes than cores each gets cores / processes of one thread's rate.
+  compute rate  the model cut down to its dense layers and one MoE layer (no MTP), trained by `sourcelm
+                train` in the layout to predict (processes, pretend nodes, EP, micro-batch): model FLOPs per
+                second of its step once the plan's communication and update times are taken out; the whole
+                model's compute time is then its FLOPs / this rate
+  runtime       that run's peak resident size less the plan's tensors for it: the interpreter, torch's code
+                pages, kernel caches, allocator slack (at least an idle process's size)
+Ranks share the cores: with more processes than cores each gets cores / processes of one thread (the peak and
+the copy bandwidth are scaled so; the calibration run shares them for real).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,33 +101,49 @@ def write_token_shard(root: Path, vocab: int, tokens: int = 200_000, seed: int =
     return root / "train"
 
 
-def compute_rate(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str, threads: int, steps: int = 4) -> float:
-    """Model FLOP/s of the trainer's own step (`Trainer.train_step`: forward, backward, update) on
-    `reduced_model(cfg)` at one micro-batch of `micro_batch` x `seq_len`, the fastest of `steps` after two
-    warm-up steps; the update's modelled time (the estimate adds it on its own) is taken out."""
-    from sourcelm.config import load_config
-    from sourcelm.model.flops import model_stats
-    from sourcelm.train.loop import Trainer
+# a parent that starts the trainer and reports its children's peak resident size; it imports nothing, so the
+# size its children inherit at the fork is small (a child's ru_maxrss counts from its parent's size at the fork)
+_RSS_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+                "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 
-    small = reduced_model(cfg)
-    with tempfile.TemporaryDirectory() as tmp, _Threads(threads):
+
+def run_training(config: str, overrides: list[str], nproc: int, ranks_per_node: int, steps: int, warmup: int,
+                 run_dir: Path) -> dict:
+    """`sourcelm train` as a user runs it, in a fresh process tree: the step times after `warmup` steps (the
+    first ones pay kernel JIT and page faults), their median, the peak resident size of the largest process
+    (the trainer, or its largest rank) and the metrics records."""
+    cmd = [sys.executable, "-m", "sourcelm", "train", config, *overrides, "--run-dir", str(run_dir), "--no-resume",
+           "--stop-after", str(steps)]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc), "--ranks-per-node", str(ranks_per_node)]
+    out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    rss = int(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("MAXRSS_KB"))) * 1024
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "step_time" in r][warmup:]
+    return {"command": " ".join(["sourcelm", *cmd[3:]]), "step_times": [r["step_time"] for r in timed],
+            "step_time": statistics.median(r["step_time"] for r in timed), "peak_rss": rss, "records": timed}
+
+
+def calibration_run(model: ModelConfig, nproc: int, ranks_per_node: int, ep: int, micro_batch: int, seq_len: int,
+                    dtype: str, steps: int = 8, warmup: int = 3) -> dict:
+    """The trainer on `reduced_model(model)` in the layout to predict (the same processes, pretend nodes, EP,
+    micro-batch and dtype; one micro-batch per rank and step)."""
+    from sourcelm.config import load_config
+
+    small = reduced_model(model)
+    with tempfile.TemporaryDirectory() as tmp:
         data = write_token_shard(Path(tmp), small.vocab_size)
-        run = load_config({
+        cfg = load_config({
             "model": dataclasses.asdict(small), "data": {"train": [str(data)], "seq_len": seq_len},
-            "schedule": {"steps": steps + 2, "global_batch": micro_batch, "micro_batch": micro_batch},
-            "train": {"dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype], "device": "cpu"},
-            "logging": {"tensorboard": False, "progress": False, "valid_every": 0}, "checkpoint": {"every": 10**9}})
-        trainer = Trainer(run, Path(tmp) / "run", progress=False)
-        best = float("inf")
-        for i in range(steps + 2):
-            t0 = time.perf_counter()
-            trainer.train_step()
-            if i >= 2:  # the first steps pay one-time costs (kernel JIT, page faults)
-                best = min(best, time.perf_counter() - t0)
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-    update = n_params * 30 / memcpy_bandwidth()  # as estimate.py models the AdamW update
-    flops = model_stats(small, seq_len)["train_flops_per_token"] * micro_batch * seq_len
-    return flops / max(best - update, best / 2)
+            "schedule": {"steps": steps + 100, "global_batch": micro_batch * nproc, "micro_batch": micro_batch},
+            "parallel": {"ep": ep}, "train": {"dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype], "device": "cpu"},
+            "logging": {"tensorboard": False, "progress": False, "valid_every": 0},
+            "checkpoint": {"every": 10**9}})
+        path = Path(tmp) / "reduced.json"
+        path.write_text(cfg.to_json())
+        return run_training(str(path), [], nproc, ranks_per_node, steps, warmup, Path(tmp) / "run")
 
 
 def _loopback_worker(rank: int, world: int, sizes: list[int], repeats: int) -> dict:
@@ -175,18 +197,31 @@ def total_memory() -> float:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
-def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, micro_batch: int, seq_len: int,
+def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int, micro_batch: int, seq_len: int,
                     dtype: str) -> tuple[Cluster, float]:
-    """(this machine as a cluster of `ranks` processes in pretend nodes of `ranks_per_node`, the measured
-    compute rate per rank in FLOP/s for the model at this micro-batch)."""
+    """(this machine as a cluster of `ranks` processes in pretend nodes of `ranks_per_node`, the compute rate
+    per rank in FLOP/s). The links, memory copy and matmul are measured directly; the compute rate and the
+    memory a process holds outside the plan's tensors are calibrated on the reduced model trained in the same
+    layout: its measured step less the plan's own communication and update times, its peak resident size less
+    the plan's own tensors. The full model is then predicted from its own FLOPs, tensors and traffic."""
+    from sourcelm.plan.estimate import Assumptions, plan_layout
+    from sourcelm.plan.layout import PlanLayout
+
     threads, share = threads_per_rank(ranks), core_share(ranks)
-    peak = {dtype: matmul_peak(dtype, threads) * share}
     latency, bw = loopback(ranks)
-    rate = compute_rate(model, micro_batch, seq_len, dtype, threads) * share
-    cluster = Cluster(
+    links = Cluster(
         name="this CPU box (measured)", nodes=ranks // ranks_per_node, gpus_per_node=ranks_per_node,
-        hbm_bytes=total_memory() / ranks, peak_flops=peak, nvlink_bw=bw, ib_bw=bw, link_latency=latency,
-        runtime_bytes=runtime_rss(), mem_bw=memcpy_bandwidth() * share,
+        hbm_bytes=total_memory() / ranks, peak_flops={dtype: matmul_peak(dtype, threads) * share}, nvlink_bw=bw,
+        ib_bw=bw, link_latency=latency, runtime_bytes=0.0, mem_bw=memcpy_bandwidth() * share,
         sources={"all": f"measured on this machine ({cores()} cores, {ranks} process(es), {threads} thread(s) each): "
-                        f"matmul, reduced-model step, memory copy, gloo loopback, process RSS"})
-    return cluster, rate
+                        f"gloo loopback, memory copy, matmul; compute rate and process overhead from a reduced model "
+                        f"({reduced_model(model).num_hidden_layers} layers, no MTP) trained in the same layout"})
+    run = calibration_run(model, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype)
+    lay = PlanLayout(ep=ep, micro_batch=micro_batch, global_batch=micro_batch * ranks, seq_len=seq_len, dtype=dtype,
+                     attention="materialised")
+    small = plan_layout(reduced_model(model), links, lay, Assumptions(compute_rate=1.0))  # times in FLOPs
+    flops = small.time.pop("compute (micro-batches in turn)")
+    other = small.step_time  # communication, reduction, update: independent of the compute rate
+    rate = flops / max(run["step_time"] - other, run["step_time"] / 4)
+    overhead = max(run["peak_rss"] - small.worst_memory.total, runtime_rss())
+    return dataclasses.replace(links, runtime_bytes=overhead), rate

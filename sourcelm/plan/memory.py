@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from sourcelm.config import ModelConfig
 from sourcelm.plan.cluster import Cluster
 from sourcelm.plan.layout import Resolved
-from sourcelm.plan.model_costs import FP8_BYTES, Slot, activation_bytes
+from sourcelm.plan.comms import row_element_bytes
+from sourcelm.plan.model_costs import Slot, activation_bytes
 
 RECIPES = ("sourcelm", "deepseek")
 
@@ -83,15 +84,14 @@ def chunk_activation_bytes(model: ModelConfig, chunk: list[Slot], res: Resolved,
     return sum(per_slot), max(per_slot, default=0.0)
 
 
-def comm_buffers(model: ModelConfig, res: Resolved, rows_per_token: float, held_moe: int) -> float:
+def comm_buffers(model: ModelConfig, res: Resolved, recipe: str, rows_per_token: float, held_moe: int) -> float:
     """Receive buffers of one MoE layer's dispatch + combine (two in flight when a schedule overlaps a forward
     and a backward), and the pipeline's send/receive buffers for one micro-batch each way."""
     lay = res.layout
     if not held_moe:
         return 0.0
     tokens = lay.micro_batch * lay.seq_len
-    elem = FP8_BYTES if lay.dtype == "fp8" else (4 if lay.dtype == "fp32" else 2)
-    a2a = tokens * rows_per_token * model.hidden_size * (elem + (4 if lay.dtype == "fp32" else 2))
+    a2a = tokens * rows_per_token * model.hidden_size * sum(row_element_bytes(recipe, lay.dtype))
     in_flight = 2 if res.chunks_per_rank == 2 else 1
     p2p = 2 * 2 * tokens * model.hidden_size * (4 if lay.dtype == "fp32" else 2) if lay.pp > 1 else 0.0
     return a2a * in_flight + p2p
@@ -107,7 +107,7 @@ def rank_memory(model: ModelConfig, chunks: list[list[Slot]], held: list[int], p
     mem.terms[f"activations ({peak_in_flight} chunk(s) of a micro-batch in flight)"] = mean_chunk * peak_in_flight
     mem.terms["backward working set (one slot's activation gradients)"] = max(w for _, w in acts)
     held_moe = sum(1 for c in held for s in chunks[c] if s.kind in ("moe", "mtp"))
-    mem.terms["communication buffers"] = comm_buffers(model, res, rows_per_token, held_moe)
+    mem.terms["communication buffers"] = comm_buffers(model, res, recipe, rows_per_token, held_moe)
     mem.terms["runtime (outside tensors)"] = cluster.runtime_bytes
     return mem
 
