@@ -110,7 +110,8 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name} = {getattr(self, name)} must be positive; set it to a value > 0")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ConfigError(f"{prefix}.q_lora_rank = {self.q_lora_rank}: use a positive rank, or omit it for a plain q_proj")
+            raise ConfigError(f"{prefix}.q_lora_rank = {self.q_lora_rank}: use a positive rank, or omit it for a "
+                              f"plain q_proj")
         for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name} = {getattr(self, name)} must be >= 0")
@@ -141,13 +142,15 @@ class ModelConfig:
         if self.attention_bias:
             raise ConfigError(f"{prefix}.attention_bias = true is not part of DeepSeek-V3; set it to false")
         if self.tie_word_embeddings:
-            raise ConfigError(f"{prefix}.tie_word_embeddings = true: DeepSeek-V3 keeps embedding and head separate; set false")
+            raise ConfigError(f"{prefix}.tie_word_embeddings = true: DeepSeek-V3 keeps embedding and head separate; "
+                              f"set false")
         _choice(prefix, "attn_impl", self.attn_impl, ("auto", "amx", "sdpa", "bmm", "eager"))
         _choice(prefix, "moe_impl", self.moe_impl, ("grouped", "loop"))
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ("yarn", "default", None):
-                raise ConfigError(f"{prefix}.rope_scaling.type = {kind!r}: only 'yarn' is supported (or omit rope_scaling)")
+                raise ConfigError(f"{prefix}.rope_scaling.type = {kind!r}: only 'yarn' is supported (or omit "
+                                  f"rope_scaling)")
             if kind == "yarn":
                 for key in ("factor", "original_max_position_embeddings"):
                     if key not in self.rope_scaling:
@@ -188,7 +191,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
         """Reads an HF config.json dict (transformers 4 `rope_theta`/`rope_scaling` or 5 `rope_parameters`)."""
         names = {f.name for f in dataclasses.fields(cls)} - set(cls.LOCAL_FIELDS)
         kw = {k: v for k, v in d.items() if k in names}
@@ -375,7 +378,7 @@ class Config:
 # ------------------------------------------------------------------------------------ load / merge
 
 
-def check_batch_layout(cfg: "Config", ranks: int) -> int:
+def check_batch_layout(cfg: Config, ranks: int) -> int:
     """The sequences one micro-step consumes over `ranks` data-parallel ranks; the global batch must be
     a whole number of them, and under pipeline parallelism as many as the schedule needs."""
     quantum = cfg.schedule.micro_batch * ranks
@@ -494,7 +497,8 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         if not path.exists():
             preset = PRESET_DIR / f"{source}.toml"
             if not preset.exists():
-                raise ConfigError(f"no config file or preset named {str(source)!r}; presets: {', '.join(preset_names())}")
+                raise ConfigError(f"no config file or preset named {str(source)!r}; presets: "
+                                  f"{', '.join(preset_names())}")
             path = preset
         try:
             # .json: a resolved config as a run saved it (Config.to_json), read back without loss

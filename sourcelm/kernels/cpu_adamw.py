@@ -11,6 +11,7 @@ import torch
 
 from sourcelm.kernels.build import checked, library
 
+
 class AdamWBlocks:
     """The blocks of one optimizer's flat buffers, laid out once for `adamw_blocks` (`csrc/adamw.c`): each
     a slice of the fp32 weights, of the two moments (fp32, or bf16 in every block) and optionally of the bf16
@@ -43,7 +44,8 @@ class AdamWBlocks:
         for i, (g, n) in enumerate(zip(grads, self.numel)):
             if g.numel() != n or g.dtype not in (torch.float32, torch.bfloat16) or not g.is_contiguous() \
                     or g.device.type != "cpu":
-                raise ValueError(f"adamw_blocks: block {i} needs a contiguous fp32 or bf16 CPU gradient of {n} elements")
+                raise ValueError(f"adamw_blocks: block {i} needs a contiguous fp32 or bf16 CPU gradient of {n} "
+                                 f"elements")
             self.desc[i, 1] = g.data_ptr()
             self.desc[i, 6] = g.dtype == torch.bfloat16
         step_size = lr / (1.0 - beta1 ** step)  # in double, rounded once, as torch's fused kernel does

@@ -31,7 +31,7 @@ def test_matches_torch_adamw_with_decay_on_matrices_only(update_path):
                                    {"params": [ref[1][1]], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
                                   foreach=False)
     g = torch.Generator().manual_seed(1)
-    for step in range(5):
+    for _step in range(5):
         grads = [torch.randn(p.shape, generator=g) for _, p in ours]
         for (_, p), (_, q), gr in zip(ours, ref, grads):
             p.grad, q.grad = gr.clone(), gr.clone()
@@ -91,7 +91,7 @@ def test_folded_and_unfolded_gradients_give_the_same_bits(update_path):
     for fold in (False, True):
         params = make_params()
         opt = FlatAdamW(params)
-        for step in range(3):
+        for _step in range(3):
             _backward(params)
             params[2][1].grad = params[2][1].grad.t().contiguous().t()  # a non-contiguous gradient, as set by hand
             if fold:
@@ -111,7 +111,7 @@ def test_folding_micro_batches_sums_them_in_fp32(update_path):
     opt, opt_ref = FlatAdamW(params), FlatAdamW(ref)
     g = torch.Generator().manual_seed(2)
     total = [torch.zeros_like(p) for _, p in params]
-    for micro in range(2):
+    for _micro in range(2):
         for i, (_, p) in enumerate(params[:2]):  # "emb" gets no gradient
             p.grad = torch.randn(p.shape, generator=g)
             total[i] += p.grad
@@ -177,7 +177,7 @@ def test_compute_copies_update_like_the_masters_would():
     assert w_name == "w" and copy.dtype == torch.bfloat16 and copy.requires_grad
     assert torch.equal(copy, w.detach().bfloat16()) and opt.names[0] == "w"
     g = torch.Generator().manual_seed(5)
-    for step in range(3):
+    for _step in range(3):
         grads = [torch.randn(p.shape, generator=g) for _, p in params]
         copy.grad = grads[0].bfloat16()
         params[1][1].grad, params[2][1].grad = grads[1], grads[2]
@@ -200,7 +200,7 @@ def test_blocks_stay_inside_one_parameter_and_cover_the_slice():
     params = [(f"p{i}", nn.Parameter(torch.randn(n, 1 if i % 2 else 2, generator=g))) for i, n in enumerate(sizes)]
     opt = FlatAdamW(params)
     covered = 0
-    for decayed, flat, moments, i, own in opt._blocks:
+    for _decayed, flat, moments, i, own in opt._blocks:
         o = opt._offsets[i]
         assert o <= flat.start and flat.stop <= o + opt.params[i].numel()
         assert (own.start, own.stop) == (flat.start - o, flat.stop - o) and moments == flat
