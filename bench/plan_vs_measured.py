@@ -46,7 +46,9 @@ class Run:
 RUNS = [Run("1 process", 1, 1, 1, 8), Run("EP 4 (2 pretend nodes x 2)", 4, 2, 4, 2)]
 # predicted only: pipeline parallelism is issue 18, whose first part (1F1B, DualPipeV) landed while this bench was
 # written; its measured rows are that issue's bench to fill in
-PP_RUNS = [("PP 2 x EP 2 (2 pretend nodes x 2), 1F1B", "1f1b"), ("PP 2 x EP 2 (2 pretend nodes x 2), DualPipeV", "dualpipev")]
+PP_RUNS = [("PP 2 x EP 2 (2 pretend nodes x 2), 1F1B", "1f1b"),
+           ("PP 2 x EP 2 (2 pretend nodes x 2), DualPipeV", "dualpipev")]
+
 
 def measure_training(run: Run, data: Path, steps: int, warmup: int, work: Path) -> dict:
     from sourcelm.plan.measure import run_training
@@ -139,23 +141,6 @@ def predict_pipeline(model, dtype: str, schedule: str):
     return plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, recipe="sourcelm"))
 
 
-def report_figures() -> dict:
-    from sourcelm.config import load_config
-    from sourcelm.plan.cluster import load_cluster
-    from sourcelm.plan.estimate import Assumptions, plan_layout
-    from sourcelm.plan.layout import PlanLayout
-    from sourcelm.plan.model_costs import model_slots
-
-    model = load_config("deepseek-v3-671b").model
-    h800 = load_cluster("h800")
-    moe = next(s for s in model_slots(model, 4096) if s.kind == "moe")
-    eff = 4096 * moe.train_flops / (0.129 / 4) / h800.peak("fp8")  # the published profile (reference §3.5)
-    lay = PlanLayout(pp=16, ep=64, schedule="dualpipe", micro_batch=1, global_batch=15360, seq_len=4096,
-                     dtype="fp8", recompute=("norm_up_proj", "swiglu"))
-    return {"plan": plan_layout(model, h800, lay, Assumptions(efficiency=eff, recipe="deepseek")), "efficiency": eff,
-            "layout": lay}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -173,11 +158,11 @@ def main() -> int:
         for run in RUNS:
             measured[run.name] = measure_training(run, data, args.steps, args.warmup, work)
             print(f"{run.name}: measured {measured[run.name]['step_time']:.3f} s/step", flush=True)
-        from sourcelm.config import load_config
-        from sourcelm.plan import comms
-        from sourcelm.kernels.hardware import resolve_dtype
-
         import torch
+
+        from sourcelm.config import load_config
+        from sourcelm.kernels.hardware import resolve_dtype
+        from sourcelm.plan import comms
 
         dtype = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype("auto", torch.device("cpu"))]
         model = load_config("tiny").model
@@ -193,83 +178,111 @@ def main() -> int:
             rows.append((run, measured[run.name], plan, with_routing, exact))
             print(f"{run.name}: predicted {plan.step_time:.3f} s/step", flush=True)
         pp_rows = [(name, predict_pipeline(model, dtype, schedule)) for name, schedule in PP_RUNS]
-    figures = report_figures()
-    text = render(rows, pp_rows, figures, args, started, load_before, os.getloadavg(), dtype)
+    from sourcelm.plan.report import report_plan
+
+    text = render(rows, pp_rows, report_plan(), args, started, load_before, os.getloadavg(), dtype)
     Path(args.out).write_text(text)
     print(text)
     return 0
 
 
-def _ratio(pred: float, meas: float) -> str:
-    return f"{pred / meas:.2f}"
+METHOD = """\
+Method. Measured: `sourcelm train` as a user runs it (commands below); the median step time after the warm-up,
+the peak resident size of the largest process (the trainer, or its largest rank; a parent that imports nothing
+starts it, so no inherited size counts), the trainer's dispatch/combine counters. Predicted: `sourcelm plan
+--cluster cpu` for the same layout. This machine is described by measuring the gloo loopback (latency and
+bandwidth of pairwise all-to-alls among the same number of processes), a memory copy and a matmul, and by
+training a 2-layer cut of the model (its dense layer and one MoE layer, no MTP) in the same layout: its step less
+the plan's own communication and update times gives the compute rate per rank, its peak resident size less the
+plan's own tensors gives the memory a process holds outside them. The full model (4 layers, MTP, two head passes:
+2.4x the FLOPs, 4x the MoE layers) is then predicted from its own FLOPs, tensors and traffic. The calibration is
+this machine's constant, like a GPU's efficiency: without it (the compute rate of the cut model in one process
+scaled by the core share, the size of an idle process) the first version of the plan predicted 0.76 / 0.81
+(1 process) and 0.57 / 0.60 (EP 4) of the measured step time / peak memory, at 02:58 UTC the same day."""
 
 
-def render(rows, pp_rows, figures, args, started, load_before, load_after, dtype) -> str:
+def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) -> str:
+    from sourcelm.plan import comms, report
+
     lines = [
         "# `sourcelm plan`: predicted vs measured (issue 22)", "",
         f"Command: `.venv/bin/python bench/plan_vs_measured.py --steps {args.steps} --warmup {args.warmup}`, "
-        f"{started}, this machine ({os.cpu_count()} cores, shared: load average {load_before[0]:.1f} at the start, "
-        f"{load_after[0]:.1f} at the end), tiny preset, {dtype}, 8 sequences x 256 tokens per step. The issue's targets: "
-        "step time within 30 %, peak memory within 20 %, dispatch bytes exact.", "",
+        f"{started}, this machine ({os.cpu_count()} cores, shared with other jobs: load average "
+        f"{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end), the tiny preset in {dtype}, 8 sequences "
+        "x 256 tokens per step. The issue's targets: step time within 30 %, peak memory within 20 %, dispatch bytes "
+        "exact.", "", METHOD, "",
         "## This machine", "",
         "| layout | step time predicted / measured (s) | ratio | peak memory predicted / measured (MB) | ratio | "
-        "dispatch+combine bytes per step, inter / intra-node: sampled routing predicted, measured (MB) |",
+        "dispatch + combine MB per step, inter / intra-node: predicted (sampled routing); measured |",
         "|---|---|---|---|---|---|"]
     for run, meas, plan, _, _ in rows:
-        a2a = plan.comm_bytes
-        pred_a2a = (f"{a2a.get('dispatch/combine inter-node', 0) * plan.res.world / 1e6:.1f} / "
-                    f"{a2a.get('dispatch/combine intra-node', 0) * plan.res.world / 1e6:.1f}")
+        a2a, world = plan.comm_bytes, plan.res.world
+        pred_a2a = (f"{a2a.get('dispatch/combine inter-node', 0) * world / 1e6:.1f} / "
+                    f"{a2a.get('dispatch/combine intra-node', 0) * world / 1e6:.1f}")
         meas_a2a = f"{meas['a2a']['inter_node_bytes'] / 1e6:.1f} / {meas['a2a']['intra_node_bytes'] / 1e6:.1f}"
         mem = plan.worst_memory.total
         lines.append(f"| {run.name} | {plan.step_time:.3f} / {meas['step_time']:.3f} | "
                      f"{_ratio(plan.step_time, meas['step_time'])} | {mem / 1e6:.0f} / {meas['peak_rss'] / 1e6:.0f} | "
-                     f"{_ratio(mem, meas['peak_rss'])} | {pred_a2a}, {meas_a2a} |")
+                     f"{_ratio(mem, meas['peak_rss'])} | {pred_a2a}; {meas_a2a} |")
     lines += ["", "Commands measured:", ""]
     lines += [f"- {run.name}: `{meas['command']}`" for run, meas, _, _, _ in rows]
     for run, meas, plan, with_routing, exact in rows:
-        lines += ["", f"### {run.name}", "",
-                  f"Measured step times after the warm-up (s): {', '.join(f'{t:.3f}' for t in meas['step_times'])}.",
-                  "", "Predicted time per step:", ""]
+        times = ", ".join(f"{t:.3f}" for t in meas["step_times"])
+        lines += ["", f"### {run.name}", "", f"Measured step times after the warm-up (s): {times}.", "",
+                  f"Machine as measured: {plan.cluster.describe()}; link latency {plan.cluster.link_latency * 1e3:.2f} "
+                  f"ms; {plan.assumptions.describe()}.", "", "Predicted time per step:", ""]
         lines += [f"- {k}: {v * 1e3:.1f} ms" for k, v in plan.time.items()]
         lines += ["", "Predicted memory per rank:", ""]
-        lines += [f"- {k}: {v / 1e6:.1f} MB" for k, v in sorted(plan.worst_memory.terms.items(), key=lambda kv: -kv[1])]
+        terms = sorted(plan.worst_memory.terms.items(), key=lambda kv: -kv[1])
+        lines += [f"- {k}: {v / 1e6:.1f} MB" for k, v in terms]
         if exact:
             rows_, predicted, counters = exact["last"]
-            lines += ["", f"Exact check, the same layout run in-process with every rank's routing recorded at the "
-                          f"dispatcher ({exact['moe_calls_per_step']} MoE dispatches per rank per step): the bytes "
-                          f"predicted from the routing equal the trainer's counters in **{exact['equal_steps']} of "
-                          f"{exact['steps']}** steps. Last step: rows {rows_}, predicted {predicted}, counted "
+            lines += ["", f"Exact check: the same layout trained again in-process with every rank's routing recorded "
+                          f"at the dispatcher ({exact['moe_calls_per_step']} MoE dispatches per rank per step): the "
+                          f"bytes predicted from the routing equal the trainer's counters in **{exact['equal_steps']} "
+                          f"of {exact['steps']}** steps. Last step: rows {rows_}, predicted {predicted}, counted "
                           f"{counters}."]
             if with_routing:
+                ratio = _ratio(with_routing.step_time, meas["step_time"])
                 lines += ["", f"With the recorded routing's rows per token instead of the sampled ones: step "
-                              f"{with_routing.step_time:.3f} s (ratio {_ratio(with_routing.step_time, meas['step_time'])})."]
+                              f"{with_routing.step_time:.3f} s (ratio {ratio})."]
     lines += ["", "### Pipeline-parallel layouts: predicted, not measured", "",
-              "Pipeline parallelism is issue 18. Its first part (1F1B and DualPipeV through `parallel.pp`) landed while "
-              "this bench was being written and this bench does not run it: the measured columns are left to that "
-              "issue's bench. The plan's predictions for the same machine (4 processes, micro-batch 1, 4 micro-batches):",
-              "", "| layout | step (s) | bubble (s) | peak memory per rank (MB) | chunk activations in flight (rank 0) |",
+              "Pipeline parallelism is issue 18. Its first part (1F1B and DualPipeV through `parallel.pp`) landed "
+              "while this bench was being written; this bench does not run it, and the measured columns are left to "
+              "that issue's bench. The plan's predictions on this machine (4 processes, micro-batch 1, 4 "
+              "micro-batches):", "",
+              "| layout | step (s) | bubble (s) | peak memory per rank (MB) | chunk activations in flight (rank 0) |",
               "|---|---|---|---|---|"]
     for name, plan in pp_rows:
         lines.append(f"| {name} | {plan.step_time:.3f} | {plan.pipeline.bubble:.3f} | "
                      f"{plan.worst_memory.total / 1e6:.0f} | {plan.pipeline.peak_activations[0]} |")
-    plan, eff = figures["plan"], figures["efficiency"]
-    mfu_180k = plan.flops_per_token * 1e12 / (180e3 * 3600 * 989e12)
+    cl, eff = ref.cluster, ref.assumptions.efficiency
+    mfu_180k = report.mfu_for(report.GPU_HOURS_PER_TRILLION, ref.flops_per_token, cl.peak("bf16"))
+    free = comms.experts_per_node_at_no_extra_cost(cl.nvlink_bw, cl.ib_bw)
+    most = comms.max_experts_at_same_cost(ref.model.topk_group, cl.nvlink_bw, cl.ib_bw)
+    worst = ref.worst_memory
     lines += [
         "", "## The report's figures (DeepSeek-V3 on 2048 H800)", "",
-        f"Layout {figures['layout'].describe()}; the one kernel assumption, {eff:.1%} of the FP8 peak, is the published "
-        "training profile's rate (129.0 ms for 4 overlapped MoE-layer forward/backward pairs of 4096 tokens).", "",
+        f"Layout {ref.res.layout.describe()}. The one assumption about kernels, {eff:.1%} of the FP8 peak, is the "
+        "rate of DeepSeek's published training profile (129.0 ms for 4 overlapped forward/backward MoE-layer pairs "
+        "of 4096 tokens; `sourcelm/plan/report.py`). Also `tests/plan/test_report.py`.", "",
         "| figure | report | `sourcelm plan` |", "|---|---|---|",
-        f"| parameters total / activated | 671B / 37B | {_params(plan)} |",
-        "| experts per node at no extra NVLink cost | 3.2 | 3.2 (160 / 50 GB/s) |",
-        "| experts per token at the same cost (M = 4) | 13 | 13 |",
-        f"| GPU-hours per trillion tokens | 180K | {plan.gpu_hours_per_trillion / 1e3:.0f}K |",
-        f"| GPU-hours for 14.8T tokens | 2,664K | {14.8 * plan.gpu_hours_per_trillion / 1e3:,.0f}K |",
-        f"| step time (62.9M tokens) | ≈ 20 s (derived) | {plan.step_time:.1f} s |",
-        f"| MFU (BF16 peak, {plan.flops_per_token / 1e9:.0f} GFLOP/token) | ≈ 39 % (derived); 180K exactly: "
-        f"{mfu_180k:.1%} | {plan.mfu:.1%} |",
-        f"| pipeline bubble (DualPipe, simulated) | Table 2 | {plan.pipeline.bubble:.2f} s per step |",
-        f"| memory per GPU (80 GB) | fits | {plan.worst_memory.total / 1e9:.1f} GB, rank {plan.worst_memory.rank} |"]
+        f"| parameters total / activated | 671B / 37B | {_params(ref)} |",
+        f"| experts per node at no extra NVLink cost | 3.2 | {free:.1f} "
+        f"({cl.nvlink_bw / 1e9:.0f} / {cl.ib_bw / 1e9:.0f} GB/s) |",
+        f"| experts per token at the same cost (M = {ref.model.topk_group}) | 13 | {most} |",
+        f"| GPU-hours per trillion tokens | 180K | {ref.gpu_hours_per_trillion / 1e3:.0f}K |",
+        f"| GPU-hours for 14.8T tokens | 2,664K | {14.8 * ref.gpu_hours_per_trillion / 1e3:,.0f}K |",
+        f"| step time (62.9M tokens) | about 20 s (derived) | {ref.step_time:.1f} s |",
+        f"| MFU (BF16 peak, {ref.flops_per_token / 1e9:.0f} GFLOP/token) | about 39 % (derived); 180K exactly: "
+        f"{mfu_180k:.1%} | {ref.mfu:.1%} |",
+        f"| pipeline bubble (DualPipe over the plan's chunk times) | Table 2 | {ref.pipeline.bubble:.2f} s per step |",
+        f"| memory per GPU (80 GB) | fits | {worst.total / 1e9:.1f} GB (pipeline rank {worst.rank}) |"]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(pred: float, meas: float) -> str:
+    return f"{pred / meas:.2f}"
 
 
 def _params(plan) -> str:

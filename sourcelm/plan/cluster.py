@@ -45,7 +45,7 @@ class Cluster:
                               f"{', '.join(self.peak_flops)}")
         return self.peak_flops[dtype]
 
-    def with_nodes(self, nodes: int | None) -> "Cluster":
+    def with_nodes(self, nodes: int | None) -> Cluster:
         if nodes is None:
             return self
         if nodes <= 0:

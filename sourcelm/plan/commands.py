@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="size a training run on a cluster: memory, communication, step time, cost",
                        description="Predict memory per GPU, communication and time per step, tokens/s, MFU and "
                                    "GPU-hours of a layout; --search ranks the layouts that fit.")
-    p.add_argument("config", help="preset name (tiny, small, deepseek-v3-671b), TOML file, or HF model dir / config.json")
+    p.add_argument("config", help="preset (tiny, small, deepseek-v3-671b), TOML file, or HF model dir / config.json")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (presets and TOML only)")
     p.add_argument("--cluster", default="h800", help="h800, h100, h200, a cluster TOML file, or 'cpu' (this machine, "
                                                      "measured, with a short training run of a 2-layer cut of the "
@@ -58,9 +58,9 @@ def _layout(args, defaults, world: int, is_cpu: bool):
         dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(defaults.train.dtype)
     if dtype is None:  # "auto": what the trainer would pick here (bf16 on a GPU)
         if is_cpu:
-            from sourcelm.kernels.hardware import resolve_dtype
-
             import torch
+
+            from sourcelm.kernels.hardware import resolve_dtype
 
             dtype = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype("auto", torch.device("cpu"))]
         else:

@@ -23,11 +23,11 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-from sourcelm.config import ModelConfig
+from sourcelm.config import ConfigError, ModelConfig
 from sourcelm.plan import comms
 from sourcelm.plan.cluster import Cluster
 from sourcelm.plan.layout import PlanLayout, Resolved, resolve
-from sourcelm.plan.memory import RECIPES, RankMemory, rank_memory
+from sourcelm.plan.memory import RECIPES, RankMemory, rank_memory, rank_params
 from sourcelm.plan.model_costs import Slot, cut_chunks, model_slots, recompute_flops
 from sourcelm.plan.pipeline_sim import PipelineRun, Step, run_schedule
 
@@ -147,12 +147,6 @@ def moe_collectives(dispatcher: str, ep: int, ep_nodes: int, ep_local: int) -> t
     return 5 * hops, 3 * hops
 
 
-def _a2a_time(rows_inter: float, rows_intra: float, row_bytes: float, cluster: Cluster, calls: int,
-              links_overlap: bool) -> float:
-    inter, intra = rows_inter * row_bytes / cluster.ib_bw, rows_intra * row_bytes / cluster.nvlink_bw
-    return (max(inter, intra) if links_overlap else inter + intra) + calls * cluster.link_latency
-
-
 def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, cluster: Cluster, a: Assumptions,
                 routing: comms.RoutingStats | None, links_overlap: bool) -> list[ChunkCost]:
     lay = res.layout
@@ -160,22 +154,25 @@ def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, clu
     rate = a.compute_rate or a.efficiency * cluster.peak(lay.dtype)
     d_elem, c_elem = element_bytes(a, lay.dtype)
     calls_f, calls_b = moe_collectives(lay.dispatcher, lay.ep, res.ep_nodes, min(lay.ep, cluster.gpus_per_node))
+    def transfer(elem_bytes: float) -> float:
+        """One dispatch or combine of a micro-batch's rows (or its backward, which moves the same rows)."""
+        if routing is None:
+            return 0.0
+        row = model.hidden_size * elem_bytes
+        inter = routing.inter_node * tokens * row / cluster.ib_bw
+        intra = routing.intra_node * tokens * row / cluster.nvlink_bw
+        return max(inter, intra) if links_overlap else inter + intra
+
+    # per MoE layer: forward = dispatch + combine; backward = combine's backward (a dispatch of the output
+    # gradients, combine-sized rows) + dispatch's backward (a combine of the input gradients, dispatch-sized)
+    layer_comm = transfer(d_elem) + transfer(c_elem)
     out = []
     for chunk in chunks:
-        n_moe = sum(1 for s in chunk if s.kind in ("moe", "mtp"))
-        f_comm = b_comm = 0.0
-        if n_moe and routing is not None:
-            rows = (routing.inter_node * tokens, routing.intra_node * tokens)
-            h = model.hidden_size
-            dispatch = _a2a_time(*rows, h * d_elem, cluster, 0, links_overlap)
-            combine = _a2a_time(*rows, h * c_elem, cluster, 0, links_overlap)
-            # forward: dispatch then combine; backward: combine's backward (a dispatch of bf16 gradients)
-            # and dispatch's backward (a combine of the input gradients)
-            f_comm = n_moe * (dispatch + combine + calls_f * cluster.link_latency)
-            b_comm = n_moe * (_a2a_time(*rows, h * c_elem, cluster, 0, links_overlap)
-                              + _a2a_time(*rows, h * d_elem, cluster, 0, links_overlap) + calls_b * cluster.link_latency)
-            if "full" in lay.recompute:  # the recomputed forward dispatches and combines again
-                b_comm += f_comm
+        n_moe = sum(1 for s in chunk if s.kind in ("moe", "mtp")) if routing is not None else 0
+        f_comm = n_moe * (layer_comm + calls_f * cluster.link_latency)
+        b_comm = n_moe * (layer_comm + calls_b * cluster.link_latency)
+        if "full" in lay.recompute:  # the recomputed forward dispatches and combines again
+            b_comm += f_comm
         redo = sum(recompute_flops(model, s, lay.recompute) for s in chunk)  # recomputation runs in the backward
         out.append(ChunkCost(sum(s.f_flops for s in chunk) * tokens / rate,
                              (sum(s.bi_flops for s in chunk) + redo) * tokens / rate,
@@ -199,8 +196,6 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assump
                 links_overlap: bool | None = None) -> Plan:
     """Everything `sourcelm plan` reports for one layout. Raises ConfigError for a layout that cannot exist."""
     if assumptions.recipe not in RECIPES:
-        from sourcelm.config import ConfigError
-
         raise ConfigError(f"plan.recipe = {assumptions.recipe!r}: choose one of {', '.join(map(repr, RECIPES))}")
     res = resolve(layout, model, cluster)
     lay = layout
@@ -229,11 +224,8 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assump
         plan.time["pipeline bubble"] = run.bubble
         held, in_flight = run.chunks_held, run.peak_activations
     rows = 0.0 if routing is None else routing.inter_node + routing.intra_node
-    plan.memory = []
-    for r, (h, k) in enumerate(zip(held, in_flight)):
-        m = rank_memory(model, chunks, h, k, res, cluster, assumptions.recipe, rows)
-        m.rank = r
-        plan.memory.append(m)
+    plan.memory = [rank_memory(r, model, chunks, h, k, res, cluster, assumptions.recipe, rows)
+                   for r, (h, k) in enumerate(zip(held, in_flight))]
     _step_extras(plan, held)
     return plan
 
@@ -241,25 +233,22 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assump
 def _step_extras(plan: Plan, held: list[list[int]]) -> None:
     """Data-parallel reduction, optimizer update and bookkeeping, for the busiest pipeline rank; the step's
     communication bytes per rank."""
-    from sourcelm.plan.memory import rank_params
-
     res, cluster, lay = plan.res, plan.cluster, plan.res.layout
     params = max((rank_params(plan.chunks, h, lay.ep) for h in held), key=lambda p: p["dense"] + p["experts"])
     sourcelm = plan.assumptions.recipe == "sourcelm"
     # sourcelm: an fp32 all-reduce of the gradients and an fp32 all-gather of the updated masters (ZeRO-1);
     # deepseek: a reduce-scatter of fp32 gradients and an all-gather of bf16 weights
     grad_passes, weight_bytes = (2, 4) if sourcelm else (1, 2)
-    dp_bytes = 0.0
-    dp_time = 0.0
+    gather = lay.zero1 or not sourcelm
+    bw = cluster.ib_bw if res.dp > cluster.gpus_per_node else cluster.nvlink_bw  # a stage's ranks span nodes
+    dp_bytes = dp_time = 0.0
     for size, members in ((params["dense"], res.dp), (params["experts"], res.expert_replicas)):
         if members <= 1:
             continue
-        bw = cluster.ib_bw if members > cluster.gpus_per_node or res.dp > cluster.gpus_per_node else cluster.nvlink_bw
-        nbytes = grad_passes * comms.ring_bytes(4 * size, members)
-        if lay.zero1 or not sourcelm:
-            nbytes += comms.ring_bytes(weight_bytes * size, members)
+        nbytes = grad_passes * comms.ring_bytes(4 * size, members) + gather * comms.ring_bytes(weight_bytes * size,
+                                                                                             members)
         dp_bytes += nbytes
-        dp_time += comms.collective_time(nbytes, bw, 3 * (members - 1), cluster.link_latency)
+        dp_time += comms.collective_time(nbytes, bw, (grad_passes + gather) * (members - 1), cluster.link_latency)
     plan.time["data-parallel reduction"] = dp_time
     if cluster.mem_bw:
         shards = res.dp if lay.zero1 else 1
@@ -273,11 +262,10 @@ def _step_extras(plan: Plan, held: list[list[int]]) -> None:
     if r is not None:
         tokens = lay.micro_batch * lay.seq_len * res.n_micro
         n_moe = max(sum(1 for c in h for s in plan.chunks[c] if s.kind in ("moe", "mtp")) for h in held)
-        a = plan.assumptions
-        per_row = comms.step_link_bytes({"inter_node": 1, "intra_node": 0}, plan.model.hidden_size,
-                                        *element_bytes(a, lay.dtype))["inter_node_bytes"]
-        plan.comm_bytes["dispatch/combine inter-node"] = r.inter_node * tokens * n_moe * per_row
-        plan.comm_bytes["dispatch/combine intra-node"] = r.intra_node * tokens * n_moe * per_row
+        rows = {"inter_node": r.inter_node * tokens * n_moe, "intra_node": r.intra_node * tokens * n_moe}
+        moved = comms.step_link_bytes(rows, plan.model.hidden_size, *element_bytes(plan.assumptions, lay.dtype))
+        plan.comm_bytes["dispatch/combine inter-node"] = moved["inter_node_bytes"]
+        plan.comm_bytes["dispatch/combine intra-node"] = moved["intra_node_bytes"]
     plan.comm_bytes["data-parallel reduction"] = dp_bytes
     if lay.pp > 1:
         act_bytes = 4 if lay.dtype == "fp32" else 2

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from sourcelm.config import ModelConfig
 from sourcelm.plan.cluster import Cluster
-from sourcelm.plan.layout import Resolved
 from sourcelm.plan.comms import row_element_bytes
+from sourcelm.plan.layout import Resolved
 from sourcelm.plan.model_costs import Slot, activation_bytes
 
 RECIPES = ("sourcelm", "deepseek")
@@ -97,11 +97,11 @@ def comm_buffers(model: ModelConfig, res: Resolved, recipe: str, rows_per_token:
     return a2a * in_flight + p2p
 
 
-def rank_memory(model: ModelConfig, chunks: list[list[Slot]], held: list[int], peak_in_flight: int, res: Resolved,
-                cluster: Cluster, recipe: str, rows_per_token: float) -> RankMemory:
-    """Every memory term of one pipeline rank holding chunks `held`, `peak_in_flight` chunk activations at once."""
+def rank_memory(rank: int, model: ModelConfig, chunks: list[list[Slot]], held: list[int], peak_in_flight: int,
+                res: Resolved, cluster: Cluster, recipe: str, rows_per_token: float) -> RankMemory:
+    """Every memory term of pipeline rank `rank` holding chunks `held`, `peak_in_flight` chunk activations at once."""
     p = rank_params(chunks, held, res.layout.ep)
-    mem = RankMemory(0, held, state_terms(p, res, recipe))
+    mem = RankMemory(rank, held, state_terms(p, res, recipe))
     acts = [chunk_activation_bytes(model, chunks[c], res, recipe) for c in held]
     mean_chunk = sum(a for a, _ in acts) / len(acts)
     mem.terms[f"activations ({peak_in_flight} chunk(s) of a micro-batch in flight)"] = mean_chunk * peak_in_flight
@@ -110,7 +110,3 @@ def rank_memory(model: ModelConfig, chunks: list[list[Slot]], held: list[int], p
     mem.terms["communication buffers"] = comm_buffers(model, res, recipe, rows_per_token, held_moe)
     mem.terms["runtime (outside tensors)"] = cluster.runtime_bytes
     return mem
-
-
-def fits(mem: RankMemory, cluster: Cluster) -> bool:
-    return mem.total <= cluster.hbm_bytes

@@ -169,7 +169,8 @@ def _swiglu_terms(what: str, inner: int, copies: int, h: int, act: float, mm_in:
 
 
 def activation_bytes(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, recompute: tuple[str, ...] = (),
-                     attention: str = "flash", expert_outputs: bool = True, residual_bytes: float | None = None) -> float:
+                     attention: str = "flash", expert_outputs: bool = True,
+                     residual_bytes: float | None = None) -> float:
     return sum(activation_terms(cfg, kind, seq_len, dtype, recompute, attention, expert_outputs,
                                 residual_bytes).values())
 

@@ -104,7 +104,8 @@ def print_plan(plan: Plan, title: str, tokens: float | None = None, fixes: list 
               f"{d['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per trillion tokens")
     if tokens:
         b = d["budget"]
-        con.print(f"{tokens:.3g} tokens: {b['days']:.1f} days on {plan.res.world} GPUs, {b['gpu_hours']:,.0f} GPU-hours")
+        con.print(f"{tokens:.3g} tokens: {b['days']:.1f} days on {plan.res.world} GPUs, "
+                  f"{b['gpu_hours']:,.0f} GPU-hours")
     f = d["report_figures"]
     if f["max_experts_at_same_cost"] is not None:
         con.print(f"node-limited routing on these links: {f['experts_per_node_at_no_extra_cost']:.2f} experts per node "

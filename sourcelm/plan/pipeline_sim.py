@@ -16,8 +16,8 @@ itself, the quantity of the report's Table 2.
 Orders:
   1f1b       warm-up of P-1-r forwards on rank r, then one forward / one backward, then the rest of the backwards.
   zb1p       ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): the 1F1B order of F and Bi; rank r
-             lets its W passes trail its Bi passes by P-1-r micro-batches, so the trailing W passes fill
-             the waits of the cool-down, with the same activations in flight as 1F1B.
+             lets its W passes trail its Bi passes by r micro-batches, so the Bi passes of the cool-down
+             reach the first ranks sooner and the trailing W passes fill the waits there.
   dualpipe   DeepSeek's schedule, the 8 phases of `DualPipe.step` (reference §4.3.7): micro-batches enter
              from both ends; rank r holds stage r of one direction and stage P-1-r of the other.
   dualpipev  the cut-in-half variant: P ranks, 2P chunks in a V (rank r holds chunks r and 2P-1-r).
@@ -125,52 +125,51 @@ class SimResult:
 # ------------------------------------------------------------------------------------------ orders
 
 
-def _single(kind: str, mb: int, chunk: int, delay: int = 0) -> Step:
-    return Step((Task(kind, mb, chunk),), delay)
+def _single(kind: str, mb: int, chunk: int) -> Step:
+    return Step((Task(kind, mb, chunk),))
 
 
-def one_f_one_b(p: int, n: int, split_backward: bool = False) -> Schedule:
-    """1F1B; with split_backward the backward runs as Bi then W right away (the same bubble)."""
+def _one_f_one_b_order(p: int, n: int, r: int, backward) -> list[Step]:
+    """Rank r's 1F1B order; backward(m) gives the steps of micro-batch m's backward."""
+    warm = min(p - 1 - r, n)
+    order = [_single("F", m, r) for m in range(warm)]
+    for i in range(n - warm):
+        order.append(_single("F", warm + i, r))
+        order += backward(i)
+    for m in range(n - warm, n):
+        order += backward(m)
+    return order
+
+
+def one_f_one_b(p: int, n: int) -> Schedule:
+    """1F1B: a warm-up of P-1-r forwards on rank r, one forward / one full backward, the rest of the backwards."""
     sched = Schedule("1f1b", p, n, {m: list(range(p)) for m in range(n)})
-    for r in range(p):
-        warm = min(p - 1 - r, n)
-        order = [_single("F", m, r) for m in range(warm)]
-
-        def backward(m):
-            return [_single("Bi", m, r), _single("W", m, r)] if split_backward else [_single("B", m, r)]
-
-        for i in range(n - warm):
-            order.append(_single("F", warm + i, r))
-            order += backward(i)
-        for m in range(n - warm, n):
-            order += backward(m)
-        sched.orders.append(order)
+    sched.orders = [_one_f_one_b_order(p, n, r, lambda m, r=r: [_single("B", m, r)]) for r in range(p)]
     return sched
 
 
+class _TrailingWeights:
+    """ZB-H1's backward on rank r: Bi of micro-batch m, then the W that trails it by `lag` micro-batches."""
+
+    def __init__(self, r: int, lag: int):
+        self.r, self.lag, self.next_w = r, lag, 0
+
+    def __call__(self, m: int) -> list[Step]:
+        steps = [_single("Bi", m, self.r)]
+        if m - self.lag >= self.next_w:
+            steps.append(_single("W", self.next_w, self.r))
+            self.next_w += 1
+        return steps
+
+
 def zb1p(p: int, n: int) -> Schedule:
-    """ZB-H1: the 1F1B order of F and Bi, each rank's W passes trailing by P-1-r micro-batches."""
+    """ZB-H1: the 1F1B order of F and Bi, rank r's W passes trailing by r micro-batches (every rank then
+    holds P micro-batches between F and W, the 1F1B peak), the rest of them at the end."""
     sched = Schedule("zb1p", p, n, {m: list(range(p)) for m in range(n)})
     for r in range(p):
-        warm, lag = min(p - 1 - r, n), r
-        order = [_single("F", m, r) for m in range(warm)]
-        next_w = 0
-
-        def after_backward(m):
-            nonlocal next_w
-            steps = [_single("Bi", m, r)]
-            if m - lag >= next_w:
-                steps.append(_single("W", next_w, r))
-                next_w += 1
-            return steps
-
-        for i in range(n - warm):
-            order.append(_single("F", warm + i, r))
-            order += after_backward(i)
-        for m in range(n - warm, n):
-            order += after_backward(m)
-        order += [_single("W", m, r) for m in range(next_w, n)]
-        sched.orders.append(order)
+        backward = _TrailingWeights(r, lag=r)
+        order = _one_f_one_b_order(p, n, r, backward)
+        sched.orders.append(order + [_single("W", m, r) for m in range(backward.next_w, n)])
     return sched
 
 
@@ -442,7 +441,9 @@ def _peak_live(slots: list[Slot]) -> int:
 def table2(name: str, stages: int, times: ChunkTimes) -> dict:
     """Table 2 of the report for a pipeline of `stages` stage chunks (PP): the bubble, parameters and
     activations per device (in units of one chunk's parameters / one micro-batch's chunk activations)
-    and the device count."""
+    and the device count. The simulated schedules idle exactly the formula's bubble for 1F1B at any times,
+    for ZB1P while W <= F, and for DualPipe(V) in the proportions of the report's figure (B - W = F,
+    W <= F, F&B <= F + B); outside them the formula is an approximation and the simulator the reference."""
     f, b, w = times.f, times.b, times.w
     fb = f + b if times.fb is None else times.fb
     pp = stages

@@ -69,7 +69,8 @@ def fixes(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assumptions:
     for pp in divisors(cluster.world):
         if pp > layout.pp:
             sched = layout.schedule if layout.pp > 1 else "1f1b"
-            trials.append((f"parallel.pp = {pp} ({sched})", dataclasses.replace(layout, pp=pp, schedule=sched), cluster))
+            changed = dataclasses.replace(layout, pp=pp, schedule=sched)
+            trials.append((f"parallel.pp = {pp} ({sched})", changed, cluster))
     for rc in RECOMPUTE_CHOICES:
         if set(rc) - set(layout.recompute):
             trials.append((f"plan.recompute = {'+'.join(rc)}", dataclasses.replace(layout, recompute=rc), cluster))

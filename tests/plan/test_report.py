@@ -1,28 +1,22 @@
 """The report's system figures from `sourcelm plan`: DeepSeek-V3 (671B / 37B) on 2048 H800 as PP 16
 DualPipe x EP 64 over 8 nodes x ZeRO-1 DP, FP8, recomputing RMSNorm / MLA up-projections and the SwiGLU
-outputs (report §3.1-§3.3, reference §2.1 and §3.1).
-
-The one stated assumption about kernels, the efficiency, comes from DeepSeek's published training profile
-(reference §3.5): one overlapped (forward MoE layer + backward MoE layer) pair of 4096-token micro-batches
-takes 129.0 ms / 4 = 32.25 ms under EP64 with FP8 GEMMs, i.e. about 510 TFLOP/s of model FLOPs, 26 % of the
-FP8 dense peak (52 % of BF16's). Everything else comes from the model, the layout and the cluster file.
+outputs (report §3.1-§3.3, reference §2.1 and §3.1), at the kernel rate of DeepSeek's published training
+profile (`sourcelm.plan.report`): everything else comes from the model, the layout and the cluster file.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from sourcelm.config import load_config
 from sourcelm.model.flops import model_stats
+from sourcelm.plan import report
 from sourcelm.plan.cluster import load_cluster
-from sourcelm.plan.estimate import Assumptions, plan_layout
-from sourcelm.plan.layout import PlanLayout
+from sourcelm.plan.estimate import plan_layout
 from sourcelm.plan.model_costs import model_slots
 
-REPORT = PlanLayout(pp=16, ep=64, schedule="dualpipe", micro_batch=1, global_batch=15360, seq_len=4096, dtype="fp8",
-                    recompute=("norm_up_proj", "swiglu"))
-PROFILE_SPAN_S, PROFILE_PAIRS, PROFILE_TOKENS = 0.129, 4, 4096
-REPORT_GPU_HOURS_PER_T = 180e3  # 2,664K H800 GPU-hours for 14.8T tokens
 H800_BF16_PEAK = 989e12
 
 
@@ -31,16 +25,9 @@ def model():
     return load_config("deepseek-v3-671b").model
 
 
-def profile_efficiency(model) -> float:
-    moe = next(s for s in model_slots(model, 4096) if s.kind == "moe")
-    rate = PROFILE_TOKENS * moe.train_flops / (PROFILE_SPAN_S / PROFILE_PAIRS)
-    return rate / load_cluster("h800").peak("fp8")
-
-
 @pytest.fixture(scope="module")
-def plan(model):
-    return plan_layout(model, load_cluster("h800"), REPORT, Assumptions(efficiency=profile_efficiency(model),
-                                                                        recipe="deepseek"))
+def plan():
+    return report.report_plan()
 
 
 def test_parameters_671b_total_37b_activated(model):
@@ -63,7 +50,8 @@ def test_the_report_layout(plan):
 
 
 def test_profile_efficiency_is_about_half_the_bf16_peak(model):
-    eff = profile_efficiency(model)
+    """The profile's pair: 4096 tokens x 4.0 GFLOP (an MoE layer's F + B + W per token) in 32.25 ms."""
+    eff = report.profile_efficiency(model, load_cluster("h800"))
     assert 0.25 < eff < 0.27  # of the FP8 peak
     assert 0.50 < eff * 1979 / 989 < 0.53  # of the BF16 peak
 
@@ -72,16 +60,16 @@ def test_gpu_hours_per_trillion_tokens_within_25_percent_of_180k(plan):
     """At the profile's efficiency the plan predicts the report's cost; the MFU that gives 180K exactly is
     printed next to the plan's and to the ≈ 39 % of the BF16 peak the reference derives at ≈ 250 GFLOP."""
     flops = plan.flops_per_token
-    mfu_for_180k = flops * 1e12 / (REPORT_GPU_HOURS_PER_T * 3600 * H800_BF16_PEAK)
-    print(f"\nDeepSeek-V3 on 2048 H800, {REPORT.describe()}: step {plan.step_time:.2f} s, "
+    mfu_for_180k = report.mfu_for(report.GPU_HOURS_PER_TRILLION, flops, H800_BF16_PEAK)
+    print(f"\nDeepSeek-V3 on 2048 H800, {report.LAYOUT.describe()}: step {plan.step_time:.2f} s, "
           f"{plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, {plan.gpu_hours_per_trillion:,.0f} GPU-hours per 1T tokens "
           f"(report 180,000); MFU {plan.mfu:.1%}; the MFU that reproduces 180K exactly: {mfu_for_180k:.1%} "
           f"at {flops / 1e9:.1f} GFLOP/token (reference: about 39 % at about 250)")
     assert abs(flops / 250e9 - 1) < 0.01
     assert abs(mfu_for_180k - 0.39) < 0.005
-    assert abs(plan.gpu_hours_per_trillion / REPORT_GPU_HOURS_PER_T - 1) < 0.25
+    assert abs(plan.gpu_hours_per_trillion / report.GPU_HOURS_PER_TRILLION - 1) < 0.25
     assert abs(plan.mfu / mfu_for_180k - 1) < 0.25
-    assert abs(plan.days_for(14.8e12) * 24 * 2048 / 2664e3 - 1) < 0.25  # 2,664K GPU-hours for 14.8T
+    assert abs(plan.days_for(14.8e12) * 24 * 2048 / report.GPU_HOURS_14T8 - 1) < 0.25
 
 
 def test_the_report_layout_fits_an_h800_with_its_recomputation(model, plan):
@@ -89,6 +77,6 @@ def test_the_report_layout_fits_an_h800_with_its_recomputation(model, plan):
     up-projections (their outputs are the largest activations) it does not, and activations are then the
     largest term."""
     assert plan.fits, {m.rank: m.total / 1e9 for m in plan.memory}
-    without = plan_layout(model, plan.cluster, PlanLayout(**{**REPORT.__dict__, "recompute": ()}), plan.assumptions)
+    without = plan_layout(model, plan.cluster, dataclasses.replace(report.LAYOUT, recompute=()), plan.assumptions)
     assert not without.fits
     assert without.worst_memory.largest[0].startswith("activations")
