@@ -13,7 +13,7 @@ measured F and B and free communication.
 On a machine with fewer cores than ranks, the ranks share cores, so a rank's "bubble" also holds time spent waiting
 for a core (the output says how many cores there were).
 
-    .venv/bin/python bench/pipeline.py [--steps 6 --layers 8 --hidden 128 --seq 128 --global-batch 16 --json out.json]
+    .venv/bin/python bench/pipeline.py [--steps 6 --layers 8 --hidden 128 --seq 128 --global-batch 16 --max-pp 4]
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def summarise(records: list[dict], pp: int, kind: str, micro_batches: int, warm:
         formula = (2 * pp / 2 - 1) * ((f + b) + b)
         activations = 2 * pp + 1  # PP + 1 over DualPipeV's 2P stages
     sim = simulate(pp, micro_batches, kind, f, b)
-    out.update(f_ms=1e3 * f, b_ms=1e3 * b, bubble_s=bubble, bubble_mean_s=statistics.mean(bubble),
+    out.update(f_ms=1e3 * f, b_ms=1e3 * b, f_ms_per_rank=per["pp_f_ms"], b_ms_per_rank=per["pp_b_ms"],
+               bubble_s=bubble, bubble_mean_s=statistics.mean(bubble),
                formula_s=formula, simulated_s=statistics.mean(sim.idle), wait_s=per["pp_wait_s"],
                in_flight=per["pp_in_flight"], table2_activations=activations, peak_rss_mb=per["peak_rss_mb"])
     return out
@@ -96,6 +97,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--max-pp", type=int, default=4, help="leave out layouts with more pipeline ranks (cores)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     print(f"{os.cpu_count()} cores; {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
@@ -104,18 +106,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_tokens(root / "tokens", args.vocab)
-        for pp, kind in LAYOUTS:
+        for pp, kind in [(pp, kind) for pp, kind in LAYOUTS if pp <= args.max_pp]:
             rows.append(summarise(run(args, root, pp, kind), pp, kind, args.global_batch, args.warm))
             r = rows[-1]
             if pp == 1:
                 print(f"1 process                 {r['tokens_per_s']:8.0f} tok/s")
                 continue
             print(f"PP {pp} {kind:10s}          {r['tokens_per_s']:8.0f} tok/s  F {r['f_ms']:6.1f} ms  "
-                  f"B {r['b_ms']:6.1f} ms  bubble {r['bubble_mean_s']:.3f} s (per rank "
+                  f"B {r['b_ms']:6.1f} ms (per rank F {', '.join(f'{x:.1f}' for x in r['f_ms_per_rank'])}; B "
+                  f"{', '.join(f'{x:.1f}' for x in r['b_ms_per_rank'])})  bubble {r['bubble_mean_s']:.3f} s (per rank "
                   f"{', '.join(f'{x:.3f}' for x in r['bubble_s'])})  formula {r['formula_s']:.3f} s  "
                   f"simulated {r['simulated_s']:.3f} s  in flight {r['in_flight']} (Table 2: "
                   f"{r['table2_activations']})  peak RSS {', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} MB")
-    for pp in (2, 4):
+    for pp in sorted({r["pp"] for r in rows} - {1}):
         one, dual = (next(r for r in rows if r["pp"] == pp and r["schedule"] == k) for k in ("1f1b", "dualpipev"))
         print(f"PP {pp}: DualPipeV's bubble / 1F1B's = {dual['bubble_mean_s'] / one['bubble_mean_s']:.2f} "
               f"(simulated {dual['simulated_s'] / one['simulated_s']:.2f})")
