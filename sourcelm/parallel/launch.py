@@ -20,8 +20,9 @@ def launch_local(args) -> int:
     # a layout that cannot work fails here, once, instead of in every rank
     cfg = load_config(args.config, args.overrides)
     m, pp = cfg.model, cfg.parallel.pp
+    if args.nproc % pp == 0:  # else validate_layout names parallel.pp
+        check_batch_layout(cfg, args.nproc // pp)  # the data-parallel ranks: those of one pipeline stage
     validate_layout(args.nproc, args.ranks_per_node or args.nproc, cfg.parallel.ep, m.n_routed_experts, m.n_group, pp)
-    check_batch_layout(cfg, args.nproc // pp)  # the data-parallel ranks: those of one pipeline stage
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores; one BLAS thread each
     argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "sourcelm.train", args.config,
