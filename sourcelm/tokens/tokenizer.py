@@ -11,7 +11,12 @@ Design:
   defaults), <|pad|> = 2, then reserved tokens up to a block of `SPECIAL_BLOCK` ids;
 - training streams the documents (an iterator; the trainer keeps word counts, not the corpus); a
   fixed fraction of documents, chosen by a hash of their id, is held out for the compression report;
-- deterministic: the same documents and settings give a byte-identical tokenizer.json.
+- deterministic: the same documents and settings give a byte-identical tokenizer.json;
+- a default chat template (`CHAT_TEMPLATE`, saved in tokenizer_config.json so exported models carry
+  it and `apply_chat_template` works on them): each message is `<|reserved_0|>` + its role + a
+  newline + its content + `<|end_of_text|>`, after one `<|begin_of_text|>`. The reserved token marks
+  a message header (it is never produced by text), and the end-of-text token closes every turn, so a
+  model fine-tuned on it stops generating where its answer ends.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from sourcelm.tokens.stream import in_valid_split
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 SPECIAL_BLOCK = 64  # ids 0..63 are special: bos, eos, pad, then <|reserved_0|> ... <|reserved_60|>
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CHAT_HEADER = "<|reserved_0|>"  # starts each message: CHAT_HEADER role "\n" content EOS
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    + CHAT_HEADER + "{{ message['role'] }}\n{{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}" + CHAT_HEADER + "assistant\n{% endif %}"
+)
 
 # Pieces, tried in order at each position. Digits were split off one by one before this runs.
 _PIECES = "|".join([
@@ -120,6 +131,7 @@ def save_tokenizer(tok, out: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "add_bos_token": False, "add_eos_token": False,
         "model_input_names": ["input_ids", "attention_mask"],
+        "chat_template": CHAT_TEMPLATE,  # the module doc's format
     }
     atomic_write_bytes(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}

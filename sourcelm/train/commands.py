@@ -1,4 +1,4 @@
-"""`sourcelm train` and `sourcelm plot`."""
+"""`sourcelm train`, `sourcelm sft` and `sourcelm plot`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "apply), each rank reads only the weights it holds; see configs/continue.toml")
     p.set_defaults(func=run_train, intermixed=True)  # overrides may follow the options
 
+    p = sub.add_parser("sft", help="supervised fine-tuning of an HF checkpoint on conversations",
+                       description="Fine-tune HF_DIR on chat JSONL ({\"messages\": [{\"role\", \"content\"}, ...]} a "
+                                   "line), rendered with HF_DIR's chat template, loss on the assistant's tokens only; "
+                                   "see sourcelm/train/sft.py and configs/sft.toml.")
+    p.add_argument("config", help="TOML file or preset for the training sections, e.g. configs/sft.toml")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. schedule.steps=200 data.seq_len=512")
+    p.add_argument("--init-from", required=True, metavar="HF_DIR",
+                   help="the HF DeepSeek-V3 checkpoint to fine-tune; its tokenizer and chat template render the chats")
+    p.add_argument("--data", required=True, metavar="CHATS_JSONL", help="the conversations, one JSON object a line")
+    p.add_argument("--run-dir", required=True, help="where the SFT data, checkpoints, metrics and plots go")
+    p.add_argument("--valid-fraction", type=float, default=0.05,
+                   help="share of the conversations held out (by a hash of the line) for the validation loss")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+    p.add_argument("--resume-from", help="a specific checkpoint directory (default: the newest valid one)")
+    p.add_argument("--stop-after", type=int,
+                   help="stop after this many steps (the schedule still spans schedule.steps)")
+    p.set_defaults(func=run_sft, intermixed=True)
+
     p = sub.add_parser("plot", help="write loss / LR / throughput / expert-load PNGs for a run")
     p.add_argument("run_dir")
     p.set_defaults(func=run_plot)
@@ -39,6 +57,14 @@ def run_train(args) -> int:
 
     return train_main(args.config, args.overrides, args.run_dir, resume=not args.no_resume,
                       resume_from=args.resume_from, stop_after=args.stop_after, init_from=args.init_from)
+
+
+def run_sft(args) -> int:
+    from sourcelm.train.sft import sft_main
+
+    return sft_main(args.config, args.overrides, args.run_dir, args.init_from, args.data,
+                    valid_fraction=args.valid_fraction, resume=not args.no_resume, resume_from=args.resume_from,
+                    stop_after=args.stop_after)
 
 
 def _resolved_for_ranks(args) -> argparse.Namespace:

@@ -22,10 +22,30 @@ import torch
 
 
 @dataclass
+class LabelledBatch:
+    """A micro-batch whose targets are given rather than the next tokens (SFT, `sft.py`): inputs [b, T], labels
+    [b, T] (-100: no loss, e.g. the prompt), token_mask [b, T] (False: padding, left out of the expert counts)."""
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    token_mask: torch.Tensor
+
+    def to(self, device) -> LabelledBatch:
+        return LabelledBatch(self.inputs.to(device), self.labels.to(device), self.token_mask.to(device))
+
+
+def model_inputs(batch: torch.Tensor | LabelledBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels, token_mask) of a micro-batch; token windows [b, T + 1] predict their own next tokens."""
+    if isinstance(batch, LabelledBatch):
+        return batch.inputs, batch.labels, batch.token_mask
+    return batch[:, :-1], batch[:, 1:], None
+
+
+@dataclass
 class StepWork:
     """What the loop hands an executor for one optimizer step."""
     n_micro: int  # micro-batches in this step
-    batch: Callable[[int], torch.Tensor]  # micro-batch m -> this rank's token windows [b, T + 1], on the device
+    # micro-batch m -> this rank's token windows [b, T + 1] (or a LabelledBatch), on the device
+    batch: Callable[[int], torch.Tensor | LabelledBatch]
     loss_scale: float  # 1 / (micro-batches × data-parallel ranks): summed gradients are the global mean's
     mtp_weight: float  # λ of this step
     compute: Callable[[], AbstractContextManager]  # the compute precision (autocast, compute copies, FP8)
@@ -44,14 +64,15 @@ class MicroBatchLoop:
     def run(self, model: torch.nn.Module, work: StepWork) -> StepResult:
         parts, counts = None, None
         for m in range(work.n_micro):
-            batch = work.batch(m)
+            inputs, labels, token_mask = model_inputs(work.batch(m))
             with work.compute():
-                out = model(batch[:, :-1], labels=batch[:, 1:], mtp_weight=work.mtp_weight, return_logits=False)
+                out = model(inputs, labels=labels, token_mask=token_mask, mtp_weight=work.mtp_weight,
+                            return_logits=False)
             (out.loss * work.loss_scale).backward()
             if work.n_micro > 1:  # summed in fp32 (the compute copies' gradients are bf16)
                 work.fold_grads()
             if parts is None:
-                parts = torch.zeros(4, dtype=torch.float64, device=batch.device)
+                parts = torch.zeros(4, dtype=torch.float64, device=inputs.device)
             parts += torch.stack([out.loss.detach(), out.main_loss.detach(), out.mtp_loss.detach(),
                                   out.balance_loss.detach()]).double() * work.loss_scale
             counts = out.expert_counts if counts is None else counts + out.expert_counts

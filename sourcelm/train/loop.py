@@ -70,7 +70,6 @@ class Trainer:
         """base: the weights to start from instead of an initialisation (`init_from.BaseWeights`), or None."""
         from sourcelm.model import build_model
         from sourcelm.model.flops import model_stats
-        from sourcelm.tokens.loader import TokenWindows
 
         self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx or SingleProcess()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,11 +107,7 @@ class Trainer:
                  "kernel runs and the compute dtype is bf16)", "the native CPU kernel" if self.dense_opt.native else
                  "torch's fused kernel (no native kernel on this device)", len(self.compute_copies.slots), len(named))
         self.balancer = LoadBalancer(self.ctx.moe_layers(self.model))
-        d = cfg.data
-        self.train_data = TokenWindows(d.train, d.seq_len, d.seed, split="train", valid_fraction=d.valid_fraction,
-                                       mixture=d.mixture)
-        self.valid_data = (TokenWindows(d.valid, d.seq_len, d.seed, split="valid", valid_fraction=d.valid_fraction)
-                           if d.valid else None)
+        self.train_data, self.valid_data = self.open_data()
         self.quantum = check_batch_layout(cfg, self.ctx.dp_world)
         self.total_tokens = samples_before(cfg.schedule.steps, cfg.schedule, self.quantum) * cfg.data.seq_len
         # the model FLOPs of one training token, MTP included (formula in sourcelm.model.flops)
@@ -127,6 +122,21 @@ class Trainer:
         # the token shards behind the training and the validation loss, pinned by their manifests
         self.inputs = [Path(p) / "manifest.json" for p in [*cfg.data.train, *cfg.data.valid]]
         self.inputs.append(self.run_dir / BASE_MANIFEST)  # the checkpoint a continued run started from, if any
+
+    def open_data(self):
+        """(training data, validation data or None): token windows (`TokenWindows`); SFT gives its own (`sft.py`)."""
+        from sourcelm.tokens.loader import TokenWindows
+
+        d = self.cfg.data
+        train = TokenWindows(d.train, d.seq_len, d.seed, split="train", valid_fraction=d.valid_fraction,
+                             mixture=d.mixture)
+        valid = (TokenWindows(d.valid, d.seq_len, d.seed, split="valid", valid_fraction=d.valid_fraction)
+                 if d.valid else None)
+        return train, valid
+
+    def checkpoint_extras(self) -> dict:
+        """More entries for each checkpoint's state.json (SFT: the tokenizer that `sourcelm export` copies)."""
+        return {}
 
     def _peak(self) -> tuple[float, str]:
         """The device peak, probed once per run directory and recorded (a resumed run reuses it)."""
@@ -159,7 +169,7 @@ class Trainer:
                 "bad_in_row": s.bad_in_row, "skipped_steps": s.skipped_steps,
                 "optimizer_step": self.dense_opt.step_count,
                 "loader": self.train_data.state(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
-                "layout": self.ctx.description, "launch": self.ctx.launch,
+                "layout": self.ctx.description, "launch": self.ctx.launch, **self.checkpoint_extras(),
             },
             keep=self.cfg.checkpoint.keep,
             manifest_inputs=self.inputs + ([previous[-1] / "manifest.json"] if previous else []))
