@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sourcelm.artifacts import code_version, sha256_file
@@ -76,49 +77,82 @@ def launch_command(config_path: Path, run_dir: Path, start: Path | None, steps: 
                  "--ranks-per-node", str(launch.get("ranks_per_node", 1))]
     rank_args += ["--resume-from", str(start)] if start else ["--no-resume"]
     nproc = int(launch.get("nproc", 1))
+    # run under this module's peak-memory wrapper (`__main__` below)
+    wrap = [sys.executable, "-m", "sourcelm.provenance.replay", str(run_dir.parent / "peak_rss.json"), "--"]
     if nproc == 1:
-        return [sys.executable, "-m", "sourcelm.train", *rank_args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        return [*wrap, sys.executable, "-m", "sourcelm.train", *rank_args]
+    return [*wrap, sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "--module", "sourcelm.train", *rank_args]
+
+
+@dataclass
+class ReplayRun:
+    """One replay of a segment: where its checkpoint is, what it cost."""
+    checkpoint: Path | None  # the replayed checkpoint K' (None when the run failed)
+    seconds: float
+    peak_rss: int  # bytes, the largest process of the replay
+    error: str = ""
+
+
+def run_replay(report: Report, start: Node | None, end: Node, end_state: dict, layout, workdir: Path,
+               show_progress: bool = True) -> ReplayRun:
+    """Trains checkpoint K -> K' again in `workdir` on `layout` (a `layouts.ReplayLayout`) and keeps the result."""
+    a, b = (start.manifest.get("step") if start else 0), end_state["step"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = replay_config(report, end_state, end, show_progress)
+    cfg["parallel"].update(layout.parallel, ranks_per_node=layout.ranks_per_node)
+    config_path = workdir / "config.json"
+    config_path.write_text(json.dumps(cfg, indent=2))
+    launch = {"nproc": layout.nproc, "ranks_per_node": layout.ranks_per_node}
+    cmd = launch_command(config_path, workdir / "run", start.dir if start else None, b - a, launch)
+    env = dict(os.environ)
+    if layout.nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # as `sourcelm train --nproc` runs its ranks
+    if show_progress:
+        print(f"replay steps {a}→{b} of {report.rel(end.dir.parent.parent)} on {layout.describe()}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, env=env, stdout=None if show_progress else subprocess.PIPE,
+                          stderr=subprocess.STDOUT if not show_progress else None, text=True)
+    secs = time.perf_counter() - t0
+    peak_file = workdir / "peak_rss.json"
+    peak = json.loads(peak_file.read_text())["peak_rss"] if peak_file.is_file() else 0
+    replayed = workdir / "run" / "checkpoints" / end.dir.name
+    if proc.returncode != 0 or not (replayed / "state.json").is_file():
+        tail = (proc.stdout or "")[-800:] if not show_progress else ""
+        return ReplayRun(None, secs, peak, f"the replay run failed (exit {proc.returncode}) {tail}")
+    return ReplayRun(replayed, secs, peak)
 
 
 def replay_segment(report: Report, start: Node | None, end: Node, show_progress: bool = True,
                    workdir: str | Path | None = None) -> Check:
-    """Replays one segment in a temporary run dir and returns the verdict as a Check row."""
+    """Replays one segment on the recorded layout in a temporary run dir and returns the verdict as a Check row."""
+    from sourcelm.provenance.layouts import recorded_layout
+
     end_state = read_state(end)
     if end_state is None:
         return Check(end.stage, report.rel(end.dir), "replay", False,
                      "state.json missing or unreadable: nothing to replay")
     a, b = (start.manifest.get("step") if start else 0), end_state["step"]
     label = f"steps {a}→{b}"
-    launch = end_state.get("launch") or {"nproc": 1, "ranks_per_node": 1}
     with tempfile.TemporaryDirectory(prefix="sourcelm-replay-", dir=workdir) as tmp:
-        tmp = Path(tmp)
-        config_path = tmp / "config.json"
-        config_path.write_text(json.dumps(replay_config(report, end_state, end, show_progress), indent=2))
-        cmd = launch_command(config_path, tmp / "run", start.dir if start else None, b - a, launch)
-        env = dict(os.environ)
-        if int(launch.get("nproc", 1)) > 1:
-            env.setdefault("OMP_NUM_THREADS", "1")  # as `sourcelm train --nproc` runs its ranks
-        if show_progress:
-            print(f"replay {label} of {report.rel(end.dir.parent.parent)} on {launch.get('nproc', 1)} process(es), "
-                  f"{launch.get('ranks_per_node', 1)} per node", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, check=False, env=env, stdout=None if show_progress else subprocess.PIPE,
-                              stderr=subprocess.STDOUT if not show_progress else None, text=True)
-        secs = time.perf_counter() - t0
-        replayed = tmp / "run" / "checkpoints" / end.dir.name
-        if proc.returncode != 0 or not (replayed / "state.json").is_file():
-            tail = (proc.stdout or "")[-800:] if not show_progress else ""
-            return Check(end.stage, report.rel(end.dir), "replay", False,
-                         f"{label}: the replay run failed (exit {proc.returncode}) {tail}")
-        check = compare_checkpoints(report, end, replayed, label, secs)
-        made_by, running = end.manifest.get("code", {}), code_version()
-        if code_id(made_by) != code_id(running):
-            # other code may compute other bits: say so, so a mismatch is not read as a forgery
-            check.detail += (f" [replayed with code {describe_code(running)}; the checkpoint was made by "
-                             f"{describe_code(made_by)}: check that version out to replay it exactly]")
+        run = run_replay(report, start, end, end_state, recorded_layout(end_state), Path(tmp), show_progress)
+        if run.checkpoint is None:
+            return Check(end.stage, report.rel(end.dir), "replay", False, f"{label}: {run.error}")
+        check = compare_checkpoints(report, end, run.checkpoint, label, run.seconds)
+        note = code_note(end)
+        if note:
+            check.detail += note
         return check
+
+
+def code_note(end: Node) -> str:
+    """Empty when this checkout is the code that made the checkpoint, else a note saying which is which."""
+    made_by, running = end.manifest.get("code", {}), code_version()
+    if code_id(made_by) == code_id(running):
+        return ""
+    # other code may compute other bits: say so, so a mismatch is not read as a forgery
+    return (f" [replayed with code {describe_code(running)}; the checkpoint was made by {describe_code(made_by)}: "
+            f"check that version out to replay it exactly]")
 
 
 def compare_checkpoints(report: Report, end: Node, replayed: Path, label: str, secs: float) -> Check:
@@ -148,3 +182,18 @@ def _tensor_diff(a: Path, b: Path) -> str:
     worst = max(((float((ta[n].double() - tb[n].double()).abs().max()), n) for n in differ
                  if n in ta and n in tb and ta[n].shape == tb[n].shape), default=(float("nan"), "none comparable"))
     return f"{len(differ)} of {len(names)} tensors, largest |Δ| {worst[0]:.3g} in {worst[1]}"
+
+
+def _run_measuring_peak(out: str, cmd: list[str]) -> int:
+    """Runs cmd and writes the peak RSS of its largest process (descendants included: the kernel folds a reaped
+    child's peak into its parent's RUSAGE_CHILDREN) to `out`."""
+    import resource
+
+    code = subprocess.call(cmd)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    Path(out).write_text(json.dumps({"peak_rss": peak_kib * 1024}))
+    return code
+
+
+if __name__ == "__main__":  # python -m sourcelm.provenance.replay PEAK_JSON -- CMD...
+    sys.exit(_run_measuring_peak(sys.argv[1], sys.argv[3:]))

@@ -9,7 +9,6 @@ that names the whole chain. Publish it next to the weights; `verify --expect-roo
 
 from __future__ import annotations
 
-import random
 import secrets
 from pathlib import Path
 
@@ -20,13 +19,19 @@ STAGE_ORDER = ("corpus", "raw input", "curate", "tokenizer", "tokenize", "checkp
 
 
 def verify(run_dir: str | Path, replay: list[int] = (), sample: int = 0, seed: int | None = None,
-           data: bool = False, expect_root: str | None = None, show_progress: bool = True) -> Report:
-    from sourcelm.provenance.replay import find_segment, replay_segment, segments
+           data: bool = False, expect_root: str | None = None, show_progress: bool = True,
+           nproc: int | None = None, ranks_per_node: int | None = None, layout: str | None = None,
+           max_memory: int | None = None) -> Report:
+    """Replays (--replay, --sample) run on the recorded layout, or on nproc / ranks_per_node / layout; their records
+    go to RUN/verification/ (`vreport.py`)."""
+    from sourcelm.provenance.replay import find_segment, segments
+    from sourcelm.provenance.segment_check import EXACT, TOLERANCE, check_segment
+    from sourcelm.provenance.vreport import sample_seed, sample_segments, sampling_record, write_report
 
     report = walk(run_dir)
     final = report.final()
+    root = root_hash(report) if final is not None else None
     if final is not None:
-        root = root_hash(report)
         if expect_root:
             report.add("provenance", report.rel(final.path), "root hash", root == expect_root.lower(),
                        f"{root} {'==' if root == expect_root.lower() else '!='} expected {expect_root}")
@@ -39,18 +44,32 @@ def verify(run_dir: str | Path, replay: list[int] = (), sample: int = 0, seed: i
             chosen.append(find_segment(report, k))
         except ValueError as e:
             report.add("checkpoint", str(run_dir), "replay", False, str(e))
+    sampling = None
     if sample:
         segs = segments(report)
         if not segs:
             report.add("checkpoint", str(run_dir), "replay", False, "--sample: no training run with checkpoints found")
         else:
-            seed = secrets.randbelow(2**31) if seed is None else seed
-            picked = random.Random(seed).sample(range(len(segs)), min(sample, len(segs)))
+            # derived from the root the prover published, so the prover cannot choose the segments checked
+            seed_from = "--seed" if seed is not None else "the provenance root" if root else "drawn at random"
+            seed = seed if seed is not None else sample_seed(root) if root else secrets.randbelow(2**31)
+            picked = sample_segments(len(segs), sample, seed)
+            sampling = sampling_record(len(segs), sample, seed, seed_from)
             if show_progress:
-                print(f"--sample {sample} with --seed {seed}: segments {sorted(picked)} of {len(segs)}", flush=True)
-            chosen += [segs[i] for i in sorted(picked) if segs[i] not in chosen]
+                print(f"--sample {sample} with seed {seed} ({seed_from}): segments {picked} of {len(segs)}", flush=True)
+            chosen += [segs[i] for i in picked if segs[i] not in chosen]
+    records = []
     for start, end in chosen:
-        report.checks.append(replay_segment(report, start, end, show_progress=show_progress))
+        rec = check_segment(report, start, end, nproc, ranks_per_node, layout, budget=max_memory,
+                            show_progress=show_progress)
+        records.append(rec)
+        verdict = rec["verdict"]
+        report.add(end.stage, report.rel(end.dir), "replay", verdict in (EXACT, TOLERANCE),
+                   f"{verdict}: {rec['detail']}" if verdict != EXACT else rec["detail"])
+    if records:
+        path = write_report(report.run_dir, records, sampling, root)
+        report.add("provenance", report.rel(path), "verification report", True, note=True,
+                   detail=f"{len(records)} segment check(s): {report.rel(path)} and report.json")
     if data:
         from sourcelm.provenance.data_replay import replay_data
 
