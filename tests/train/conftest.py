@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sourcelm.config import load_config
+from sourcelm.kernels import build
 from sourcelm.tokens.indexed import ShardWriter
 
 # a model small enough to train a few steps in seconds, with every DeepSeek-V3 feature on
@@ -57,3 +58,13 @@ def weights_digest(model) -> str:
         h.update(name.encode())
         h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+@pytest.fixture(params=["native", "torch"])
+def update_path(request, monkeypatch):
+    """Every FlatAdamW test runs on both update paths: the CPU kernel and torch's fused AdamW (other devices)."""
+    if request.param == "native" and not build.available():
+        pytest.skip("no C compiler: the native kernels do not build")
+    if request.param == "torch":
+        monkeypatch.setenv("SOURCELM_KERNELS", "torch")
+    return request.param

@@ -8,16 +8,6 @@ from sourcelm.train.optim import FlatAdamW
 needs_native = pytest.mark.skipif(not build.available(), reason="no C compiler: the native kernels do not build")
 
 
-@pytest.fixture(params=["native", "torch"])
-def update_path(request, monkeypatch):
-    """Every FlatAdamW test runs on both update paths: the CPU kernel and torch's fused AdamW (other devices)."""
-    if request.param == "native" and not build.available():
-        pytest.skip("no C compiler: the native kernels do not build")
-    if request.param == "torch":
-        monkeypatch.setenv("SOURCELM_KERNELS", "torch")
-    return request.param
-
-
 def make_params(seed=0):
     g = torch.Generator().manual_seed(seed)
     return [("w", nn.Parameter(torch.randn(5, 3, generator=g))), ("norm", nn.Parameter(torch.randn(3, generator=g))),

@@ -11,15 +11,6 @@ from sourcelm.kernels import build
 from sourcelm.train.optim import FlatAdamW
 
 
-@pytest.fixture(params=["native", "torch"])
-def update_path(request, monkeypatch):
-    if request.param == "native" and not build.available():
-        pytest.skip("no C compiler: the native kernels do not build")
-    if request.param == "torch":
-        monkeypatch.setenv("SOURCELM_KERNELS", "torch")
-    return request.param
-
-
 def make_params(seed=0):
     # 70k + 130 elements: more than one 64k block, chunks with a short tail, decayed and not
     g = torch.Generator().manual_seed(seed)
