@@ -145,28 +145,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the median (first steps pay JIT)")
+    ap.add_argument("--rounds", type=int, default=2, help="measure-then-predict pairs per layout (the machine is "
+                                                          "shared: each prediction is measured right after its run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS_plan.md"))
     args = ap.parse_args()
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    import torch
+
+    from sourcelm.config import load_config
+    from sourcelm.kernels.hardware import resolve_dtype
+    from sourcelm.plan import comms
+    from sourcelm.plan.measure import write_token_shard
+
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype("auto", torch.device("cpu"))]
+    model = load_config("tiny").model
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        measured = {}
-        from sourcelm.plan.measure import write_token_shard
-
         data = write_token_shard(work, 8192, tokens=400_000)
-        for run in RUNS:
-            measured[run.name] = measure_training(run, data, args.steps, args.warmup, work)
-            print(f"{run.name}: measured {measured[run.name]['step_time']:.3f} s/step", flush=True)
-        import torch
-
-        from sourcelm.config import load_config
-        from sourcelm.kernels.hardware import resolve_dtype
-        from sourcelm.plan import comms
-
-        dtype = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype("auto", torch.device("cpu"))]
-        model = load_config("tiny").model
-        rows = []
         for run in RUNS:
             exact = exact_bytes(run, data, args.steps, work, model.hidden_size) if run.ep > 1 else None
             routing = None
@@ -174,9 +171,14 @@ def main() -> int:
                 r = exact["rows_per_token"]
                 routing = comms.RoutingStats(r["inter_node"], r["intra_node"], float("nan"), float("nan"),
                                              "measured (the recorded steps)")
-            plan, with_routing = predict(run, model, dtype, routing)
-            rows.append((run, measured[run.name], plan, with_routing, exact))
-            print(f"{run.name}: predicted {plan.step_time:.3f} s/step", flush=True)
+            rounds = []
+            for _ in range(args.rounds):
+                meas = measure_training(run, data, args.steps, args.warmup, work)
+                plan, with_routing = predict(run, model, dtype, routing)
+                rounds.append((meas, plan, with_routing))
+                print(f"{run.name}: measured {meas['step_time']:.3f} s/step, predicted {plan.step_time:.3f}",
+                      flush=True)
+            rows.append((run, rounds, exact))
         pp_rows = [(name, predict_pipeline(model, dtype, schedule)) for name, schedule in PP_RUNS]
     from sourcelm.plan.report import report_plan
 
@@ -206,29 +208,33 @@ def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) ->
 
     lines = [
         "# `sourcelm plan`: predicted vs measured (issue 22)", "",
-        f"Command: `.venv/bin/python bench/plan_vs_measured.py --steps {args.steps} --warmup {args.warmup}`, "
-        f"{started}, this machine ({os.cpu_count()} cores, shared with other jobs: load average "
+        f"Command: `.venv/bin/python bench/plan_vs_measured.py --steps {args.steps} --warmup {args.warmup} --rounds "
+        f"{args.rounds}`, {started}, this machine ({os.cpu_count()} cores, shared with other jobs: load average "
         f"{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end), the tiny preset in {dtype}, 8 sequences "
         "x 256 tokens per step. The issue's targets: step time within 30 %, peak memory within 20 %, dispatch bytes "
         "exact.", "", METHOD, "",
         "## This machine", "",
-        "| layout | step time predicted / measured (s) | ratio | peak memory predicted / measured (MB) | ratio | "
-        "dispatch + combine MB per step, inter / intra-node: predicted (sampled routing); measured |",
-        "|---|---|---|---|---|---|"]
-    for run, meas, plan, _, _ in rows:
+        "Each round measures the layout, then predicts it (the machine measured right after the run).", "",
+        "| layout | step time predicted / measured (s), per round | median ratio | peak memory predicted / measured "
+        "(MB), per round | median ratio | dispatch + combine MB per step, inter / intra-node: predicted (sampled "
+        "routing); measured |", "|---|---|---|---|---|---|"]
+    for run, rounds, _ in rows:
+        times = "; ".join(f"{p.step_time:.3f} / {m['step_time']:.3f}" for m, p, _ in rounds)
+        mems = "; ".join(f"{p.worst_memory.total / 1e6:.0f} / {m['peak_rss'] / 1e6:.0f}" for m, p, _ in rounds)
+        t_ratio = statistics.median(p.step_time / m["step_time"] for m, p, _ in rounds)
+        m_ratio = statistics.median(p.worst_memory.total / m["peak_rss"] for m, p, _ in rounds)
+        meas, plan, _ = rounds[-1]
         a2a, world = plan.comm_bytes, plan.res.world
         pred_a2a = (f"{a2a.get('dispatch/combine inter-node', 0) * world / 1e6:.1f} / "
                     f"{a2a.get('dispatch/combine intra-node', 0) * world / 1e6:.1f}")
         meas_a2a = f"{meas['a2a']['inter_node_bytes'] / 1e6:.1f} / {meas['a2a']['intra_node_bytes'] / 1e6:.1f}"
-        mem = plan.worst_memory.total
-        lines.append(f"| {run.name} | {plan.step_time:.3f} / {meas['step_time']:.3f} | "
-                     f"{_ratio(plan.step_time, meas['step_time'])} | {mem / 1e6:.0f} / {meas['peak_rss'] / 1e6:.0f} | "
-                     f"{_ratio(mem, meas['peak_rss'])} | {pred_a2a}; {meas_a2a} |")
-    lines += ["", "Commands measured:", ""]
-    lines += [f"- {run.name}: `{meas['command']}`" for run, meas, _, _, _ in rows]
-    for run, meas, plan, with_routing, exact in rows:
+        lines.append(f"| {run.name} | {times} | {t_ratio:.2f} | {mems} | {m_ratio:.2f} | {pred_a2a}; {meas_a2a} |")
+    lines += ["", "Commands measured (the data is a temporary shard of random tokens):", ""]
+    lines += [f"- {run.name}: `{rounds[-1][0]['command']}`" for run, rounds, _ in rows]
+    for run, rounds, exact in rows:
+        meas, plan, with_routing = rounds[-1]
         times = ", ".join(f"{t:.3f}" for t in meas["step_times"])
-        lines += ["", f"### {run.name}", "", f"Measured step times after the warm-up (s): {times}.", "",
+        lines += ["", f"### {run.name} (last round)", "", f"Measured step times after the warm-up (s): {times}.", "",
                   f"Machine as measured: {plan.cluster.describe()}; link latency {plan.cluster.link_latency * 1e3:.2f} "
                   f"ms; {plan.assumptions.describe()}.", "", "Predicted time per step:", ""]
         lines += [f"- {k}: {v * 1e3:.1f} ms" for k, v in plan.time.items()]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sourcelm.plan.model_costs import FP8_BYTES
+
 LINK_CLASSES = ("inter_node", "intra_node")
 
 
@@ -76,8 +78,6 @@ def row_element_bytes(recipe: str, dtype: str) -> tuple[float, float]:
     """Bytes per hidden element of a dispatched and of a combined row. sourcelm dispatches the MoE norm's
     output, which stays fp32 for the fp32 router under autocast, and combines the experts' outputs in the
     compute dtype; the report dispatches FP8 (with its 1 x 128 scales) and combines BF16 (§3.3.2)."""
-    from sourcelm.plan.model_costs import FP8_BYTES
-
     if recipe == "sourcelm":
         return 4.0, 4.0 if dtype == "fp32" else 2.0
     return (FP8_BYTES if dtype == "fp8" else 4.0 if dtype == "fp32" else 2.0), 4.0 if dtype == "fp32" else 2.0
@@ -123,8 +123,7 @@ def routing_stats(topk_idx: torch.Tensor, ep: int, ranks_per_node: int, n_expert
                   source: str) -> RoutingStats:
     """Rows per token of `topk_idx` [T, K] spread evenly over the positions of one EP group."""
     t = topk_idx.shape[0]
-    world = ep
-    rows = dispatch_rows([topk_idx[r::world] for r in range(world)], ep, ranks_per_node, n_experts, dispatcher)
+    rows = dispatch_rows([topk_idx[r::ep] for r in range(ep)], ep, ranks_per_node, n_experts, dispatcher)
     e_local, el = n_experts // ep, min(ep, ranks_per_node)
     rank = torch.where(topk_idx >= 0, topk_idx // e_local, torch.full_like(topk_idx, -1))
     node = torch.where(rank >= 0, rank // el, rank)

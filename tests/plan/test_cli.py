@@ -36,6 +36,21 @@ def test_report_layout_as_tables(capsys):
     assert "3.20 experts per node at no extra cost, up to 13 experts per token" in text
 
 
+def test_an_hf_model_directory_is_planned_like_its_preset(tmp_path, capsys):
+    """A config.json as transformers writes it gives the same model, so the same plan (HF configs carry no
+    layout: the batch defaults to one sequence per GPU and 4096 tokens)."""
+    from sourcelm.config import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(load_config("tiny").model.to_hf_dict()))
+    args = ["--cluster", "h100", "--nodes", "1", "--ep", "8", "--global-batch", "8", "--seq-len", "256", "--json"]
+    assert main(["plan", str(tmp_path), *args]) == 0
+    hf = json.loads(capsys.readouterr().out)
+    assert main(["plan", "tiny", *args, "--micro-batch", "1", "--dtype", "bf16"]) == 0
+    preset = json.loads(capsys.readouterr().out)
+    assert hf["model"] == preset["model"] and hf["step_time_s"] == preset["step_time_s"]
+    assert hf["memory"]["worst_total_bytes"] == preset["memory"]["worst_total_bytes"]
+
+
 def test_search_prints_the_fastest_layouts(capsys):
     assert main(["plan", "tiny", "--cluster", "h100", "--nodes", "1", "--global-batch", "16", "--micro-batch", "1",
                  "--search", "--top", "5"]) == 0
