@@ -27,15 +27,26 @@ Two implementations, both dropless:
   the same local index there (the IB hop), which forwards it inside its node to the ranks holding
   its experts (the NVLink hop). Combine reduces inside the destination node before one row per
   (token, node) crosses back.
-Both count the bytes they send per link class in `stats` (read and reset by the trainer).
+* `ChunkedTwoHopDispatcher`: the same route in chunks, pipelined: each chunk is forwarded inside the
+  node as soon as it lands (chunked.py); bit-identical to `TwoHopDispatcher`. Its chunk size is given,
+  or measured on the first dispatch (a few sizes, the fastest kept, the choice logged).
+All count the bytes they send per link class in `stats` (read and reset by the trainer).
 """
 
 from __future__ import annotations
 
-import torch
+import logging
+import math
+import time
 
+import torch
+import torch.distributed as dist
+
+from sourcelm.parallel.chunked import ChunkedTwoHopRoute
 from sourcelm.parallel.topology import Topology
 from sourcelm.parallel.transport import Hop, LinkStats, Pending, Route, exchange_counts
+
+log = logging.getLogger("sourcelm.parallel")
 
 
 class Handle:
@@ -263,8 +274,71 @@ class TwoHopDispatcher(Dispatcher):
         return [x2.index_select(0, perm), w2.index_select(0, perm), meta2[:, :-1].index_select(0, perm)]
 
 
-def make_dispatcher(kind: str, topo: Topology) -> Dispatcher:
-    kinds = {c.kind: c for c in (FlatDispatcher, TwoHopDispatcher)}
+class ChunkedTwoHopDispatcher(Dispatcher):
+    """Two-hop in chunks of `chunk_rows` rows per (source, destination node), forwarded as they land.
+    chunk_rows None: measured on the first dispatch among CHUNK_FRACTIONS of the largest per-node row count."""
+
+    kind = "two_hop_chunked"
+    CHUNK_FRACTIONS = (1, 2, 4, 8, 16)
+
+    def __init__(self, topo: Topology, chunk_rows: int | None = None):
+        super().__init__(topo)
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                       or chunk_rows < 1):
+            raise ValueError(f"dispatch chunk_rows = {chunk_rows!r}: give a positive number of rows per chunk, "
+                             f"or None to measure it on the first dispatch")
+        self.chunk_rows = chunk_rows
+        self.tuning: dict[int, float] = {}  # chunk rows -> slowest rank's dispatch + combine seconds
+
+    def dispatch_async(self, x, topk_idx, topk_weights) -> InFlight:
+        if self.chunk_rows is None:
+            self._measure_chunk_rows(x, topk_idx, topk_weights)
+        return super().dispatch_async(x, topk_idx, topk_weights)
+
+    def _first_hop(self, topk_idx, device):
+        _, _, in_rank = self.layout(topk_idx)
+        in_node = in_rank.view(-1, self.n_nodes, self.ranks_per_ep_node).any(-1)
+        return ChunkedTwoHopRoute(self, in_node, self.chunk_rows)
+
+    def _rest_of_dispatch(self, handle, rows):
+        return rows  # the route's Pending ran both hops
+
+    def _measure_chunk_rows(self, x, topk_idx, topk_weights) -> None:
+        """Times a forward dispatch + combine of these very rows at a few chunk sizes (the slowest rank's time,
+        best of 2) and keeps the fastest; every rank of the EP group takes the same choice."""
+        group = self.topo.groups["ep"]
+        in_node = self.layout(topk_idx)[2].view(-1, self.n_nodes, self.ranks_per_ep_node).any(-1)
+        most = torch.tensor([int(in_node.sum(0).max()) if in_node.numel() else 0])
+        if group is not None:
+            dist.all_reduce(most, dist.ReduceOp.MAX, group=group)
+        sizes = sorted({max(1, math.ceil(int(most) / f)) for f in self.CHUNK_FRACTIONS})
+        saved = dict(self.stats.counts)
+        for size in sizes:
+            self.chunk_rows = size
+            best = math.inf
+            for _ in range(2):
+                if group is not None:
+                    dist.barrier(group=group)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    recv_x, _, _, handle = super().dispatch_async(x, topk_idx, topk_weights).wait()
+                    self.combine(recv_x, handle)
+                best = min(best, time.perf_counter() - t0)
+            t = torch.tensor([best], dtype=torch.float64)
+            if group is not None:
+                dist.all_reduce(t, dist.ReduceOp.MAX, group=group)
+            self.tuning[size] = float(t)
+        self.stats.counts = saved  # the measurement's traffic is not the model's
+        self.chunk_rows = min(sizes, key=lambda c: (self.tuning[c], c))
+        log.info("two_hop_chunked dispatch: chunk_rows = %d, measured (rows: ms, slowest rank) %s", self.chunk_rows,
+                 ", ".join(f"{c}: {self.tuning[c] * 1e3:.1f}" for c in sizes))
+
+
+def make_dispatcher(kind: str, topo: Topology, chunk_rows: int | None = None) -> Dispatcher:
+    """kind: flat, two_hop or two_hop_chunked (chunk_rows: rows per chunk, None = measured at the start)."""
+    kinds = {c.kind: c for c in (FlatDispatcher, TwoHopDispatcher, ChunkedTwoHopDispatcher)}
     if kind not in kinds:
         raise ValueError(f"parallel.dispatcher = {kind!r}: choose one of {', '.join(map(repr, kinds))}")
+    if kind == ChunkedTwoHopDispatcher.kind:
+        return ChunkedTwoHopDispatcher(topo, chunk_rows)
     return kinds[kind](topo)

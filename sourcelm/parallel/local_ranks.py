@@ -4,6 +4,10 @@ The processes start from a fork server that imported torch once, so each test pa
 once rather than once per rank. `fn(rank, world, *args)` must be a module-level function (the child
 imports its module by name, or from its file); its return values come back as a list indexed by rank.
 An exception on any rank is raised here with that rank's traceback.
+
+With `links` (a LinkSpec), the ranks run on shaped pretend nodes of `ranks_per_node` ranks each: every
+node's ranks inside its own network namespace (sourcelm/parallel/netns.py), gloo on the node's link;
+the namespaces are removed when the call returns or fails.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 
 _CTX = None
 
@@ -28,7 +33,7 @@ def _context():
     return _CTX
 
 
-def _entry(fn_ref, sys_path, rank, world, init_file, args, results, threads):
+def _entry(fn_ref, sys_path, rank, world, init_file, args, results, threads, netns=None):
     import importlib
     import importlib.util
     import sys
@@ -38,6 +43,11 @@ def _entry(fn_ref, sys_path, rank, world, init_file, args, results, threads):
 
     torch.set_num_threads(threads)
     try:
+        if netns:  # before gloo starts its threads: they inherit the namespace
+            from sourcelm.parallel.netns import IFNAME, enter_namespace
+
+            enter_namespace(netns)
+            os.environ["GLOO_SOCKET_IFNAME"] = IFNAME
         # The fork server was started earlier; the caller's import path may have grown since (pytest
         # adds test folders), so the function is imported here, after taking the caller's path.
         sys.path[:] = sys_path
@@ -64,15 +74,26 @@ def _entry(fn_ref, sys_path, rank, world, init_file, args, results, threads):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 120.0, threads: int = 1) -> list:
-    """Calls fn(rank, world, *args) on `world` processes; returns the results in rank order."""
+def run_ranks(fn, world: int, *args, timeout: float = 120.0, threads: int = 1, ranks_per_node: int = 0,
+              links=None) -> list:
+    """Calls fn(rank, world, *args) on `world` processes; returns the results in rank order.
+    links: a LinkSpec to run them on shaped nodes of `ranks_per_node` ranks (see the module docstring)."""
     ctx = _context()
     results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
+    if links is not None and (ranks_per_node <= 0 or world % ranks_per_node):
+        raise ValueError(f"shaped links need ranks_per_node dividing the world {world}, got {ranks_per_node}")
+    nodes = nullcontext()
+    if links is not None:
+        from sourcelm.parallel.netns import ShapedNodes
+
+        nodes = ShapedNodes(world // ranks_per_node, links)
+    with tempfile.TemporaryDirectory() as tmp, nodes as net:
+        where = [net.names[r // ranks_per_node] if net else None for r in range(world)]
         init_file = os.path.join(tmp, "rendezvous")
         fn_ref = (fn.__module__, sys.modules[fn.__module__].__file__, fn.__qualname__)
         path = list(sys.path)
-        procs = [ctx.Process(target=_entry, args=(fn_ref, path, r, world, init_file, args, results, threads))
+        procs = [ctx.Process(target=_entry, args=(fn_ref, path, r, world, init_file, args, results, threads,
+                                                     where[r]))
                  for r in range(world)]
         for p in procs:
             p.start()

@@ -54,14 +54,15 @@ def identity_expert_roundtrip(dispatcher, x, idx, w, grad_seed: int):
             "local": local, "recv_w": recv_w.detach(), "per_expert": handle.num_recv_tokens_per_expert}
 
 
-def roundtrip_worker(rank, world, ranks_per_node, cases):
-    """For both dispatchers and every (scenario, dyadic) case: the identity-expert round trip, the
-    layout, and the byte counters of one dispatch alone and of a whole forward + backward."""
+def roundtrip_worker(rank, world, ranks_per_node, cases, kinds=("flat", "two_hop"), chunk_rows=None):
+    """For each dispatcher kind and every (scenario, dyadic) case: the identity-expert round trip, the
+    layout, and the byte counters of one dispatch alone and of a whole forward + backward.
+    chunk_rows: for two_hop_chunked (None: measured on its first dispatch)."""
     n_experts, k = 8, 3
     topo = build_topology(ep=world, ranks_per_node=ranks_per_node, n_routed_experts=n_experts)
     out = {}
-    for kind in ("flat", "two_hop"):
-        d = make_dispatcher(kind, topo)
+    for kind in kinds:
+        d = make_dispatcher(kind, topo, chunk_rows)
         for sc, dyadic in cases:
             x, idx, w = make_inputs(rank, sc, n_experts, k, dyadic)
             d.stats.reset()
@@ -73,5 +74,7 @@ def roundtrip_worker(rank, world, ranks_per_node, cases):
             again = identity_expert_roundtrip(d, x, idx, w, grad_seed=rank)  # same inputs, same bits
             res["repeat_equal"] = all(torch.equal(res[key], again[key]) for key in ("out", "dx", "dw"))
             out[(kind, sc, dyadic)] = res
+            if kind == "two_hop_chunked":
+                res["chunk_rows"] = d.chunk_rows
     out["members"] = dict(topo.members)
     return out
