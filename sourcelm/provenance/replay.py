@@ -56,12 +56,17 @@ def find_segment(report: Report, k: int) -> tuple[Node | None, Node]:
 
 
 def _token_dirs(report: Report, end: Node, listed: list[str]) -> list[str]:
-    """The shard dirs of `data.train`, found through the checkpoint's manifest links (absolute)."""
+    """The shard dirs of `data.train`, found through the checkpoint's manifest links (absolute), so a moved or
+    copied run replays from its own shards: each listed dir is the linked one that ends in the same folder names
+    (the links include the validation shards too)."""
     linked = [(end.dir / i["path"]).resolve() for i in end.manifest.get("inputs", [])]
     linked = [p.parent for p in linked if p in report.nodes and report.nodes[p].kind == "tokenize"]
-    if len(linked) == len(listed):
-        return [str(p) for p in linked]
-    return [str(Path(p).resolve()) for p in listed]
+    out = []
+    for path in listed:
+        tail = Path(path).parts[-2:]
+        match = [p for p in linked if p.parts[-len(tail):] == tail]
+        out.append(str(match[0] if len(match) == 1 else Path(path).resolve()))
+    return out
 
 
 def replay_config(report: Report, end_state: dict, end: Node, show_progress: bool) -> dict:
@@ -95,16 +100,21 @@ class ReplayRun:
 
 
 def run_replay(report: Report, start: Node | None, end: Node, end_state: dict, layout, workdir: Path,
-               show_progress: bool = True) -> ReplayRun:
-    """Trains checkpoint K -> K' again in `workdir` on `layout` (a `layouts.ReplayLayout`) and keeps the result."""
+               show_progress: bool = True, config_edit=None, start_dir: Path | None = None) -> ReplayRun:
+    """Trains checkpoint K -> K' again in `workdir` on `layout` (a `layouts.ReplayLayout`) and keeps the result.
+    config_edit (a function of the config dict) and start_dir (another checkpoint K) make the dishonest variants
+    the separation measurement needs (`forgery.py`)."""
     a, b = (start.manifest.get("step") if start else 0), end_state["step"]
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = replay_config(report, end_state, end, show_progress)
     cfg["parallel"].update(layout.parallel, ranks_per_node=layout.ranks_per_node)
+    if config_edit:
+        config_edit(cfg)
+    start_dir = start_dir or (start.dir if start else None)
     config_path = workdir / "config.json"
     config_path.write_text(json.dumps(cfg, indent=2))
     launch = {"nproc": layout.nproc, "ranks_per_node": layout.ranks_per_node}
-    cmd = launch_command(config_path, workdir / "run", start.dir if start else None, b - a, launch)
+    cmd = launch_command(config_path, workdir / "run", start_dir, b - a, launch)
     env = dict(os.environ)
     if layout.nproc > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # as `sourcelm train --nproc` runs its ranks

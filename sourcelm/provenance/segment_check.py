@@ -175,12 +175,19 @@ def _replay_and_judge(report, start, end, end_state, rec, chosen, cfg, calibrate
     rec["ratio"] = dist.ratio(d_stored, threshold)
     rec["verify_seconds"] = round(time.perf_counter() - t0, 2)
     shutil.rmtree(tmp / "b", ignore_errors=True)
-    if threshold.admits(d_stored):
-        return dict(rec, verdict=TOLERANCE, detail=(
-            f"not bit-identical (broken by: {'; '.join(rec['exact_broken_by']) or 'unknown'}); distance to the stored "
-            f"checkpoint rel L2 {d_stored.rel_l2:.3g}, max {d_stored.max_abs:.3g} within the threshold "
-            f"{threshold.rel_l2:.3g} / {threshold.max_abs:.3g} ({rec['ratio']:.3g} of it)") + note)
-    return dict(rec, verdict=FAILED, detail=(
-        f"{rec['segment']}: the stored checkpoint is {rec['ratio']:.3g} x the calibrated threshold from an honest "
-        f"replay (rel L2 {d_stored.rel_l2:.3g} > {threshold.rel_l2:.3g} or max {d_stored.max_abs:.3g} > "
-        f"{threshold.max_abs:.3g}); moved most: {d_stored.worst()}") + note)
+    verdict, detail = judge(rec["segment"], d_stored, threshold)
+    if verdict == TOLERANCE:
+        detail = f"not bit-identical (broken by: {'; '.join(rec['exact_broken_by']) or 'unknown'}); " + detail
+    return dict(rec, verdict=verdict, detail=detail + note)
+
+
+def judge(segment: str, d: dist.Distance, threshold: dist.Threshold) -> tuple[str, str]:
+    """The tolerance verdict of a distance to the stored checkpoint; a failure names the segment and the tensors
+    that moved most."""
+    r = dist.ratio(d, threshold)
+    if threshold.admits(d):
+        return TOLERANCE, (f"distance to the stored checkpoint rel L2 {d.rel_l2:.3g}, max {d.max_abs:.3g} within the "
+                           f"threshold {threshold.rel_l2:.3g} / {threshold.max_abs:.3g} ({r:.3g} of it)")
+    return FAILED, (f"{segment}: the stored checkpoint is {r:.3g} x the calibrated threshold from an honest replay "
+                    f"(rel L2 {d.rel_l2:.3g} vs {threshold.rel_l2:.3g}, max {d.max_abs:.3g} vs "
+                    f"{threshold.max_abs:.3g}); moved most: {d.worst()}")

@@ -1,0 +1,163 @@
+"""verify --replay on another layout: the layout choice and its refusals, the verdicts (exact, within a calibrated
+tolerance), the report, --sample's seed and odds, and the separation of honest replays from dishonest variants."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sourcelm.cli import main as cli
+from sourcelm.provenance import distance as dist
+from sourcelm.provenance.graph import walk
+from sourcelm.provenance.layouts import ConfigError, choose_layout, parse_layout
+from sourcelm.provenance.verify import verify
+from sourcelm.provenance.vreport import pass_probability, sample_seed, sample_segments
+
+from .conftest import MODEL, TRAIN, VOCAB
+
+
+def ep4_state(**parallel):
+    return {"launch": {"nproc": 4, "ranks_per_node": 2},
+            "config": {"parallel": {"pp": 1, "ep": 4, "pp_schedule": "1f1b", "dispatcher": "two_hop", "zero1": True,
+                                    **parallel}}}
+
+
+def test_layout_choice():
+    st = ep4_state()
+    assert choose_layout(st, None, None, None).nproc == 4  # nothing asked: the recorded layout
+    one, two = choose_layout(st, 1, None, None), choose_layout(st, 2, None, None)
+    assert (one.nproc, one.ranks_per_node, one.parallel["ep"]) == (1, 1, 1)
+    assert (two.nproc, two.ranks_per_node, two.parallel["ep"]) == (2, 2, 2)  # EP 4 shrinks to what divides 2
+    assert choose_layout(st, 4, 4, "ep=2").parallel["ep"] == 2
+    assert choose_layout(ep4_state(pp=2, ep=2), 1, None, None).parallel["pp"] == 1
+    assert parse_layout("pp=2,ep=4,pp_schedule=dualpipev") == {"pp": 2, "ep": 4, "pp_schedule": "dualpipev"}
+    with pytest.raises(ConfigError, match="tp"):
+        parse_layout("tp=2")
+
+
+def test_pass_probability_and_seed():
+    assert pass_probability(10, 3, 0.1) == pytest.approx(math.comb(9, 3) / math.comb(10, 3))  # 0.7
+    assert pass_probability(10, 10, 0.1) == 0.0  # every segment checked: a forgery cannot pass
+    assert pass_probability(4, 1, 0.5) == 0.5
+    root = "ab" * 32
+    assert sample_seed(root) == int("ab" * 8, 16)
+    assert sample_segments(10, 3, sample_seed(root)) == sample_segments(10, 3, sample_seed(root))
+    assert sample_segments(10, 3, sample_seed(root)) != sample_segments(10, 3, sample_seed("cd" * 32))
+
+
+def test_distance_is_relative_to_the_segment_update():
+    start = {"w": torch.zeros(4)}
+    stored = {"w": torch.tensor([1.0, 0.0, 0.0, 0.0])}
+    near = {"w": torch.tensor([1.0, 0.0, 0.0, 1e-3])}
+    d = dist.distance(near, stored, start)
+    assert d.rel_l2 == pytest.approx(1e-3) and d.max_abs == pytest.approx(1e-3) and d.tensors[0]["name"] == "w"
+    assert dist.distance(stored, stored, start).rel_l2 == 0.0
+    t = dist.calibrate(d, "x vs y", margin=10)
+    assert t.rel_l2 == pytest.approx(1e-2) and t.admits(d)
+    assert not t.admits(dist.distance({"w": torch.tensor([1.0, 0.0, 0.0, 0.1])}, stored, start))
+    assert math.isinf(dist.distance({}, stored, start).rel_l2)  # a missing tensor is infinitely far
+
+
+def replay_checks(report):
+    return [c for c in report.checks if c.what == "replay"]
+
+
+def test_layout_that_cannot_hold_the_model_is_refused(run_copy):
+    report = verify(run_copy, replay=[2], nproc=1, max_memory=2**20, show_progress=False)
+    [check] = replay_checks(report)
+    assert not check.ok and check.detail.startswith("not run: layout refused")
+    assert "GiB" in check.detail and "needs about" in check.detail
+    record = json.loads((run_copy / "verification" / "report.json").read_text())["checks"][0]
+    assert record["verdict"] == "not run" and record["memory_estimate"] > 2**20
+
+
+def test_missing_inputs_are_named_and_not_run(run_copy):
+    (run_copy / "train" / "checkpoints" / "step_000002" / "optimizer.safetensors").unlink()
+    shard = next((run_copy / "tokens" / "train").glob("*.bin"))
+    shard.unlink()
+    report = verify(run_copy, replay=[2], nproc=1, show_progress=False)
+    [check] = replay_checks(report)
+    assert not check.ok and check.detail.startswith("not run: cannot replay, missing")
+    assert "step_000002" in check.detail and "optimizer.safetensors missing" in check.detail
+    assert shard.name in check.detail
+    md = (run_copy / "verification" / "report.md").read_text()
+    assert "**not run**" in md and "passed" not in md
+
+
+@pytest.fixture(scope="module")
+def ep4_run(built_run, tmp_path_factory):
+    """The provenance run's data trained as the demo trains: EP 4 on 4 processes as 2 pretend nodes x 2."""
+    run = tmp_path_factory.mktemp("ep4") / "train"
+    train = [t for t in TRAIN if not t.startswith(("schedule.global_batch", "schedule.steps", "logging.valid"))]
+    assert cli(["train", "tiny", *MODEL, *train, f"model.vocab_size={VOCAB}", "schedule.global_batch=8",
+                "schedule.steps=4", "logging.valid_every=0", "parallel.ep=4",
+                f"data.train=['{built_run / 'tokens' / 'train'}']",
+                "--run-dir", str(run), "--nproc", "4", "--ranks-per-node", "2"]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_ep4_run_replayed_on_one_and_two_processes(ep4_run):
+    for nproc in (1, 2):
+        report = verify(ep4_run, replay=[2], nproc=nproc, show_progress=False)
+        assert report.ok, report.failures
+        record = json.loads((ep4_run / "verification" / "report.json").read_text())["checks"][0]
+        assert record["layout"]["nproc"] == nproc and record["cost"]["seconds"] > 0 and record["cost"]["peak_rss"] > 0
+        assert record["inputs"]["end_checkpoint"] and record["inputs"]["data"]
+        if record["verdict"] != "exact":
+            # exact is lost across these layouts: the record names the operation that breaks it
+            assert record["verdict"] == "within tolerance"
+            assert any(op.startswith("expert weight gradients") for op in record["exact_broken_by"])
+            assert record["threshold"]["margin"] == dist.MARGIN and "derivation" in record["threshold"]
+            assert record["ratio"] < 1
+    md = (ep4_run / "verification" / "report.md").read_text()
+    assert "| steps 2→4 | 2 process(es)" in md
+
+
+@pytest.mark.slow
+def test_sample_is_seeded_by_the_root_and_reports_the_odds(ep4_run):
+    report = verify(ep4_run, sample=1, nproc=4, show_progress=False)  # the recorded layout: exact
+    assert report.ok, report.failures
+    doc = json.loads((ep4_run / "verification" / "report.json").read_text())
+    s = doc["sampling"]
+    assert s["seed"] == sample_seed(doc["provenance_root"]) and s["seed_from"] == "the provenance root"
+    assert doc["checks"][0]["verdict"] == "exact"
+    starts = [0, 2]
+    assert doc["checks"][0]["start_step"] == starts[sample_segments(2, 1, s["seed"])[0]]
+    half = next(p for p in s["pass_probability"] if p["forged_fraction"] == 0.5)
+    assert half["this_run"] == 0.5 and half["large_run"] == 0.5
+
+
+@pytest.mark.slow
+def test_dishonest_variants_fail_and_honest_replays_pass(ep4_run, tmp_path):
+    from sourcelm.provenance.forgery import VARIANTS, separation
+
+    report = walk(ep4_run)
+    nodes = next(iter(report.checkpoint_runs().values()))
+    result = separation(report, nodes[0], nodes[1], tmp_path, nproc=1)
+    cases = {r["case"]: r for r in result["cases"]}
+    assert set(cases) == {"stored checkpoint", *VARIANTS}
+    assert cases["stored checkpoint"]["verdict"] != "failed" and cases["stored checkpoint"]["margin"] > 1
+    for kind in VARIANTS:
+        r = cases[kind]
+        assert r["verdict"] == "failed" and r["ratio"] > 1, (kind, r)
+        assert r["detail"].startswith("steps 2→4:") and r["distance"]["worst_tensors"][0]["name"] in r["detail"]
+    assert result["all_separated"]
+
+
+@pytest.mark.slow
+def test_pipeline_run_replays_on_one_process(built_run, tmp_path):
+    run = tmp_path / "pp"
+    train = [t for t in TRAIN if not t.startswith(("schedule.global_batch", "schedule.steps", "logging.valid"))]
+    assert cli(["train", "tiny", *MODEL, *train, f"model.vocab_size={VOCAB}", "schedule.global_batch=8",
+                "schedule.steps=4", "logging.valid_every=0", "parallel.pp=2",
+                f"data.train=['{built_run / 'tokens' / 'train'}']", "--run-dir", str(run), "--nproc", "2"]) == 0
+    report = verify(run, replay=[2], nproc=1, show_progress=False)
+    assert report.ok, report.failures
+    record = json.loads((run / "verification" / "report.json").read_text())["checks"][0]
+    assert record["layout"]["parallel"]["pp"] == 1 and record["recorded_layout"]["parallel"]["pp"] == 2
+    if record["verdict"] != "exact":
+        assert record["verdict"] == "within tolerance" and record["exact_broken_by"]
