@@ -4,11 +4,15 @@ It hands the job to torch's elastic launcher (the library behind `torchrun`) in 
 which starts the ranks with the usual environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)
 and runs `python -m sourcelm.train` in each; gloo on CPU. On a real cluster, run torchrun
 yourself with the real node boundaries (see the README).
+
+With `--links ib=RATE,nvlink=RATE[,delay=MS]` the ranks start in shaped pretend nodes instead, one
+network namespace per node (sourcelm/parallel/netns.py), with the same environment torchrun would give.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 
 def launch_local(args) -> int:
@@ -25,14 +29,24 @@ def launch_local(args) -> int:
     validate_layout(args.nproc, args.ranks_per_node or args.nproc, cfg.parallel.ep, m.n_routed_experts, m.n_group, pp)
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores; one BLAS thread each
-    argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "sourcelm.train", args.config,
-            *args.overrides, "--run-dir", args.run_dir, "--ranks-per-node", str(args.ranks_per_node or args.nproc)]
+    rank_argv = [args.config, *args.overrides, "--run-dir", args.run_dir, "--ranks-per-node",
+                 str(args.ranks_per_node or args.nproc)]
     if args.no_resume:
-        argv.append("--no-resume")
+        rank_argv.append("--no-resume")
     if args.resume_from:
-        argv += ["--resume-from", args.resume_from]
+        rank_argv += ["--resume-from", args.resume_from]
     if args.stop_after is not None:
-        argv += ["--stop-after", str(args.stop_after)]
+        rank_argv += ["--stop-after", str(args.stop_after)]
+    if getattr(args, "links", None) is not None:
+        from sourcelm.parallel.netns import run_in_nodes
+
+        rc = run_in_nodes([sys.executable, "-m", "sourcelm.train", *rank_argv], args.nproc,
+                          args.ranks_per_node or args.nproc, args.links,
+                          env={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
+        if rc:
+            print(f"training on shaped links failed (exit {rc}); see {args.run_dir}/train*.log")
+        return rc
+    argv = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "sourcelm.train", *rank_argv]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:

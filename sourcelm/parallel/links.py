@@ -10,6 +10,7 @@ A spec that does not parse fails here, before any namespace or link exists.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -87,3 +88,11 @@ def parse_links(text: str, ratio: float = REPORT_RATIO) -> LinkSpec:
             raise LinkSpecError(f"--links: delay={fields['delay']!r} must be milliseconds in [0, 10000]. "
                                 f"Format: {FORMAT}")
     return LinkSpec(ib, nvlink, delay)
+
+
+def links_argument(text: str) -> LinkSpec:
+    """argparse `type=` for --links: a bad spec stops the command line before anything runs."""
+    try:
+        return parse_links(text)
+    except LinkSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1, help="local processes (expert/data parallel, gloo on CPU)")
     p.add_argument("--ranks-per-node", type=int, default=0,
                    help="split the local processes into pretend nodes of this many ranks (default: one node)")
+    p.add_argument("--links", type=_links, metavar="ib=RATE,nvlink=RATE[,delay=MS]",
+                   help="run each pretend node in its own network namespace, inter-node links shaped to ib, "
+                        "intra-node traffic to nvlink (default 3.2 x ib), e.g. ib=400mbit,nvlink=1280mbit; needs "
+                        "root or CAP_NET_ADMIN (sourcelm/parallel/netns.py)")
     p.add_argument("--init-from", metavar="HF_DIR",
                    help="continue from an HF DeepSeek-V3 checkpoint: its config.json gives the model (overrides still "
                         "apply), each rank reads only the weights it holds; see configs/continue.toml")
@@ -29,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "see sourcelm/train/sft.py and configs/sft.toml.")
     p.add_argument("config", help="TOML file or preset for the training sections, e.g. configs/sft.toml")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. schedule.steps=200 data.seq_len=512")
+    p.add_argument("--links", type=_links, metavar="ib=RATE,nvlink=RATE[,delay=MS]",
+                   help="run each pretend node in its own network namespace, inter-node links shaped to ib, "
+                        "intra-node traffic to nvlink (default 3.2 x ib), e.g. ib=400mbit,nvlink=1280mbit; needs "
+                        "root or CAP_NET_ADMIN (sourcelm/parallel/netns.py)")
     p.add_argument("--init-from", required=True, metavar="HF_DIR",
                    help="the HF DeepSeek-V3 checkpoint to fine-tune; its tokenizer and chat template render the chats")
     p.add_argument("--data", required=True, metavar="CHATS_JSONL", help="the conversations, one JSON object a line")
@@ -46,8 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_plot)
 
 
+def _links(text: str):
+    from sourcelm.parallel.links import links_argument
+
+    return links_argument(text)
+
+
 def run_train(args) -> int:
-    if args.nproc > 1:
+    if args.nproc > 1 or args.links:
         from sourcelm.parallel.launch import launch_local
 
         if args.init_from:

@@ -1,5 +1,7 @@
 """Dispatch/combine on 4 gloo processes, as 2 pretend nodes x 2 ranks and as 1 node x 4 ranks.
 
+The chunked two-hop dispatcher runs with 2-row chunks, so most transfers take several chunks.
+
 Identity experts make the expected result exact (integer activations, weights in eighths): the round
 trip must return sum_k w_k x_k bit for bit, and its gradients likewise. Flat and two-hop must agree
 bit for bit on random floats too, and their byte counters must equal the counts derived from topk_idx.
@@ -17,13 +19,14 @@ from .dispatch_workers import HIDDEN, roundtrip_worker
 
 SCENARIOS = ("random", "one_expert", "two_ranks_only", "with_none")
 CASES = [(sc, True) for sc in SCENARIOS] + [(sc, False) for sc in SCENARIOS]
-KINDS = ("flat", "two_hop")
+KINDS = ("flat", "two_hop", "two_hop_chunked")
+CHUNK_ROWS = 2
 WORLD, N_EXPERTS = 4, 8
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2nodes_x_2", "1node_x_4"])
 def run(request):
-    return request.param, run_ranks(roundtrip_worker, WORLD, request.param, CASES)
+    return request.param, run_ranks(roundtrip_worker, WORLD, request.param, CASES, KINDS, CHUNK_ROWS)
 
 
 def test_identity_experts_return_weighted_sum_exactly(run):
@@ -90,7 +93,7 @@ def expected_rows(res, kind, sc, rpn):
             if kind == "flat":  # one copy per destination rank
                 inter += sum(d // rpn != src // rpn for d in ranks)
                 intra += sum(d // rpn == src // rpn and d != src for d in ranks)
-            else:  # one copy per destination node, then forwarded inside it by the same local index
+            else:  # both two-hop kinds: one copy per destination node, then forwarded inside it by the same local index
                 nodes = {d // rpn for d in ranks}
                 inter += sum(n != src // rpn for n in nodes)
                 intra += sum(d != (d // rpn) * rpn + src % rpn for d in ranks)
@@ -117,14 +120,19 @@ def test_byte_counters_equal_counts_from_topk_idx(run):
         assert expected_rows(res, "two_hop", "random", rpn)[0] < expected_rows(res, "flat", "random", rpn)[0]
 
 
-def test_flat_and_two_hop_are_bit_identical_and_repeatable(run):
+def test_all_dispatchers_are_bit_identical_and_repeatable(run):
     _, res = run
     for sc in SCENARIOS:
         for r in range(WORLD):
-            a, b = res[r][("flat", sc, False)], res[r][("two_hop", sc, False)]
-            assert a["repeat_equal"] and b["repeat_equal"]
-            for key in ("out", "dx", "dw", "recv_x", "local", "recv_w"):
-                assert torch.equal(a[key], b[key]), (sc, r, key)
+            a = res[r][("flat", sc, False)]
+            for kind in KINDS[1:]:
+                b = res[r][(kind, sc, False)]
+                assert a["repeat_equal"] and b["repeat_equal"]
+                for key in ("out", "dx", "dw", "recv_x", "local", "recv_w"):
+                    assert torch.equal(a[key], b[key]), (kind, sc, r, key)
+            # chunking moves the same rows as the unchunked two-hop
+            chunked, whole = res[r][("two_hop_chunked", sc, False)], res[r][("two_hop", sc, False)]
+            assert chunked["stats_total"] == whole["stats_total"]
 
 
 def test_every_rank_joined_its_groups(run):
