@@ -307,7 +307,19 @@ class Card:
             e = env.manifest.get("environment", {})
             pk = ", ".join(f"{k} {v}" for k, v in e.get("packages", {}).items() if v)
             lines += ["", f"Environment of the training run: Python {e.get('python')} on {e.get('platform')}; {pk}."]
-        return "\n".join(lines)
+        return "\n".join(lines + self.verification())
+
+    def verification(self) -> list[str]:
+        """The verification report `sourcelm verify --replay/--sample` wrote, linked with its verdicts."""
+        path = self.report.run_dir / "verification" / "report.json"
+        if not path.is_file():
+            return ["", "No segment has been replayed yet (`sourcelm verify RUN --replay K --nproc N` writes "
+                        "verification/report.md)."]
+        checks = json.loads(path.read_text()).get("checks", [])
+        verdicts = ", ".join(f"{c['segment']}: {c['verdict']} on {c.get('layout', {}).get('description', '-')}"
+                             for c in checks)
+        return ["", f"Replayed segments ([verification report]({self.link(path.with_suffix('.md'))}), "
+                    f"[JSON]({self.link(path)})): {verdicts}."]
 
     def reproduce(self) -> str:
         cmds = ["RUN=$PWD/" + self.run.as_posix().rstrip("/") if not self.run.is_absolute() else f"RUN={self.run}"]

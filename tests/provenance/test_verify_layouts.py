@@ -72,6 +72,10 @@ def test_layout_that_cannot_hold_the_model_is_refused(run_copy):
     assert "GiB" in check.detail and "needs about" in check.detail
     record = json.loads((run_copy / "verification" / "report.json").read_text())["checks"][0]
     assert record["verdict"] == "not run" and record["memory_estimate"] > 2**20
+    from sourcelm.provenance.card import write_card
+
+    card = write_card(run_copy).read_text()  # the model card links the report and shows the verdict
+    assert "(verification/report.md)" in card and "steps 2→4: not run" in card
 
 
 def test_missing_inputs_are_named_and_not_run(run_copy):
