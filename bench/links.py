@@ -165,6 +165,9 @@ def main(argv=None) -> int:
         ok = [e for e, t in zip(EXPERTS_PER_NODE, ts) if t <= KNEE_TOLERANCE * ts[0]]
         return max(ok)
 
+    def slope(ts, a, b):  # ms per expert between EXPERTS_PER_NODE[a] and [b]
+        return (ts[b] - ts[a]) * 1e3 / (EXPERTS_PER_NODE[b] - EXPERTS_PER_NODE[a])
+
     png = Path(args.out).with_suffix(".png")
     import matplotlib
 
@@ -200,6 +203,11 @@ def main(argv=None) -> int:
         f"**{k_two} experts per node** (chunked: {k_chunk}); flat all-to-all only up to {k_flat}. The report's "
         f"figure is NVLink : IB = {spec.ratio:.1f} experts per node; the two-hop bytes / rate bound stays flat up to "
         f"{knee(bounds['two_hop'])}.",
+        "- Slope of dispatch time, ms per extra expert per node, below the ratio (e 1 -> 3) and above it (e 3 -> 6): "
+        + "; ".join(f"{kind} {slope(curves[kind], 0, 2):.0f} then {slope(curves[kind], 2, 4):.0f}" for kind in KINDS)
+        + f" (bytes / rate bound of two-hop: {slope(bounds['two_hop'], 0, 2):.0f} then "
+        f"{slope(bounds['two_hop'], 2, 4):.0f}; of flat: {slope(bounds['flat'], 0, 2):.0f} then "
+        f"{slope(bounds['flat'], 2, 4):.0f}).",
         "- Time / bound (part 1) says how close each dispatcher gets to its links' rate (TCP/IP headers alone cost "
         "a few per cent; the count exchanges and, unchunked, the hops one after the other add to it).", "",
         "## 1. Dispatch + combine, routes from the model's router (K 8, M 2, 4 experts per rank)", "",
