@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sourcelm.parallel.pipeline_plan import chunk_rank, n_chunks, rank_chunks, schedule
-from sourcelm.train.executor import StepResult, StepWork
+from sourcelm.train.executor import StepResult, StepWork, model_inputs
 
 ACT, GRAD, EMB, EMB_GRAD = range(4)  # message kinds
 
@@ -154,9 +154,10 @@ class PipelineExecutor:
 
     def _forward(self, model, work: StepWork, c: int, m: int) -> None:
         last, live = c == self.n_chunks - 1, {}
+        inputs, labels, token_mask = model_inputs(work.batch(m))  # every chunk: the padding mask (SFT) counts
         with work.compute():
             if c == 0:
-                x = model.embed(work.batch(m)[:, :-1])
+                x = model.embed(inputs)
                 if self.has_mtp:  # the MTP module's embedding rows, exact through a detached copy (module docstring)
                     live["emb"] = x
                     if self._peer(self.n_chunks - 1) == self.topo.rank:
@@ -166,15 +167,14 @@ class PipelineExecutor:
             else:
                 x = self._recv(c - 1, ACT, c, m).requires_grad_()
                 live["x"] = x
-            h, counts, balances = model.blocks(x, self.ranges[c], None, self.alpha)
+            h, counts, balances = model.blocks(x, self.ranges[c], token_mask, self.alpha)
             if last:
-                tokens = work.batch(m)
                 emb = None
                 if self.has_mtp:
                     emb = (self._live.pop(("mtp_emb", m)) if ("mtp_emb", m) in self._live
                            else self._recv(0, EMB, 0, m).requires_grad_())
                     live["mtp_emb"] = emb
-                out = model.head_and_losses(h, emb, tokens[:, 1:], None, work.mtp_weight, self.alpha, False,
+                out = model.head_and_losses(h, emb, labels, token_mask, work.mtp_weight, self.alpha, False,
                                             counts, balances)
                 live["roots"], live["grads"] = [out.loss * work.loss_scale], [None]
                 self._parts += torch.stack([out.loss.detach(), out.main_loss.detach(), out.mtp_loss.detach(),
