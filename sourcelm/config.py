@@ -296,7 +296,8 @@ class TrainConfig:
 class ParallelConfig:
     ep: int = 1  # expert-parallel degree
     ranks_per_node: int = 0  # 0: the real node size from the launcher
-    dispatcher: str = "two_hop"  # "flat" or "two_hop"
+    dispatcher: str = "two_hop"  # "flat", "two_hop" or "two_hop_chunked" (hop 2 forwards each chunk as it lands)
+    dispatch_chunk_rows: int = 0  # two_hop_chunked's rows per chunk; 0: the fastest of a few, measured at the start
     zero1: bool = True
     # pipeline stages; world = pp x (the ranks of a stage, expert and data parallel). A step's micro-batches
     # (schedule.global_batch / (schedule.micro_batch x ranks per stage)) run under `pp_schedule`: "1f1b", or
@@ -363,7 +364,10 @@ class Config:
             raise ConfigError(f"parallel.pp = {pp} with {self.parallel.pp_schedule} cuts {chunks} chunks, more than "
                               f"the model.num_hidden_layers = {self.model.num_hidden_layers} main layers; set "
                               f"parallel.pp <= {self.model.num_hidden_layers // (chunks // pp)}")
-        _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop"))
+        _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop", "two_hop_chunked"))
+        if self.parallel.dispatch_chunk_rows < 0:
+            raise ConfigError(f"parallel.dispatch_chunk_rows = {self.parallel.dispatch_chunk_rows}: use a positive "
+                              f"row count, or 0 to measure the fastest at the start")
         if self.parallel.ep <= 0 or self.model.n_routed_experts % self.parallel.ep:
             raise ConfigError(f"parallel.ep = {self.parallel.ep} must divide model.n_routed_experts = "
                               f"{self.model.n_routed_experts}; choose among {divisors(self.model.n_routed_experts)}")

@@ -86,15 +86,17 @@ def topology_from_config(cfg) -> Topology:
                           cfg.parallel.pp)
 
 
-def apply_expert_parallel(model: nn.Module, topo: Topology, dispatcher_kind: str = "two_hop") -> Dispatcher:
+def apply_expert_parallel(model: nn.Module, topo: Topology, dispatcher_kind: str = "two_hop",
+                          chunk_rows: int | None = None) -> Dispatcher:
     """Replaces the routed experts of every MoE layer (main layers and MTP blocks) of a DeepseekV3 by
     this rank's slice, copied from the full experts (or left empty when they are on the meta device).
-    Returns the one dispatcher all layers share; its `stats` count the bytes of every layer."""
+    Returns the one dispatcher all layers share; its `stats` count the bytes of every layer. chunk_rows: the
+    chunked two-hop dispatcher's rows per chunk (None: measured at the start)."""
     cfg = model.config
     if (cfg.n_routed_experts, cfg.n_group) != (topo.layout.n_routed_experts, topo.layout.n_group):
         raise ValueError(f"topology built for {topo.layout.n_routed_experts} experts in {topo.layout.n_group} "
                          f"groups, model has {cfg.n_routed_experts} in {cfg.n_group}")
-    dispatcher = make_dispatcher(dispatcher_kind, topo)
+    dispatcher = make_dispatcher(dispatcher_kind, topo, chunk_rows)
     for _, moe in model.moe_layers():
         moe.experts = ExpertParallelExperts.from_full(moe.experts, dispatcher)
     return dispatcher

@@ -85,7 +85,8 @@ class DistributedContext:
             if self.is_main:
                 log.info("pipeline: %s", describe_partition(self.cfg.model, self.ranges, self.pp, par.pp_schedule,
                                                             self.cfg.data.seq_len))
-        self.dispatcher = apply_expert_parallel(model, self.topo, self.cfg.parallel.dispatcher)
+        par = self.cfg.parallel
+        self.dispatcher = apply_expert_parallel(model, self.topo, par.dispatcher, par.dispatch_chunk_rows or None)
         self.shards = expert_shards(model)
         return model
 
