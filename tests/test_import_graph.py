@@ -27,7 +27,7 @@ ALLOWED = {
     "train": {"model", "kernels", "parallel", "tokens", "data"},
     "interop": {"model", "kernels", "train", "tokens"},  # export reads a training checkpoint
     "infer": {"model", "kernels", "interop"},
-    "plan": {"model", "kernels", "parallel"},
+    "plan": {"model", "kernels", "parallel", "train", "tokens"},  # calibrates by training a cut of the model here
     "provenance": {"data", "tokens", "model", "kernels", "parallel", "train", "interop", "infer"},
     "eval": {"data", "model", "interop"},  # the decontamination step, the untrained baseline, HF export
     "cli": {"*"}, "demo": {"*"}, "__main__": {"*"},
