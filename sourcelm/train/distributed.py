@@ -75,17 +75,16 @@ class DistributedContext:
         self.remote_biases: dict[str, torch.Tensor] = {}  # expert biases of the MoE layers other stages hold
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        par = self.cfg.parallel
         if self.pp > 1:
-            par = self.cfg.parallel
             self.moe_names = [name for name, _ in model.moe_layers()]
             prune_to_chunks(model, self.ranges, rank_chunks(self.topo.stage, self.pp, par.pp_schedule))
             here = {name for name, _ in model.moe_layers()}
-            self.remote_biases = {name: torch.zeros(self.cfg.model.n_routed_experts) for name in self.moe_names
-                                  if name not in here}
+            self.remote_biases = {name: torch.zeros(self.cfg.model.n_routed_experts, device=self.comm_device)
+                                  for name in self.moe_names if name not in here}
             if self.is_main:
                 log.info("pipeline: %s", describe_partition(self.cfg.model, self.ranges, self.pp, par.pp_schedule,
                                                             self.cfg.data.seq_len))
-        par = self.cfg.parallel
         self.dispatcher = apply_expert_parallel(model, self.topo, par.dispatcher, par.dispatch_chunk_rows or None)
         self.shards = expert_shards(model)
         return model
