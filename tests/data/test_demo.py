@@ -27,7 +27,8 @@ def test_demo_pipeline_on_the_demo_corpus(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plan = load_plan("demo")
     assert plan.pipeline_file == str(shipped_pipeline("demo"))
-    assert [s.closes_with for s in plan.stages] == [7, 8, None]  # exact, then MinHash dedup as global stages
+    # exact, then MinHash dedup as global stages (after extraction, decontamination against the eval tasks)
+    assert [s.closes_with for s in plan.stages] == [8, 9, None]
     stats = run_plan(plan, tmp_path / "out", LocalExecutor(2), workers=2, show_progress=False)
     st = stats["steps"]
     assert stats["documents_kept"] > 300

@@ -70,8 +70,11 @@ def test_fp8_resume_is_bit_identical(small_config, digest, tmp_path):
 
 @pytest.mark.slow
 def test_fp8_expert_parallel_matches_one_process(small_args, tmp_path):
-    """EP 4 over 2 pretend nodes equals one process within 1e-5 with FP8, as without: FP8 quantizes per token
-    and per weight block, which no layout changes."""
+    """EP 4 over 2 pretend nodes against one process with FP8. The first two steps agree to 1e-5, as without FP8;
+    after that they do not: the layouts sum in another order (last bits), an FP8 rounding that a last bit moves
+    across an E4M3 boundary changes a value by up to 2^-4 of its size, and that flips routing decisions (measured:
+    the max violations differ from step 2, the losses by 2e-5 to 3e-4 over steps 3-10; without FP8 they stay within
+    1e-5 for 20 steps). So the runs stay close (1e-3) but not equal."""
     def train(run_dir, *launch):
         cmd = [sys.executable, "-m", "sourcelm", "train", *small_args, "schedule.steps=10", "checkpoint.every=100",
                "schedule.micro_batch=1", "train.dtype=float32", "train.fp8=emulate", *launch, "--run-dir",
@@ -82,8 +85,10 @@ def test_fp8_expert_parallel_matches_one_process(small_args, tmp_path):
     single = train(tmp_path / "single", "parallel.ep=1")
     ep = train(tmp_path / "ep4", "parallel.ep=4", "--nproc", "4", "--ranks-per-node", "2")
     assert len(single) == len(ep) == 10
-    for a, b in zip(single, ep):
+    for a, b in zip(single[:2], ep[:2]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    for a, b in zip(single, ep):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), a["step"]
 
 
 def test_fp8_cuda_without_a_gpu_fails_at_start_naming_the_setting(small_config, tmp_path):
