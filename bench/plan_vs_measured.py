@@ -1,9 +1,10 @@
 """`sourcelm plan` against `sourcelm train` on this machine, and against the DeepSeek-V3 report.
 
 For each layout the bench runs (the tiny preset, bf16 where the CPU has it):
-  measured   `sourcelm train tiny ... --stop-after STEPS` as a user runs it: the median step time after
-             --warmup steps (metrics.jsonl), the peak resident size of the largest process (the trainer, or
-             the largest rank), the dispatch/combine bytes per link class the trainer's counters report;
+  measured   `sourcelm train tiny ... --stop-after STEPS` as a user runs it: the fastest step after --warmup
+             steps (metrics.jsonl; the machine is shared, the least disturbed step measures the job), the peak
+             resident size of the largest process (the trainer, or the largest rank), the dispatch/combine bytes
+             per link class the trainer's counters report;
   predicted  `sourcelm.plan` with this machine measured (`plan/measure.py`): step time, peak memory per
              rank, and the dispatch/combine bytes of a balanced routing sampled from the model's router;
   exact      (expert-parallel layouts) the same training steps run again in-process with each rank's
@@ -54,7 +55,7 @@ def measure_training(run: Run, data: Path, steps: int, warmup: int, work: Path) 
     from sourcelm.plan.measure import run_training
 
     out = run_training("tiny", run.overrides(data, steps), run.nproc, run.ranks_per_node, steps, warmup,
-                       work / f"train-{run.nproc}")
+                       Path(tempfile.mkdtemp(prefix=f"train-{run.nproc}-", dir=work)))
     out["a2a"] = {k: statistics.mean(r.get(f"a2a_{k}", 0) for r in out["records"])
                   for k in ("inter_node_bytes", "intra_node_bytes")}
     return out
@@ -189,7 +190,8 @@ def main() -> int:
 
 
 METHOD = """\
-Method. Measured: `sourcelm train` as a user runs it (commands below); the median step time after the warm-up,
+Method. Measured: `sourcelm train` as a user runs it (commands below); the fastest step after the warm-up (the
+machine is shared with other jobs: the least disturbed step is the one that measures this job; medians below),
 the peak resident size of the largest process (the trainer, or its largest rank; a parent that imports nothing
 starts it, so no inherited size counts), the trainer's dispatch/combine counters. Predicted: `sourcelm plan
 --cluster cpu` for the same layout. This machine is described by measuring the gloo loopback (latency and
@@ -197,7 +199,7 @@ bandwidth of pairwise all-to-alls among the same number of processes), a memory 
 training a 2-layer cut of the model (its dense layer and one MoE layer, no MTP) in the same layout: its step less
 the plan's own communication and update times gives the compute rate per rank, its peak resident size less the
 plan's own tensors gives the memory a process holds outside them. The full model (4 layers, MTP, two head passes:
-2.4x the FLOPs, 4x the MoE layers) is then predicted from its own FLOPs, tensors and traffic. The calibration is
+2.2x the FLOPs, 4x the MoE layers) is then predicted from its own FLOPs, tensors and traffic. The calibration is
 this machine's constant, like a GPU's efficiency: without it (the compute rate of the cut model in one process
 scaled by the core share, the size of an idle process) the first version of the plan predicted 0.76 / 0.81
 (1 process) and 0.57 / 0.60 (EP 4) of the measured step time / peak memory, at 02:58 UTC the same day."""
@@ -234,7 +236,8 @@ def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) ->
     for run, rounds, exact in rows:
         meas, plan, with_routing = rounds[-1]
         times = ", ".join(f"{t:.3f}" for t in meas["step_times"])
-        lines += ["", f"### {run.name} (last round)", "", f"Measured step times after the warm-up (s): {times}.", "",
+        lines += ["", f"### {run.name} (last round)", "", f"Measured step times after the warm-up (s): {times} "
+                                                         f"(median {meas['median_step_time']:.3f}).", "",
                   f"Machine as measured: {plan.cluster.describe()}; link latency {plan.cluster.link_latency * 1e3:.2f} "
                   f"ms; {plan.assumptions.describe()}.", "", "Predicted time per step:", ""]
         lines += [f"- {k}: {v * 1e3:.1f} ms" for k, v in plan.time.items()]
