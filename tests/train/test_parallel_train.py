@@ -127,3 +127,24 @@ def test_chunked_two_hop_trains_bit_identically_to_two_hop(small_args, tmp_path)
     assert [r["a2a_inter_node_bytes"] for r in plain] == [r["a2a_inter_node_bytes"] for r in chunked]
     final = "checkpoints/step_000006/model.safetensors"
     assert (tmp_path / "plain" / final).read_bytes() == (tmp_path / "chunked" / final).read_bytes()
+
+
+@pytest.mark.slow
+def test_training_on_shaped_links_gives_the_same_bits(small_args, tmp_path):
+    """`sourcelm train --links`: the ranks run in shaped pretend nodes (network namespaces, 3.2 : 1 links); the
+    slower links change no bit of training, and nothing is left behind."""
+    from sourcelm.parallel.netns import setup_problem
+
+    problem = setup_problem()
+    if problem is not None:
+        pytest.skip(f"shaped links unavailable: {problem}")
+    steps = ["schedule.steps=4", "checkpoint.every=4"]
+    _train(small_args, tmp_path / "plain", *steps, nproc=4, rpn=2, ep=4)
+    cmd = [sys.executable, "-m", "sourcelm", "train", *small_args, "parallel.ep=4", "schedule.micro_batch=1",
+           "train.dtype=float32", *steps, "--run-dir", str(tmp_path / "shaped"), "--nproc", "4", "--ranks-per-node",
+           "2", "--links", "ib=400mbit"]
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+    final = "checkpoints/step_000004/model.safetensors"
+    assert (tmp_path / "plain" / final).read_bytes() == (tmp_path / "shaped" / final).read_bytes()
