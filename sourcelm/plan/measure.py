@@ -165,7 +165,7 @@ def _loopback_worker(rank: int, world: int, sizes: list[int], repeats: int) -> d
                 dist.all_to_all_single(recv, send, group=group)
             times.append(time.perf_counter() - t0)
             dist.barrier()
-        out[size] = sorted(times)[len(times) // 2]
+        out[size] = min(times)  # the least disturbed exchange: the machine may be shared
     return out
 
 
