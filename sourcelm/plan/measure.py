@@ -129,7 +129,7 @@ def run_training(config: str, overrides: list[str], nproc: int, ranks_per_node: 
 
 
 def calibration_run(model: ModelConfig, nproc: int, ranks_per_node: int, ep: int, micro_batch: int, seq_len: int,
-                    dtype: str, steps: int = 8, warmup: int = 3) -> dict:
+                    dtype: str, steps: int = 16, warmup: int = 4) -> dict:
     """The trainer on `reduced_model(model)` in the layout to predict (the same processes, pretend nodes, EP,
     micro-batch and dtype; one micro-batch per rank and step)."""
     from sourcelm.config import load_config
