@@ -260,7 +260,8 @@ def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) ->
               "while this bench was being written; this bench does not run it, and the measured columns are left to "
               "that issue's bench. The plan's predictions on this machine (4 processes, micro-batch 1, 4 "
               "micro-batches):", "",
-              "| layout | step (s) | bubble (s) | peak memory per rank (MB) | chunk activations in flight (rank 0) |",
+              "| layout | step (s) | idle of the least busy rank (s): bubble and chunk imbalance | peak memory per "
+              "rank (MB) | chunk activations in flight (rank 0) |",
               "|---|---|---|---|---|"]
     for name, plan in pp_rows:
         lines.append(f"| {name} | {plan.step_time:.3f} | {plan.pipeline.bubble:.3f} | "

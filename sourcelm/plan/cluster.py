@@ -33,6 +33,8 @@ class Cluster:
     link_latency: float  # seconds per collective step
     runtime_bytes: float  # per rank, outside any tensor (CUDA context / the Python process itself)
     mem_bw: float | None = None  # bytes/s of device memory (HBM; a memory copy on the CPU box): memory-bound work
+    # GPUs run the all-to-all on their own SMs (DeepEP) beside the compute; gloo on a CPU takes the same cores
+    comm_overlaps_compute: bool = True
     sources: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -8,7 +8,8 @@ reduction + the optimizer update + the trainer's per-step bookkeeping collective
             bytes / link bandwidth, plus the trainer's collectives x link latency; IB and NVLink overlap
             where the cluster's links run concurrently (DeepEP), else they add up
   overlap   a chunk alone exposes its communication; DualPipe's overlapped forward/backward pairs take
-            max(compute, communication) of the pair (report §3.2.1)
+            max(compute, communication) of the pair (report §3.2.1) where the cluster's communication runs
+            beside its compute (GPUs), the sum where it takes the same cores (gloo on a CPU)
   bubble    the event simulator runs the schedule on these chunk times (pipeline_sim)
   DP        ring reduce-scatter / all-reduce of the gradients and all-gather of the weights, exposed
   optimizer the AdamW update is memory-bound: bytes it reads and writes / memory bandwidth
@@ -74,12 +75,14 @@ class ChunkCost:
 class StageTimes:
     """Durations of schedule steps from per-chunk costs (the simulator's `times`)."""
 
-    def __init__(self, costs: list[ChunkCost]):
-        self.costs = costs
+    def __init__(self, costs: list[ChunkCost], overlap: bool):
+        self.costs, self.overlap = costs, overlap
 
     def duration(self, step: Step) -> float:
         if len(step.tasks) == 2:  # overlapped F and B of two micro-batches: communication hides behind compute
             f, b = self.costs[step.tasks[0].chunk], self.costs[step.tasks[1].chunk]
+            if not self.overlap:  # the transfers take the cores the compute needs
+                return f.f + b.b
             return max(f.f_comp + b.bi_comp + b.w_comp, f.f_comm + b.b_comm)
         (t,) = step.tasks
         c = self.costs[t.chunk]
@@ -219,7 +222,8 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assump
     else:
         p2p = tokens * model.hidden_size * act_bytes / (cluster.ib_bw if res.dp >= cluster.gpus_per_node
                                                          else cluster.nvlink_bw)
-        run = plan.pipeline = run_schedule(lay.schedule, lay.pp, res.n_micro, StageTimes(costs), p2p=p2p)
+        times = StageTimes(costs, cluster.comm_overlaps_compute)
+        run = plan.pipeline = run_schedule(lay.schedule, lay.pp, res.n_micro, times, p2p=p2p)
         plan.time["pipeline (compute + exposed dispatch/combine)"] = run.makespan - run.bubble
         plan.time["pipeline bubble"] = run.bubble
         held, in_flight = run.chunks_held, run.peak_activations

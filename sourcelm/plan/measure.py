@@ -215,6 +215,7 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
         name="this CPU box (measured)", nodes=ranks // ranks_per_node, gpus_per_node=ranks_per_node,
         hbm_bytes=total_memory() / ranks, peak_flops={dtype: matmul_peak(dtype, threads) * share}, nvlink_bw=bw,
         ib_bw=bw, link_latency=latency, runtime_bytes=0.0, mem_bw=memcpy_bandwidth() * share,
+        comm_overlaps_compute=False,
         sources={"all": f"measured on this machine ({cores()} cores, {ranks} process(es), {threads} thread(s) each): "
                         f"gloo loopback, memory copy, matmul; compute rate and process overhead from a reduced model "
                         f"({reduced_model(model).num_hidden_layers} layers, no MTP) trained in the same layout"})
