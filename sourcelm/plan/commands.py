@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=float, help="token budget: days and GPU-hours to train on it")
     p.add_argument("--search", action="store_true", help="rank every layout that fits by predicted step time")
     p.add_argument("--top", type=int, default=10, help="--search: how many layouts to show")
+    p.add_argument("--max-micro-batch", type=int, default=4, help="--search: largest micro-batch to try")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_plan, intermixed=True)
 
@@ -98,7 +99,7 @@ def run_plan(args) -> int:
         lay = _layout(args, defaults, cluster.world, False)
         assumptions = Assumptions(efficiency=args.efficiency, recipe=args.recipe)
     if args.search:
-        result = search(model, cluster, lay, assumptions, top=args.top)
+        result = search(model, cluster, lay, assumptions, top=args.top, max_micro_batch=args.max_micro_batch)
         if args.json:
             print(json.dumps({"fitting": [plan_dict(p, args.tokens) for p in result.fitting],
                               "not_fitting": result.not_fitting, "impossible": result.impossible}, indent=2))
