@@ -206,7 +206,8 @@ scaled by the core share, the size of an idle process) the first version of the 
 
 
 def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) -> str:
-    from sourcelm.plan import comms, report
+    from sourcelm.plan import report
+    from sourcelm.plan.output import report_figures
 
     lines = [
         "# `sourcelm plan`: predicted vs measured (issue 22)", "",
@@ -268,8 +269,8 @@ def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) ->
                      f"{plan.worst_memory.total / 1e6:.0f} | {plan.pipeline.peak_activations[0]} |")
     cl, eff = ref.cluster, ref.assumptions.efficiency
     mfu_180k = report.mfu_for(report.GPU_HOURS_PER_TRILLION, ref.flops_per_token, cl.peak("bf16"))
-    free = comms.experts_per_node_at_no_extra_cost(cl.nvlink_bw, cl.ib_bw)
-    most = comms.max_experts_at_same_cost(ref.model.topk_group, cl.nvlink_bw, cl.ib_bw)
+    figures = report_figures(ref)
+    free, most = figures["experts_per_node_at_no_extra_cost"], figures["max_experts_at_same_cost"]
     worst = ref.worst_memory
     lines += [
         "", "## The report's figures (DeepSeek-V3 on 2048 H800)", "",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sourcelm.plan.model_costs import FP8_BYTES
+from sourcelm.plan.model_costs import DTYPE_BYTES, FP8_BYTES
 
 LINK_CLASSES = ("inter_node", "intra_node")
 
@@ -78,9 +78,10 @@ def row_element_bytes(recipe: str, dtype: str) -> tuple[float, float]:
     """Bytes per hidden element of a dispatched and of a combined row. sourcelm dispatches the MoE norm's
     output, which stays fp32 for the fp32 router under autocast, and combines the experts' outputs in the
     compute dtype; the report dispatches FP8 (with its 1 x 128 scales) and combines BF16 (§3.3.2)."""
+    combine = float(DTYPE_BYTES[dtype])
     if recipe == "sourcelm":
-        return 4.0, 4.0 if dtype == "fp32" else 2.0
-    return (FP8_BYTES if dtype == "fp8" else 4.0 if dtype == "fp32" else 2.0), 4.0 if dtype == "fp32" else 2.0
+        return 4.0, combine
+    return (FP8_BYTES if dtype == "fp8" else combine), combine
 
 
 def step_link_bytes(rows: dict[str, float], hidden: int, dispatch_elem_bytes: float, combine_elem_bytes: float,

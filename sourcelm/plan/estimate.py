@@ -29,7 +29,7 @@ from sourcelm.plan import comms
 from sourcelm.plan.cluster import Cluster
 from sourcelm.plan.layout import PlanLayout, Resolved, resolve
 from sourcelm.plan.memory import RECIPES, RankMemory, rank_memory, rank_params
-from sourcelm.plan.model_costs import Slot, cut_chunks, model_slots, recompute_flops
+from sourcelm.plan.model_costs import DTYPE_BYTES, Slot, cut_chunks, model_slots, recompute_flops
 from sourcelm.plan.pipeline_sim import PipelineRun, Step, run_schedule
 
 
@@ -214,7 +214,7 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assump
                 flops_per_token=sum(s.train_flops for s in slots if s.kind != "mtp"),
                 train_flops_per_token=sum(s.train_flops for s in slots))
     tokens = lay.micro_batch * lay.seq_len
-    act_bytes = 4 if lay.dtype == "fp32" else 2
+    act_bytes = DTYPE_BYTES[lay.dtype]
     if lay.pp == 1:
         plan.time["compute (micro-batches in turn)"] = res.n_micro * sum(c.f_comp + c.bi_comp + c.w_comp for c in costs)
         plan.time["dispatch/combine (exposed)"] = res.n_micro * sum(c.f_comm + c.b_comm for c in costs)
@@ -272,7 +272,7 @@ def _step_extras(plan: Plan, held: list[list[int]]) -> None:
         plan.comm_bytes["dispatch/combine intra-node"] = moved["intra_node_bytes"]
     plan.comm_bytes["data-parallel reduction"] = dp_bytes
     if lay.pp > 1:
-        act_bytes = 4 if lay.dtype == "fp32" else 2
+        act_bytes = DTYPE_BYTES[lay.dtype]
         # forward activations and backward gradients across each chunk boundary this rank owns
         plan.comm_bytes["pipeline sends"] = (2 * res.n_micro * len(held[0]) * lay.micro_batch * lay.seq_len
                                              * plan.model.hidden_size * act_bytes)

@@ -23,7 +23,7 @@ from sourcelm.config import ModelConfig
 from sourcelm.plan.cluster import Cluster
 from sourcelm.plan.comms import row_element_bytes
 from sourcelm.plan.layout import Resolved
-from sourcelm.plan.model_costs import Slot, activation_bytes
+from sourcelm.plan.model_costs import DTYPE_BYTES, Slot, activation_bytes
 
 RECIPES = ("sourcelm", "deepseek")
 
@@ -75,12 +75,10 @@ def chunk_activation_bytes(model: ModelConfig, chunk: list[Slot], res: Resolved,
     """(activations one micro-batch keeps in this chunk, the largest single slot's), in bytes."""
     lay = res.layout
     tokens = lay.micro_batch * lay.seq_len
-    per_slot = []
-    for s in chunk:
-        sourcelm = recipe == "sourcelm"  # autocast: the residual stream stays in the masters' fp32
-        per_token = activation_bytes(model, s.kind, lay.seq_len, lay.dtype, lay.recompute, lay.attention,
-                                     expert_outputs=sourcelm, residual_bytes=4 if sourcelm else None)
-        per_slot.append(per_token * tokens)
+    sourcelm = recipe == "sourcelm"  # autocast: the residual stream stays in the masters' fp32
+    per_slot = [tokens * activation_bytes(model, s.kind, lay.seq_len, lay.dtype, lay.recompute, lay.attention,
+                                          expert_outputs=sourcelm, residual_bytes=4 if sourcelm else None)
+                for s in chunk]
     return sum(per_slot), max(per_slot, default=0.0)
 
 
@@ -93,7 +91,7 @@ def comm_buffers(model: ModelConfig, res: Resolved, recipe: str, rows_per_token:
     tokens = lay.micro_batch * lay.seq_len
     a2a = tokens * rows_per_token * model.hidden_size * sum(row_element_bytes(recipe, lay.dtype))
     in_flight = 2 if res.chunks_per_rank == 2 else 1
-    p2p = 2 * 2 * tokens * model.hidden_size * (4 if lay.dtype == "fp32" else 2) if lay.pp > 1 else 0.0
+    p2p = 2 * 2 * tokens * model.hidden_size * DTYPE_BYTES[lay.dtype] if lay.pp > 1 else 0.0
     return a2a * in_flight + p2p
 
 

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 from sourcelm.plan import comms
 from sourcelm.plan.estimate import Plan
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: a link a one-process "cluster" never uses has no bandwidth to report."""
+    return x if math.isfinite(x) else None
+
+
+def report_figures(plan: Plan) -> dict:
+    """The report's node-limited routing figures (§3.2.2) on this cluster's links; none on a single node."""
+    cl = plan.cluster
+    if cl.nodes < 2:
+        return {"experts_per_node_at_no_extra_cost": None, "max_experts_at_same_cost": None}
+    return {"experts_per_node_at_no_extra_cost": comms.experts_per_node_at_no_extra_cost(cl.nvlink_bw, cl.ib_bw),
+            "max_experts_at_same_cost": comms.max_experts_at_same_cost(plan.model.topk_group, cl.nvlink_bw, cl.ib_bw)}
 
 
 def plan_dict(plan: Plan, tokens: float | None = None) -> dict:
@@ -12,8 +28,8 @@ def plan_dict(plan: Plan, tokens: float | None = None) -> dict:
     out = {
         "model": {"flops_per_token": plan.flops_per_token, "train_flops_per_token": plan.train_flops_per_token},
         "cluster": {"name": cl.name, "nodes": cl.nodes, "gpus_per_node": cl.gpus_per_node, "world": cl.world,
-                    "memory_bytes": cl.hbm_bytes, "peak_flops": cl.peak_flops, "nvlink_bw": cl.nvlink_bw,
-                    "ib_bw": cl.ib_bw, "link_latency": cl.link_latency, "sources": cl.sources},
+                    "memory_bytes": cl.hbm_bytes, "peak_flops": cl.peak_flops, "nvlink_bw": _finite(cl.nvlink_bw),
+                    "ib_bw": _finite(cl.ib_bw), "link_latency": cl.link_latency, "sources": cl.sources},
         "layout": {"pp": lay.pp, "schedule": lay.schedule if lay.pp > 1 else None, "ep": lay.ep, "dp": res.dp,
                    "micro_batch": lay.micro_batch, "micro_batches_per_step": res.n_micro,
                    "global_batch": lay.global_batch, "seq_len": lay.seq_len, "dtype": lay.dtype,
@@ -31,10 +47,7 @@ def plan_dict(plan: Plan, tokens: float | None = None) -> dict:
         "tokens_per_s_per_gpu": plan.tokens_per_s_per_gpu,
         "mfu_bf16": plan.mfu,
         "gpu_hours_per_trillion_tokens": plan.gpu_hours_per_trillion,
-        "report_figures": {
-            "experts_per_node_at_no_extra_cost": comms.experts_per_node_at_no_extra_cost(cl.nvlink_bw, cl.ib_bw),
-            "max_experts_at_same_cost": comms.max_experts_at_same_cost(
-                plan.model.topk_group, cl.nvlink_bw, cl.ib_bw) if cl.ib_bw != float("inf") else None},
+        "report_figures": report_figures(plan),
     }
     if plan.routing is not None:
         r = plan.routing
