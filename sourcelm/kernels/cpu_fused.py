@@ -17,7 +17,7 @@ NORM_BLOCK = 32  # rows per partial weight-gradient sum in rms_norm.c
 
 def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor | None,
                         ignore_index: int = -100) -> torch.Tensor:
-    """Same contract as `loss.chunk_loss_and_grad`: the summed loss (fp32 scalar); the gradient of that sum
+    """Same contract as `reference.chunk_loss_and_grad`: the summed loss (fp32 scalar); the gradient of that sum
     with respect to the logits written into `grad_out` (same shape and dtype as the logits; may be the
     logits themselves) if given."""
     if not takes(logits):
@@ -67,7 +67,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`norm_rope.RMSNorm`'s forward for a CPU x (bf16 or fp32) and an fp32 weight: fp32 output, or bf16 (the
+    """`reference.rms_norm` (RMSNorm) for a CPU x (bf16 or fp32) and an fp32 weight: fp32 output, or bf16 (the
     fp32 output rounded once, for a norm that feeds bf16 matmuls)."""
     if not (takes(x) and weight.dtype == torch.float32 and weight.device.type == "cpu"
             and out_dtype in (torch.float32, torch.bfloat16)):

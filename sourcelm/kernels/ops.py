@@ -15,7 +15,8 @@ backend that takes it and logs each (op, backend, device, dtype) choice once:
 | `adamw_backend` | C (`cpu_adamw`), torch's fused AdamW | `torch._fused_adamw_` |
 
 The C and AMX kernels run on the CPU only; CUDA runs torch's own kernels (flash attention, grouped_mm,
-cuBLAS), which are the GPU's fast paths. `SOURCELM_KERNELS=torch` switches every hand-written kernel off
+cuBLAS), which are the GPU's fast paths. Only the CPU branches have run so far: the CUDA ones, and the FP8
+"cuda" backend, have not yet run on a GPU. `SOURCELM_KERNELS=torch` switches every hand-written kernel off
 (the torch code above runs everywhere: the way to check a result against the reference end to end);
 `SOURCELM_NATIVE=0` / `SOURCELM_AMX=0` switch off the C kernels / only the AMX ones.
 """  # noqa: E501 (a markdown table row cannot wrap)

@@ -4,7 +4,7 @@ The report trains with AdamW(β1 0.9, β2 0.95, weight decay 0.1) and shards opt
 data-parallel ranks (ZeRO-1). One implementation serves both cases: the parameters of a group live
 in one persistent flat fp32 buffer (each parameter's `.data` is a view of it). A rank owns the
 contiguous slice [lo, hi) (the whole buffer without sharding), keeps Adam moments for that slice only,
-updates it in place with a fused AdamW kernel (`kernels/adamw.c` on the CPU, torch's elsewhere), and the
+updates it in place with a fused AdamW kernel (`sourcelm/kernels/csrc/adamw.c` on the CPU, torch's elsewhere), and the
 updated slices are all-gathered back into the buffer. The update is elementwise, but torch's kernel rounds
 an element differently in its vector body and its scalar tail (1 ulp), so the buffer is updated in fixed
 blocks (and the CPU kernel keeps to 64-element chunks inside them): cut at multiples of
