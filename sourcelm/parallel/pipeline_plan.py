@@ -16,13 +16,15 @@ for given F and B costs, which the tests compare with the report's bubble formul
 - 1F1B: stage s runs min(P-s-1, M) forwards, then alternates F and B, then the remaining backwards.
 - DualPipeV (DeepSeek's dualpipev.py, eight phases; phase 0 = chunk r, phase 1 = chunk 2P-1-r): F0 x 2(P-r-1);
   (F0, F1) x (r+1); (B1, W, F1) x (P-r-1); (F0&B1, F1&B0) x (M-2P+r+1); (B1, F1&B0) x (P-r-1); (B1, B0) x (r+1);
-  (W, B0) x (P-r-1); W x (r+1). Backward here computes input and weight gradients together (no zero-bubble W split),
+  (W, B0) x (P-r-1); W x (r+1). The F of each F&B pair is marked `paired`: the executor runs it at the same time
+  as the B after it (each on its own process groups), so that one's communication hides behind the other's compute
+  (report Figure 4). Backward here computes input and weight gradients together (no zero-bubble W split),
   so the W ops are empty and the bubble is the formula's with W = 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sourcelm.config import ConfigError, ModelConfig
 
@@ -34,6 +36,9 @@ class Op:
     kind: str  # "F" or "B"
     chunk: int
     micro_batch: int
+    # an F that runs at the same time as the op after it (a B of the rank's other chunk): DualPipe's F&B pair.
+    # Not part of the op's identity (equality, hashing): it says how the op runs, not which op it is.
+    paired: bool = field(default=False, compare=False)
 
 
 def n_chunks(pp: int, schedule: str) -> int:
@@ -146,8 +151,8 @@ def _dualpipev(rank: int, pp: int, m: int) -> list[Op]:
     next_mb = {("F", c0): 0, ("F", c1): 0, ("B", c0): 0, ("B", c1): 0}
     ops: list[Op] = []
 
-    def run(kind: str, chunk: int) -> None:
-        ops.append(Op(kind, chunk, next_mb[kind, chunk]))
+    def run(kind: str, chunk: int, paired: bool = False) -> None:
+        ops.append(Op(kind, chunk, next_mb[kind, chunk], paired))
         next_mb[kind, chunk] += 1
 
     tail = pp - rank - 1
@@ -160,13 +165,13 @@ def _dualpipev(rank: int, pp: int, m: int) -> list[Op]:
         run("B", c1)
         run("F", c1)
     for _ in range(m - 2 * pp + rank + 1):          # 4: F0&B1, F1&B0 (the pairs DualPipe overlaps)
-        run("F", c0)
+        run("F", c0, paired=True)
         run("B", c1)
-        run("F", c1)
+        run("F", c1, paired=True)
         run("B", c0)
     for _ in range(tail):                           # 5: B1, F1&B0
         run("B", c1)
-        run("F", c1)
+        run("F", c1, paired=True)
         run("B", c0)
     for _ in range(rank + 1):                       # 6: B1 B0
         run("B", c1)
