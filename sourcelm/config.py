@@ -304,6 +304,10 @@ class ParallelConfig:
     # "dualpipev" (DeepSeek's; 2 x pp chunks in a V, at least 2 x pp micro-batches); sourcelm/parallel/pipeline_plan.py
     pp: int = 1
     pp_schedule: str = "1f1b"
+    # DualPipeV's F&B pairs run the forward of one micro-batch and the backward of another at the same time (two
+    # threads, two sets of process groups), each one's communication hidden behind the other's compute; false: one
+    # after the other (the same bits either way)
+    pp_overlap: bool = True
 
 
 @dataclass

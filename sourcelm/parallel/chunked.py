@@ -61,17 +61,20 @@ class ChunkedTwoHopRoute:
         self.n_tokens, self.n_nodes, self.el = in_node.shape[0], d.n_nodes, d.ranks_per_ep_node
         self.me_node, self.me_local = topo.ep_node, topo.ep_local_rank
         self.inter, self.intra = topo.members["ep_inter"], topo.members["ep_intra"]
-        self.g_inter, self.g_intra = topo.groups["ep_inter"], topo.groups["ep_intra"]
+        # (inter, intra) groups per lane: forward, backward (topology.py's backward lane; the same groups without one)
+        self.lanes = ((topo.group("ep_inter"), topo.group("ep_intra")),
+                      (topo.group("ep_inter", True), topo.group("ep_intra", True)))
+        g_inter, g_intra = self.lanes[0]  # the route is built by a forward dispatch
         self.src_of = [n * self.el + self.me_local for n in range(self.n_nodes)]  # EP position of my source peers
         # source side: the rows for node n, in token order, and their chunks
         self.gather = [in_node[:, n].nonzero().flatten() for n in range(self.n_nodes)]
         self.send = [g.numel() for g in self.gather]
-        self.recv = exchange_counts(self.send, self.g_inter if self.n_nodes > 1 else None, in_node.device)
+        self.recv = exchange_counts(self.send, g_inter if self.n_nodes > 1 else None, in_node.device)
         # forwarder side: every forwarder's chunk counts per source node, known to its peers
         counts = torch.tensor(self.recv, dtype=torch.int64)
         if self.el > 1:
             every = [torch.empty_like(counts) for _ in range(self.el)]
-            dist.all_gather(every, counts, group=self.g_intra)
+            dist.all_gather(every, counts, group=g_intra)
             counts = torch.stack(every)
         else:
             counts = counts[None]
@@ -97,8 +100,10 @@ class ChunkedTwoHopRoute:
             stats.add(link, rows, row_bytes)
 
     # ---------------------------------------------------------------- forward (dispatch)
-    def forward_start(self, tensors: list[torch.Tensor], stats: LinkStats | None) -> Pending:
-        """Posts every IB-hop send and receive; the returned Pending forwards and collects on wait()."""
+    def forward_start(self, tensors: list[torch.Tensor], stats: LinkStats | None, backward: bool = False) -> Pending:
+        """Posts every IB-hop send and receive; the returned Pending forwards and collects on wait().
+        backward: issued by backward computation (the backward lane's groups)."""
+        g_inter, g_intra = self.lanes[backward]
         like = [(tuple(t.shape[1:]), t.dtype) for t in tensors]
         rb = _row_bytes(tensors[0])
         mine: dict[tuple[int, int], torch.Tensor] = {}  # (source node, chunk) -> packed rows
@@ -111,22 +116,22 @@ class ChunkedTwoHopRoute:
                     mine[(n, k)] = piece
                 else:
                     self._stats(stats, "inter_node", size, rb)
-                    works.append(dist.isend(piece, self.inter[n], group=self.g_inter, tag=k))
+                    works.append(dist.isend(piece, self.inter[n], group=g_inter, tag=k))
         arriving = {}
         width = sum(math.prod(s) * torch.empty((), dtype=dt).element_size() for s, dt in like)
         for s, k, size in self.order[self.me_local]:
             if s != self.me_node:
                 buf = tensors[0].new_empty((size, width), dtype=torch.uint8)
-                arriving[(s, k)] = (buf, dist.irecv(buf, self.inter[s], group=self.g_inter, tag=k))
+                arriving[(s, k)] = (buf, dist.irecv(buf, self.inter[s], group=g_inter, tag=k))
         headers = None
         if self.fwd_gather is None:  # first pass: row counts come as headers, posted now
-            headers = {f: [(h := torch.empty(1, dtype=torch.int64), dist.irecv(h, self.intra[f], group=self.g_intra,
+            headers = {f: [(h := torch.empty(1, dtype=torch.int64), dist.irecv(h, self.intra[f], group=g_intra,
                                                                                tag=2 * i))
                            for i in range(len(self.order[f]))] for f in range(self.el) if f != self.me_local}
         return Pending([], [t.new_empty((0,) + s, dtype=dt) for t, (s, dt) in zip(tensors, like)],
-                       lambda _: self._forward_finish(mine, arriving, headers, works, like, width, rb, stats))
+                       lambda _: self._forward_finish(mine, arriving, headers, works, like, width, rb, stats, g_intra))
 
-    def _forward_finish(self, mine, arriving, headers, works, like, width, rb, stats) -> list[torch.Tensor]:
+    def _forward_finish(self, mine, arriving, headers, works, like, width, rb, stats, g_intra) -> list[torch.Tensor]:
         learn = self.fwd_gather is None
         if learn:
             self.fwd_gather = []
@@ -150,7 +155,7 @@ class ChunkedTwoHopRoute:
                     rows = self.piece_rows[f][i]
                     if rows:
                         buf = torch.empty((rows, width), dtype=torch.uint8)
-                        pending[f].append((i, buf, dist.irecv(buf, self.intra[f], group=self.g_intra, tag=2 * i + 1)))
+                        pending[f].append((i, buf, dist.irecv(buf, self.intra[f], group=g_intra, tag=2 * i + 1)))
                     else:
                         got[f][i] = torch.empty((0, width), dtype=torch.uint8)
                     seen[f] += 1
@@ -171,11 +176,11 @@ class ChunkedTwoHopRoute:
                         self.piece_rows[q][i] = rows.shape[0]
                     continue
                 if learn:
-                    works.append(dist.isend(torch.tensor([rows.shape[0]]), self.intra[q], group=self.g_intra,
+                    works.append(dist.isend(torch.tensor([rows.shape[0]]), self.intra[q], group=g_intra,
                                             tag=2 * i))
                 if rows.shape[0]:
                     self._stats(stats, "intra_node", rows.shape[0], rb)
-                    works.append(dist.isend(rows, self.intra[q], group=self.g_intra, tag=2 * i + 1))
+                    works.append(dist.isend(rows, self.intra[q], group=g_intra, tag=2 * i + 1))
             post_payloads(block=False)
         post_payloads(block=True)
         for f in range(self.el):
@@ -202,13 +207,14 @@ class ChunkedTwoHopRoute:
         here = valid & (rank_of // self.el == self.me_node)
         return [(here & (rank_of % self.el == q)).any(1).nonzero().flatten() for q in range(self.el)]
 
-    def forward_rest(self, rows: list[torch.Tensor], stats) -> list[torch.Tensor]:
+    def forward_rest(self, rows: list[torch.Tensor], stats, backward: bool = False) -> list[torch.Tensor]:
         return rows  # the Pending of forward_start did both hops
 
     # ---------------------------------------------------------------- reverse (combine)
-    def reverse_start(self, rows: list[torch.Tensor], stats: LinkStats | None) -> Pending:
+    def reverse_start(self, rows: list[torch.Tensor], stats: LinkStats | None, backward: bool = False) -> Pending:
         """Sends every received piece back to its forwarder; wait() sums inside the node, crosses back
         chunk by chunk and sums the nodes in order."""
+        g_inter, g_intra = self.lanes[backward]
         like = [(tuple(t.shape[1:]), t.dtype) for t in rows]
         rb = _row_bytes(rows[0])
         pre = _pack([torch.empty_like(t).index_copy_(0, self.perm, t) for t in rows])  # (forwarder, piece) order
@@ -222,7 +228,7 @@ class ChunkedTwoHopRoute:
                     back[i] = part
                 elif r:
                     self._stats(stats, "intra_node", r, rb)
-                    works.append(dist.isend(part, self.intra[f], group=self.g_intra, tag=2 * i + 1))
+                    works.append(dist.isend(part, self.intra[f], group=g_intra, tag=2 * i + 1))
         width = pre.shape[1]
         posted = []  # my pieces as forwarder: per peer, (buf, work) or the local rows
         for i, idx in enumerate(self.fwd_gather):
@@ -232,18 +238,18 @@ class ChunkedTwoHopRoute:
                     per_peer.append((back.get(i) if q == self.me_local else None, None))
                 else:
                     buf = pre.new_empty((g.numel(), width))
-                    per_peer.append((buf, dist.irecv(buf, self.intra[q], group=self.g_intra, tag=2 * i + 1)))
+                    per_peer.append((buf, dist.irecv(buf, self.intra[q], group=g_intra, tag=2 * i + 1)))
             posted.append(per_peer)
         home = {}
         for n in range(self.n_nodes):
             for k, (_, size) in enumerate(self._chunks(n)):
                 if n != self.me_node:
                     buf = pre.new_empty((size, width))
-                    home[(n, k)] = (buf, dist.irecv(buf, self.inter[n], group=self.g_inter, tag=k))
+                    home[(n, k)] = (buf, dist.irecv(buf, self.inter[n], group=g_inter, tag=k))
         return Pending([], [t.new_empty((0,) + s, dtype=dt) for t, (s, dt) in zip(rows, like)],
-                       lambda _: self._reverse_finish(posted, home, works, like, rb, stats))
+                       lambda _: self._reverse_finish(posted, home, works, like, rb, stats, g_inter))
 
-    def _reverse_finish(self, posted, home, works, like, rb, stats) -> list[torch.Tensor]:
+    def _reverse_finish(self, posted, home, works, like, rb, stats, g_inter) -> list[torch.Tensor]:
         for i, (s, k, size) in enumerate(self.order[self.me_local]):
             if self.el == 1:  # the unchunked hop 2 is then an identity and sums nothing
                 partial = _unpack(posted[i][0][0], like)
@@ -262,7 +268,7 @@ class ChunkedTwoHopRoute:
                 home[(s, k)] = (packed, None)
             else:
                 self._stats(stats, "inter_node", size, rb)
-                works.append(dist.isend(packed, self.inter[s], group=self.g_inter, tag=k))
+                works.append(dist.isend(packed, self.inter[s], group=g_inter, tag=k))
         out = [torch.zeros((self.n_tokens,) + shape, dtype=dt) for shape, dt in like]
         for n in range(self.n_nodes):  # nodes in ascending order, as the unchunked fold
             chunks = []

@@ -13,7 +13,8 @@
   token's local experts into one row first. The sum has a fixed order (see transport.py), identical
   for both implementations: partial sums per destination node, then the nodes in ascending order.
 * Autograd: dispatch's backward is a combine of the gradients (the weights' too), combine's backward
-  is a dispatch with the cached route.
+  is a dispatch with the cached route. The backward transfers run on the topology's backward-lane groups
+  (the forward groups themselves unless DualPipeV's overlapped pairs asked for a lane: topology.py).
 * Overlap: `dispatch_async` / `combine_async` return once the first (inter-node) all-to-all is in
   flight; `.wait()` finishes it. Work done in between (the shared expert) runs during the transfer.
   Backward is split the same way: the second Function's backward starts the transfer and the first
@@ -65,14 +66,14 @@ class Handle:
 class _DispatchStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, topk_idx, dispatcher, handle):
-        ctx.handle = handle
+        ctx.handle, ctx.stats = handle, dispatcher.stats
         handle.pending = handle.route.forward_start([x, topk_weights, topk_idx], dispatcher.stats)
         x_buf, w_buf, _ = handle.pending.outputs
         return x_buf, w_buf
 
     @staticmethod
     def backward(ctx, _gx_buf, _gw_buf):
-        gx, gw = ctx.handle.dispatch_bwd.wait()
+        gx, gw = ctx.stats.waited(ctx.handle.dispatch_bwd)
         ctx.handle.dispatch_bwd = None
         return gx, gw, None, None, None
 
@@ -82,7 +83,7 @@ class _DispatchWait(torch.autograd.Function):
     def forward(ctx, x_buf, w_buf, dispatcher, handle):
         ctx.handle, ctx.stats = handle, dispatcher.stats
         ctx.bufs = (x_buf.shape, w_buf.shape, x_buf.dtype, w_buf.dtype)
-        rows = handle.pending.wait()
+        rows = dispatcher.stats.waited(handle.pending)
         handle.pending = None
         recv_x, recv_w, recv_idx = dispatcher._rest_of_dispatch(handle, rows)
         local = recv_idx - dispatcher.topo.local_experts.start
@@ -102,7 +103,7 @@ class _DispatchWait(torch.autograd.Function):
         if g_w is None:
             g_w = torch.zeros((n,) + tuple(w_shape[1:]), dtype=w_dtype, device=h.recv_local_idx.device)
         g_w = torch.where(h.recv_local_idx >= 0, g_w, torch.zeros_like(g_w))  # slots not held here
-        h.dispatch_bwd = h.route.reverse_start([g_x.contiguous(), g_w.contiguous()], ctx.stats)
+        h.dispatch_bwd = h.route.reverse_start([g_x.contiguous(), g_w.contiguous()], ctx.stats, backward=True)
         return (torch.zeros((), dtype=x_dtype, device=g_x.device).expand(x_shape),
                 torch.zeros((), dtype=w_dtype, device=g_x.device).expand(w_shape), None, None)
 
@@ -116,9 +117,9 @@ class _CombineStart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _g_buf):
-        (g,) = ctx.handle.combine_bwd.wait()
+        (g,) = ctx.stats.waited(ctx.handle.combine_bwd)
         ctx.handle.combine_bwd = None
-        (g_y,) = ctx.handle.route.forward_rest([g], ctx.stats)
+        (g_y,) = ctx.handle.route.forward_rest([g], ctx.stats, backward=True)
         return g_y, None, None
 
 
@@ -126,13 +127,13 @@ class _CombineWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buf, dispatcher, handle):
         ctx.handle, ctx.stats, ctx.buf = handle, dispatcher.stats, (buf.shape, buf.dtype)
-        (out,) = handle.pending.wait()
+        (out,) = dispatcher.stats.waited(handle.pending)
         handle.pending = None
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        ctx.handle.combine_bwd = ctx.handle.route.forward_start([g_out.contiguous()], ctx.stats)
+        ctx.handle.combine_bwd = ctx.handle.route.forward_start([g_out.contiguous()], ctx.stats, backward=True)
         shape, dtype = ctx.buf
         return torch.zeros((), dtype=dtype, device=g_out.device).expand(shape), None, None
 
@@ -221,7 +222,8 @@ class Dispatcher:
         rpn = self.topo.ranks_per_node
         links = ["local" if r == self.topo.rank else
                  "intra_node" if r // rpn == self.topo.node else "inter_node" for r in members]
-        return Hop(group if len(members) > 1 else None, links, pairs[:, 1].contiguous(), send,
+        groups = (group, self.topo.group(kind, backward=True)) if len(members) > 1 else (None, None)
+        return Hop(groups, links, pairs[:, 1].contiguous(), send,
                    exchange_counts(send, group if len(members) > 1 else None, device),
                    is_in.shape[0], fold_groups)
 
@@ -328,7 +330,8 @@ class ChunkedTwoHopDispatcher(Dispatcher):
             if group is not None:
                 dist.all_reduce(t, dist.ReduceOp.MAX, group=group)
             self.tuning[size] = float(t)
-        self.stats.counts = saved  # the measurement's traffic is not the model's
+        self.stats.counts = saved  # the measurement's traffic and waits are not the model's
+        self.stats.take_wait()
         self.chunk_rows = min(sizes, key=lambda c: (self.tuning[c], c))
         log.info("two_hop_chunked dispatch: chunk_rows = %d, measured (rows: ms, slowest rank) %s", self.chunk_rows,
                  ", ".join(f"{c}: {self.tuning[c] * 1e3:.1f}" for c in sizes))

@@ -82,8 +82,9 @@ class ExpertParallelExperts(RoutedExperts):
 def topology_from_config(cfg) -> Topology:
     """The topology for a validated `Config` (parallel.pp, parallel.ep, parallel.ranks_per_node, the router groups)."""
     m = cfg.model
-    return build_topology(cfg.parallel.ep, cfg.parallel.ranks_per_node, m.n_routed_experts, m.n_group, m.topk_group,
-                          cfg.parallel.pp)
+    par = cfg.parallel
+    return build_topology(par.ep, par.ranks_per_node, m.n_routed_experts, m.n_group, m.topk_group, par.pp,
+                          backward_lane=par.pp > 1 and par.pp_schedule == "dualpipev" and par.pp_overlap)
 
 
 def apply_expert_parallel(model: nn.Module, topo: Topology, dispatcher_kind: str = "two_hop",

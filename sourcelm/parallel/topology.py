@@ -21,6 +21,12 @@ Groups (every rank builds every group, in the same order, as torch.distributed r
   ep_intra       the ranks of this EP group on this node (the NVLink hop of two-hop dispatch)
   ep_inter       the ranks of this EP group at this local index, one per node (the IB hop)
 
+Backward lane (`build_topology(backward_lane=True)`, for DualPipeV's F&B pairs): a second group of each kind
+that the pipeline's pairs use (pp, ep, ep_intra, ep_inter), with the same members. Collectives issued by backward
+computation run on it, those of forward computation on the first, so that one micro-batch's backward can run at
+the same time as another's forward without their messages ever meeting on one group (a group's collectives must
+be issued in the same order on every member; two threads on one group would race for that order).
+
 Inside an EP group, position p (`ep_rank`) holds global experts [p * E_local, (p + 1) * E_local); the
 group's nodes are numbered 0..ep_nodes-1 and position p lies on EP node p // ep_local.
 """
@@ -150,6 +156,7 @@ class Topology:
     layout: Layout
     rank: int
     groups: dict = field(default_factory=dict)  # kind -> ProcessGroup
+    backward_groups: dict = field(default_factory=dict)  # kind -> the backward lane's twin (module docstring)
     members: dict = field(default_factory=dict)  # kind -> global ranks of this rank's group, in group order
 
     @property
@@ -209,8 +216,9 @@ class Topology:
         e = self.layout.experts_per_rank
         return range(self.ep_rank * e, (self.ep_rank + 1) * e)
 
-    def group(self, kind: str):
-        return self.groups[kind]
+    def group(self, kind: str, backward: bool = False):
+        """This rank's group of `kind`; backward=True: its backward-lane twin where one was built, else itself."""
+        return self.backward_groups.get(kind, self.groups[kind]) if backward else self.groups[kind]
 
     def describe(self) -> str:
         lay = self.layout
@@ -237,9 +245,13 @@ def partitions(layout: Layout) -> dict[str, list[list[int]]]:
     }
 
 
+BACKWARD_LANE_KINDS = ("pp", "ep", "ep_intra", "ep_inter")
+
+
 def build_topology(ep: int, ranks_per_node: int, n_routed_experts: int, n_group: int = 1,
-                   topk_group: int = 1, pp: int = 1) -> Topology:
-    """Validates the layout for the current process group and creates every group on every rank.
+                   topk_group: int = 1, pp: int = 1, backward_lane: bool = False) -> Topology:
+    """Validates the layout for the current process group and creates every group on every rank (and the backward
+    lane's twins of BACKWARD_LANE_KINDS with backward_lane=True).
 
     Without an initialised process group (one process) it returns a world-of-one topology whose
     groups are all None."""
@@ -258,4 +270,8 @@ def build_topology(ep: int, ranks_per_node: int, n_routed_experts: int, n_group:
             topo.groups[kind], topo.members[kind] = dist.group.WORLD, list(range(world))
             continue
         topo.groups[kind], topo.members[kind] = _new_groups(parts, rank)
+    if backward_lane and world > 1:
+        parts = partitions(layout)
+        for kind in BACKWARD_LANE_KINDS:
+            topo.backward_groups[kind] = _new_groups(parts[kind], rank)[0]
     return topo

@@ -16,6 +16,8 @@ to the two-hop dispatcher's (partial sums inside the destination node, then the 
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,14 +30,32 @@ LINKS = ("inter_node", "intra_node")
 class LinkStats:
     """Bytes and rows this rank sent, per link class; only hidden-state rows are counted (the routing
     metadata, K ids and K weights per row, is small and left out, as in DeepEP's bandwidth figures).
-    Copies to this rank itself cross no link and are not counted."""
+    Copies to this rank itself cross no link and are not counted. Also the seconds spent waiting for transfers to
+    land (`waited`). Thread-safe: DualPipeV's overlapped pairs count from two threads."""
 
     counts: dict = field(default_factory=lambda: {f"{k}_{u}": 0 for k in LINKS for u in ("bytes", "rows")})
+    wait_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, link: str, rows: int, row_bytes: int) -> None:
         if link in LINKS and rows:
-            self.counts[f"{link}_bytes"] += rows * row_bytes
-            self.counts[f"{link}_rows"] += rows
+            with self._lock:
+                self.counts[f"{link}_bytes"] += rows * row_bytes
+                self.counts[f"{link}_rows"] += rows
+
+    def waited(self, pending: Pending) -> list[torch.Tensor]:
+        """`pending.wait()`, its time counted in `wait_s` (the receive side's fold included)."""
+        start = time.perf_counter()
+        out = pending.wait()
+        with self._lock:
+            self.wait_s += time.perf_counter() - start
+        return out
+
+    def take_wait(self) -> float:
+        """The wait seconds so far, starting again from zero."""
+        with self._lock:
+            out, self.wait_s = self.wait_s, 0.0
+        return out
 
     def reset(self) -> dict:
         """Returns the counts so far and starts again from zero."""
@@ -70,7 +90,9 @@ class Pending:
 
 @dataclass
 class Hop:
-    group: object  # ProcessGroup, or None when the only peer is this rank (a local gather)
+    # ProcessGroup of the forward lane and of the backward lane (the same group unless the topology has a backward
+    # lane, topology.py), or (None, None) when the only peer is this rank (a local gather)
+    groups: tuple
     links: list[str]  # link class to each peer: "local", "intra_node" or "inter_node"
     gather: torch.Tensor  # [S] int64: rows of the previous stage, in send order (peer-major)
     send_splits: list[int]  # rows to each peer
@@ -88,38 +110,41 @@ class Hop:
     @property
     def is_identity(self) -> bool:
         """A local hop that keeps every row in place (e.g. the intra-node hop with one rank per node)."""
-        if self.group is not None or self.gather.numel() != self.n_in:
+        if self.groups[0] is not None or self.gather.numel() != self.n_in:
             return False
         return bool((self.gather == torch.arange(self.n_in, device=self.gather.device)).all())
 
-    def forward(self, tensors: list[torch.Tensor], stats: LinkStats | None, alias: bool = False) -> Pending:
+    def forward(self, tensors: list[torch.Tensor], stats: LinkStats | None, alias: bool = False,
+                backward: bool = False) -> Pending:
         """Copies rows to their peers (asynchronously); the first tensor is the counted one.
-        alias: an identity hop may return its inputs themselves (only for internal stages)."""
+        alias: an identity hop may return its inputs themselves (only for internal stages).
+        backward: issued by backward computation (it runs on the backward lane's group)."""
         if alias and self.is_identity:
             return Pending([], list(tensors))
         send = [t.index_select(0, self.gather) for t in tensors]
-        if self.group is None:
+        if self.groups[0] is None:
             return Pending([], send)
         self._count(stats, self.send_splits, send[0])
-        return self._all_to_all(send, out_splits=self.recv_splits, in_splits=self.send_splits)
+        return self._all_to_all(send, self.recv_splits, self.send_splits, self.groups[backward])
 
-    def reverse(self, tensors: list[torch.Tensor], stats: LinkStats | None, alias: bool = False) -> Pending:
+    def reverse(self, tensors: list[torch.Tensor], stats: LinkStats | None, alias: bool = False,
+                backward: bool = False) -> Pending:
         """Sends received rows back to where they came from (asynchronously), then sums the copies."""
         if alias and self.is_identity:
             return Pending([], list(tensors))
-        if self.group is None:
+        if self.groups[0] is None:
             return Pending([], [t.contiguous() for t in tensors], self._fold_all)
         self._count(stats, self.recv_splits, tensors[0])
-        return self._all_to_all(tensors, out_splits=self.send_splits, in_splits=self.recv_splits,
+        return self._all_to_all(tensors, self.send_splits, self.recv_splits, self.groups[backward],
                                 finish=self._fold_all)
 
-    def _all_to_all(self, tensors: list[torch.Tensor], out_splits: list[int], in_splits: list[int],
+    def _all_to_all(self, tensors: list[torch.Tensor], out_splits: list[int], in_splits: list[int], group,
                     finish=None) -> Pending:
-        """One asynchronous all_to_all_single per tensor over this hop's group."""
+        """One asynchronous all_to_all_single per tensor over `group`."""
         outs, works = [], []
         for t in tensors:
             out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
-            works.append(dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=self.group,
+            works.append(dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=group,
                                                 async_op=True))
             outs.append(out)
         return Pending(works, outs, finish)
@@ -152,19 +177,20 @@ class Route:
     hops: list[Hop]
     perm: torch.Tensor | None = None
 
-    def forward_start(self, tensors, stats) -> Pending:
-        return self.hops[0].forward(tensors, stats)
+    # backward: the call comes from backward computation (the backward lane's groups, topology.py)
+    def forward_start(self, tensors, stats, backward: bool = False) -> Pending:
+        return self.hops[0].forward(tensors, stats, backward=backward)
 
-    def forward_rest(self, rows, stats) -> list[torch.Tensor]:
+    def forward_rest(self, rows, stats, backward: bool = False) -> list[torch.Tensor]:
         for hop in self.hops[1:]:
-            rows = hop.forward(rows, stats, alias=True).wait()
+            rows = hop.forward(rows, stats, alias=True, backward=backward).wait()
         if self.perm is not None:
             rows = [r.index_select(0, self.perm) for r in rows]
         return rows
 
-    def reverse_start(self, rows, stats) -> Pending:
+    def reverse_start(self, rows, stats, backward: bool = False) -> Pending:
         if self.perm is not None:
             rows = [torch.empty_like(r).index_copy_(0, self.perm, r) for r in rows]
         for hop in reversed(self.hops[1:]):
-            rows = hop.reverse(rows, stats, alias=True).wait()
-        return self.hops[0].reverse(rows, stats)
+            rows = hop.reverse(rows, stats, alias=True, backward=backward).wait()
+        return self.hops[0].reverse(rows, stats, backward=backward)

@@ -96,7 +96,8 @@ class DistributedContext:
             return MicroBatchLoop()
         shape = (self.cfg.schedule.micro_batch, self.cfg.data.seq_len, self.cfg.model.hidden_size)
         return PipelineExecutor(self.topo, self.cfg.model, self.ranges, self.cfg.parallel.pp_schedule, shape,
-                                self.comm_device)
+                                self.comm_device, overlap=self.cfg.parallel.pp_overlap,
+                                link_stats=self.dispatcher.stats if self.dispatcher is not None else None)
 
     def moe_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every MoE layer of the model, in order, for the load balancer: those another stage holds as stand-ins that

@@ -15,15 +15,25 @@ second root, so the embedding gets the sum of both gradients as in one process),
 balance losses and expert counts, and the schedule must stay an executor of the trainer's (checkpoints, exact resume,
 the balancer). The schedules themselves are DeepSeek's and the textbook's (`pipeline_plan.py`).
 
-Not done (stated, not pretended): DualPipe's overlap of one micro-batch's forward with another's backward inside a
-pair (here a pair runs F then B; the experts' all-to-all still overlaps the shared expert inside each layer), and
-the zero-bubble split of backward into input and weight gradients (W ops are empty). The path is written for NCCL
-as well (device tensors, the same op order on both ends of every link; NCCL ignores tags) but has only run on gloo.
+DualPipe's overlap (report Figure 4): in DualPipeV's F&B pairs (the ops `pipeline_plan` marks `paired`) the forward
+of one micro-batch and the backward of another run at the same time, the backward in a second thread, so that the
+all-to-alls and pipeline receives of each wait while the other computes. Each direction has its own process groups
+(the topology's backward lane: backward computation's collectives and the gradient messages run there), so the two
+threads never issue collectives on one group. The bits are those of running the pair in order (`parallel.pp_overlap
+= false`): the two halves share no tensor they write (different chunks, different micro-batches; gradients are
+folded by the backward alone, statistics summed by the forward alone). On the CPU the gain is the communication
+hidden; the two threads also share the cores.
+
+Not done (stated, not pretended): the zero-bubble split of backward into input and weight gradients (W ops are
+empty). The path is written for NCCL as well (device tensors, the same op order on both ends of every link; NCCL
+ignores tags; on a GPU both threads launch on the current stream, so the overlap is of communication with compute,
+which is what DualPipe overlaps) but has only run on gloo.
 """
 
 from __future__ import annotations
 
 import resource
+import threading
 import time
 
 import torch
@@ -73,9 +83,36 @@ def moe_rows(model_cfg, ranges: list[range]) -> tuple[list[list[int]], list[int]
     return rows, mtp
 
 
+class Lane:
+    """One thread's part of an op or a pair: when it started and ended, and the intervals its receives waited."""
+
+    def __init__(self):
+        self.start = self.end = 0.0
+        self.waits: list[tuple[float, float]] = []
+        self.error: BaseException | None = None
+
+    def busy(self) -> list[tuple[float, float]]:
+        """[start, end] less the waits: the intervals this lane computed."""
+        out, at = [], self.start
+        for s, e in self.waits:
+            out.append((at, s))
+            at = e
+        return [(s, e) for s, e in out + [(at, self.end)] if e > s]
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of intervals: the time at least one lane computed."""
+    total, reach = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > reach:
+            total += e - max(s, reach)
+            reach = e
+    return total
+
+
 class PipelineExecutor:
     def __init__(self, topo, model_cfg, ranges: list[range], kind: str, act_shape: tuple[int, int, int],
-                 device: torch.device):
+                 device: torch.device, overlap: bool = False, link_stats=None):
         self.topo, self.cfg, self.ranges, self.kind = topo, model_cfg, ranges, kind
         self.pp = topo.layout.pp
         self.n_chunks = n_chunks(self.pp, kind)
@@ -87,6 +124,14 @@ class PipelineExecutor:
         self.alpha = model_cfg.balance_loss_alpha
         self._pending, self._mailbox = [], {}  # sends in flight; messages between two chunks of this rank
         self._timing: dict[str, float] = {}
+        self.overlap = overlap and kind == "dualpipev"
+        backward_pp = topo.backward_groups.get("pp")
+        if self.overlap and backward_pp is None:
+            raise RuntimeError("overlapped F&B pairs need the topology's backward lane (build_topology(backward_lane="
+                               "True), as topology_from_config does with parallel.pp_overlap)")
+        # activations go forward on the default group, gradients back on the backward lane's (None: default)
+        self._groups = {ACT: None, EMB: None, GRAD: backward_pp, EMB_GRAD: backward_pp}
+        self.link_stats = link_stats  # the dispatcher's, for the all-to-all wait per step
 
     # -- p2p ----------------------------------------------------------------------------------------------------
     def _peer(self, chunk: int) -> int:
@@ -102,16 +147,16 @@ class PipelineExecutor:
         if peer == self.topo.rank:  # the bottom of DualPipeV's V: both chunks here, handed over in memory
             self._mailbox[tag] = t
         else:
-            self._pending.append((dist.isend(t, peer, tag=tag), t))
+            self._pending.append((dist.isend(t, peer, group=self._groups[kind], tag=tag), t))
 
-    def _recv(self, chunk: int, kind: int, tag_chunk: int, m: int) -> torch.Tensor:
+    def _recv(self, chunk: int, kind: int, tag_chunk: int, m: int, lane: Lane) -> torch.Tensor:
         tag = self._tag(kind, tag_chunk, m)
         if tag in self._mailbox:
             return self._mailbox.pop(tag)
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         start = time.perf_counter()
-        dist.recv(buf, self._peer(chunk), tag=tag)
-        self._timing["wait"] += time.perf_counter() - start
+        dist.recv(buf, self._peer(chunk), group=self._groups[kind], tag=tag)
+        lane.waits.append((start, time.perf_counter()))
         return buf
 
     # -- the step -----------------------------------------------------------------------------------------------
@@ -119,32 +164,86 @@ class PipelineExecutor:
         self._live = {}
         self._parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._counts = torch.zeros(self.n_rows, self.cfg.n_routed_experts, dtype=torch.int64, device=self.device)
-        self._timing = {"wait": 0.0, "F": 0.0, "B": 0.0, "n_F": 0, "n_B": 0, "in_flight": 0}
+        self._timing = {"busy": 0.0, "wait": 0.0, "F": 0.0, "B": 0.0, "FB": 0.0, "n_F": 0, "n_B": 0, "n_FB": 0,
+                        "in_flight": 0}
+        if self.link_stats is not None:
+            self.link_stats.take_wait()
         start = time.perf_counter()
-        for op in schedule(self.topo.stage, self.pp, work.n_micro, self.kind):
-            waited, t0 = self._timing["wait"], time.perf_counter()
-            if op.kind == "F":
-                self._forward(model, work, op.chunk, op.micro_batch)
+        ops = schedule(self.topo.stage, self.pp, work.n_micro, self.kind)
+        i = 0
+        while i < len(ops):
+            if ops[i].paired:
+                self._pair(model, work, ops[i], ops[i + 1])
+                i += 2
             else:
-                self._backward(work, op.chunk, op.micro_batch)
-            # an op's compute: its wall time less the time its receives waited
-            self._timing[op.kind] += time.perf_counter() - t0 - (self._timing["wait"] - waited)
-            self._timing[f"n_{op.kind}"] += 1
+                self._alone(model, work, ops[i])
+                i += 1
             self._timing["in_flight"] = max(self._timing["in_flight"], sum(isinstance(k[0], int) for k in self._live))
         self._drain()
         self._timing["step"] = time.perf_counter() - start
         return StepResult(self._parts, self._counts)
 
+    def _op(self, model, work: StepWork, op, lane: Lane) -> None:
+        lane.start = time.perf_counter()
+        try:
+            if op.kind == "F":
+                self._forward(model, work, op.chunk, op.micro_batch, lane)
+            else:
+                self._backward(work, op.chunk, op.micro_batch, lane)
+        except BaseException as e:  # re-raised by the thread that waits for this lane
+            lane.error = e
+        lane.end = time.perf_counter()
+
+    def _alone(self, model, work: StepWork, op) -> None:
+        lane = Lane()
+        self._op(model, work, op, lane)
+        if lane.error is not None:
+            raise lane.error
+        busy = covered(lane.busy())  # an op's compute: its wall time less the time its receives waited
+        self._count(lane.end - lane.start - busy, busy)
+        self._timing[op.kind] += busy
+        self._timing[f"n_{op.kind}"] += 1
+
+    def _pair(self, model, work: StepWork, f_op, b_op) -> None:
+        """DualPipe's F&B: the backward in a second thread while this one runs the forward (module docstring), or
+        one after the other without `overlap`. The pair's busy time is when at least one of the two computed."""
+        f, b = Lane(), Lane()
+        if self.overlap:
+            thread = threading.Thread(target=self._op, args=(model, work, b_op, b), name="pipeline-backward")
+            thread.start()
+            self._op(model, work, f_op, f)
+            thread.join()
+        else:
+            self._op(model, work, f_op, f)
+            if f.error is None:
+                self._op(model, work, b_op, b)
+        for lane in (f, b):
+            if lane.error is not None:
+                raise lane.error
+        busy = covered(f.busy() + b.busy())
+        self._count(sum(e - s for lane in (f, b) for s, e in lane.waits), busy)
+        self._timing["FB"] += max(f.end, b.end) - f.start
+        self._timing["n_FB"] += 1
+
+    def _count(self, wait: float, busy: float) -> None:
+        self._timing["wait"] += wait
+        self._timing["busy"] += busy
+
     def stats(self) -> dict[str, float]:
-        """This rank's figures of the last step: compute and receive-wait seconds, mean F and B op times, the most
-        micro-batch chunk states alive at once (the activation memory the schedule holds), peak RSS."""
+        """This rank's figures of the last step: compute seconds (time at least one thread computed), pipeline
+        receive-wait seconds (summed over both threads of a pair), all-to-all wait seconds (likewise), mean times of
+        F and B run alone and of F&B pairs (wall), the most micro-batch chunk states alive at once (the activation
+        memory the schedule holds), peak RSS."""
         t = self._timing
         if "step" not in t:
             return {}
-        return {"pp_step_s": t["step"], "pp_busy_s": t["F"] + t["B"], "pp_wait_s": t["wait"],
-                "pp_f_ms": 1e3 * t["F"] / max(t["n_F"], 1), "pp_b_ms": 1e3 * t["B"] / max(t["n_B"], 1),
-                "pp_in_flight": t["in_flight"],
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        out = {"pp_step_s": t["step"], "pp_busy_s": t["busy"], "pp_wait_s": t["wait"],
+               "pp_f_ms": 1e3 * t["F"] / max(t["n_F"], 1), "pp_b_ms": 1e3 * t["B"] / max(t["n_B"], 1),
+               "pp_fb_ms": 1e3 * t["FB"] / max(t["n_FB"], 1), "pp_in_flight": t["in_flight"],
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.link_stats is not None:
+            out["ep_wait_s"] = self.link_stats.take_wait()
+        return out
 
     def _drain(self) -> None:
         """Waits for every send in flight (each waited once: gloo's send handles must not be waited twice)."""
@@ -152,7 +251,7 @@ class PipelineExecutor:
             handle.wait()
         self._pending = []
 
-    def _forward(self, model, work: StepWork, c: int, m: int) -> None:
+    def _forward(self, model, work: StepWork, c: int, m: int, lane: Lane) -> None:
         last, live = c == self.n_chunks - 1, {}
         inputs, labels, token_mask = model_inputs(work.batch(m))  # every chunk: the padding mask (SFT) counts
         with work.compute():
@@ -165,14 +264,14 @@ class PipelineExecutor:
                     else:
                         self._send(x, self.n_chunks - 1, EMB, 0, m)
             else:
-                x = self._recv(c - 1, ACT, c, m).requires_grad_()
+                x = self._recv(c - 1, ACT, c, m, lane).requires_grad_()
                 live["x"] = x
             h, counts, balances = model.blocks(x, self.ranges[c], token_mask, self.alpha)
             if last:
                 emb = None
                 if self.has_mtp:
                     emb = (self._live.pop(("mtp_emb", m)) if ("mtp_emb", m) in self._live
-                           else self._recv(0, EMB, 0, m).requires_grad_())
+                           else self._recv(0, EMB, 0, m, lane).requires_grad_())
                     live["mtp_emb"] = emb
                 out = model.head_and_losses(h, emb, labels, token_mask, work.mtp_weight, self.alpha, False,
                                             counts, balances)
@@ -191,14 +290,14 @@ class PipelineExecutor:
                     self._counts[self.rows[c]] += torch.stack(counts)
         self._live[(c, m)] = live
 
-    def _backward(self, work: StepWork, c: int, m: int) -> None:
+    def _backward(self, work: StepWork, c: int, m: int, lane: Lane) -> None:
         live = self._live.pop((c, m))
         roots, grads = live["roots"], live["grads"]
         if grads is None:
-            grads = [self._recv(c + 1, GRAD, c, m)] + [None] * (len(roots) - 1)
+            grads = [self._recv(c + 1, GRAD, c, m, lane)] + [None] * (len(roots) - 1)
         if c == 0 and self.has_mtp:  # the MTP module's gradient of the embedding rows joins chunk 0's backward
             grad_emb = (self._live.pop(("mtp_emb_grad", m)) if ("mtp_emb_grad", m) in self._live
-                        else self._recv(self.n_chunks - 1, EMB_GRAD, 0, m))
+                        else self._recv(self.n_chunks - 1, EMB_GRAD, 0, m, lane))
             roots, grads = [*roots, live["emb"]], [*grads, grad_emb]
         torch.autograd.backward(roots, grads)
         if c > 0:
@@ -220,7 +319,7 @@ class PipelineExecutor:
         result = None
         for c in sorted(self.chunks):
             with compute():
-                x = model.embed(batch[:, :-1]) if c == 0 else self._recv(c - 1, ACT, c, 0)
+                x = model.embed(batch[:, :-1]) if c == 0 else self._recv(c - 1, ACT, c, 0, Lane())
                 h, _, _ = model.blocks(x, self.ranges[c], None, 0.0)
                 if c == self.n_chunks - 1:
                     result = model.model.norm(h)

@@ -166,13 +166,13 @@ def overlap_order_worker(rank, world):
     log: list[str] = []
     hop_forward, hop_reverse, pending_wait = transport.Hop.forward, transport.Hop.reverse, transport.Pending.wait
 
-    def forward(self, tensors, stats, alias=False):
-        log.append("issue forward" if self.group is not None else "local forward")
-        return hop_forward(self, tensors, stats, alias)
+    def forward(self, tensors, stats, alias=False, backward=False):
+        log.append("issue forward" if self.groups[0] is not None else "local forward")
+        return hop_forward(self, tensors, stats, alias, backward)
 
-    def reverse(self, tensors, stats, alias=False):
-        log.append("issue reverse" if self.group is not None else "local reverse")
-        return hop_reverse(self, tensors, stats, alias)
+    def reverse(self, tensors, stats, alias=False, backward=False):
+        log.append("issue reverse" if self.groups[0] is not None else "local reverse")
+        return hop_reverse(self, tensors, stats, alias, backward)
 
     def wait(self):
         if self.works:

@@ -63,11 +63,20 @@ def test_pp4_matches_one_process(kind, single, small_args, tmp_path):
 
 @pytest.mark.slow
 def test_pp2_by_ep2_over_two_nodes_matches_one_process(single, small_args, tmp_path):
-    """Each stage is one pretend node of 2 ranks, EP 2 inside it (two-hop dispatch), data parallel 2."""
-    got = _train(small_args, tmp_path, *STEPS, "parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipev",
-                 nproc=4, rpn=2)
+    """Each stage is one pretend node of 2 ranks, EP 2 inside it (two-hop dispatch), data parallel 2; DualPipeV's
+    pairs overlapped, and in order: the same bits."""
+    layout = ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipev"]
+    got = _train(small_args, tmp_path / "overlap", *STEPS, *layout, nproc=4, rpn=2)
     _assert_same_run(single, got, "pp2 x ep2")
     assert got[-1]["a2a_intra_node_bytes"] > 0
+    # DualPipeV's F&B pairs ran overlapped (two threads, two sets of groups): the same bits as run in order
+    in_order = _train(small_args, tmp_path / "in_order", *STEPS, *layout, "parallel.pp_overlap=false", nproc=4, rpn=2)
+    assert [r["loss"] for r in in_order] == [r["loss"] for r in got]
+    final = "checkpoints/step_000020/model.safetensors"
+    a, b = load_file(tmp_path / "overlap" / final), load_file(tmp_path / "in_order" / final)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    for record in (got[-1], in_order[-1]):  # per-rank timings: every rank ran pairs and waited on all-to-alls
+        assert len(record["pp_fb_ms"]) == 4 and min(record["pp_fb_ms"]) > 0 and min(record["ep_wait_s"]) > 0
 
 
 @pytest.mark.slow
