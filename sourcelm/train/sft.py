@@ -146,7 +146,8 @@ class SFTTrainer(Trainer):
     @torch.no_grad()
     def validate(self) -> dict | None:
         """{"valid_loss": mean loss per assistant token, "valid_tokens": their number} over the first
-        logging.valid_batches × global_batch held-out conversations (all of them when fewer), main stack only."""
+        logging.valid_batches × global_batch held-out conversations (all of them when fewer), main stack only,
+        through the pipeline where there is one (only the rank holding the head counts tokens and losses)."""
         if self.valid_data is None:
             return None
         from sourcelm.model.loss import linear_cross_entropy
@@ -157,8 +158,13 @@ class SFTTrainer(Trainer):
         for start in range(0, math.ceil(n / self.quantum) * self.quantum, self.quantum):
             b = self.valid_data.ordered_batch(start, self.quantum, self.ctx.dp_rank, self.ctx.dp_world, limit=n)
             b = b.to(self.device)
+            # final_hidden reads token windows [b, T + 1] and runs their first T; the padding mask is left out, as it
+            # changes only the expert counts, which validation does not keep
+            windows = torch.nn.functional.pad(b.inputs, (0, 1), value=self.valid_data.pad_id)
+            h = self.executor.final_hidden(self.model, windows, self._compute)
+            if h is None:  # a pipeline rank that does not hold the head
+                continue
             with self._compute():
-                h = self.model.hidden_states(b.inputs, b.token_mask)[0]
                 sums[0] += linear_cross_entropy(h, self.model.lm_head.weight, b.labels,
                                                 chunk_fn=self.model.ce_chunk).double()
             sums[1] += (b.labels != -100).sum()
@@ -206,8 +212,9 @@ def sft_main(config: str, overrides: list[str], run_dir: str, init_from: str, da
         raise ConfigError(f"--valid-fraction {valid_fraction}: give a share of the conversations in [0, 1)")
     cfg = resolve_config(config, overrides, init_from)
     if cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp = {cfg.parallel.pp}: SFT batches (labels + padding mask) run through the "
-                          f"micro-batch executor only; set parallel.pp = 1 (expert and data parallelism work)")
+        raise ConfigError(f"parallel.pp = {cfg.parallel.pp}: SFT first validates the base checkpoint, a forward pass "
+                          f"the pipeline executor cannot run before its first step yet; set parallel.pp = 1 (expert "
+                          f"and data parallelism work)")
     if cfg.data.train or cfg.data.valid or cfg.data.mixture:
         raise ConfigError("data.train / data.valid / data.mixture are set, but SFT reads the conversations of --data; "
                           "remove them from the config")

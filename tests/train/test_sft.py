@@ -27,18 +27,28 @@ TEXTS = ["How do I run a script? Type python script.py in a shell.", "And on Win
          "You answer questions about Python.", "The interpreter reads your script and runs it."] * 20
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    """A small trained tokenizer (vocab < SMALL's 512), saved as `sourcelm tokenizer train` saves it."""
+def train_small_tokenizer(out):
+    """A small trained tokenizer (vocab < SMALL's 512), saved in `out` as `sourcelm tokenizer train` saves it."""
     from tokenizers import pre_tokenizers, trainers
 
-    out = tmp_path_factory.mktemp("tok")
     tok = T.new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=T.special_tokens(), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TEXTS, trainer)
     T.save_tokenizer(tok, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return train_small_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def script_chats(n):
+    """n one-turn conversations with two alternating answers: a pattern a few SFT steps start to learn."""
+    answers = ["Type python script.py in a shell.", "Type py script.py instead."]
+    return [[{"role": "user", "content": f"How do I run a script? {i}"},
+             {"role": "assistant", "content": answers[i % 2]}] for i in range(n)]
 
 
 def write_chats(path, conversations, extra_lines=()):
@@ -178,10 +188,7 @@ def test_sft_end_to_end_resumes_bit_identically_exports_its_template_and_verifie
     cfg = load_config("tiny", SMALL)
     hf = tmp_path / "hf"
     save_hf(build_model(cfg.model, seed=3), hf, tokenizer_dir=tok_dir)
-    answers = ["Type python script.py in a shell.", "Type py script.py instead."]
-    chats = [[{"role": "user", "content": f"How do I run a script? {i}"},
-              {"role": "assistant", "content": answers[i % 2]}] for i in range(40)]
-    data = write_chats(tmp_path / "chats.jsonl", chats, ["not json"])
+    data = write_chats(tmp_path / "chats.jsonl", script_chats(40), ["not json"])
     small = [a for a in SMALL if not a.startswith(("data.", "logging.valid_every"))]
     args = ["sft", "tiny", *small, "data.seq_len=63", "logging.valid_every=2", "--init-from", str(hf),
             "--data", str(data), "--valid-fraction", "0.2"]
