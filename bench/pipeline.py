@@ -7,7 +7,7 @@ metrics carry, per rank and step, the compute seconds of its F and B ops, the se
 most micro-batch chunk states it held at once (`sourcelm/train/pipeline.py`). The bubble measured is a rank's step
 time less its compute; the formulas take the measured mean F and B of one op (one chunk): 1F1B (P-1)(F+B) with a
 chunk = a stage; DualPipeV (P_stages/2 - 1)(F&B + B - 3W) over its 2P stages, with F&B = F + B (a pair runs F then B
-here) and W = 0 (no zero-bubble split). The simulator (`pipeline_plan.simulate`) runs each rank's op list with the
+here) and W = 0 (no zero-bubble split). The simulator (`pipeline_sim.simulate`) runs each rank's op list with the
 measured F and B and free communication.
 
 On a machine with fewer cores than ranks, the ranks share cores, so a rank's "bubble" also holds time spent waiting
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sourcelm.parallel.pipeline_plan import simulate  # noqa: E402
+from sourcelm.plan import pipeline_sim  # noqa: E402
 
 LAYOUTS = [(1, "1f1b"), (2, "1f1b"), (2, "dualpipev"), (4, "1f1b"), (4, "dualpipev")]
 
@@ -80,10 +80,12 @@ def summarise(records: list[dict], pp: int, kind: str, micro_batches: int, warm:
     else:
         formula = (2 * pp / 2 - 1) * ((f + b) + b)
         activations = 2 * pp + 1  # PP + 1 over DualPipeV's 2P stages
-    sim = simulate(pp, micro_batches, kind, f, b)
+    # a pair's F then its B, each when its own input is in: what the executor runs (no overlap inside a pair)
+    sim = pipeline_sim.simulate(pipeline_sim.trainer_schedule(kind, pp, micro_batches, overlap_pairs=False),
+                                pipeline_sim.ChunkTimes(f, b))
     out.update(f_ms=1e3 * f, b_ms=1e3 * b, f_ms_per_rank=per["pp_f_ms"], b_ms_per_rank=per["pp_b_ms"],
                bubble_s=bubble, bubble_mean_s=statistics.mean(bubble),
-               formula_s=formula, simulated_s=statistics.mean(sim.idle), wait_s=per["pp_wait_s"],
+               formula_s=formula, simulated_s=statistics.mean(r.idle for r in sim.ranks), wait_s=per["pp_wait_s"],
                in_flight=per["pp_in_flight"], table2_activations=activations, peak_rss_mb=per["peak_rss_mb"])
     return out
 

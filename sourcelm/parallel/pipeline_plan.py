@@ -10,9 +10,7 @@ chunk also the embedding lookup (free), the last chunk the head and every MTP de
 again); the cut minimises the largest chunk's cost, every chunk keeping at least one main layer.
 
 Schedules (`schedule`): the list of (kind, chunk, micro-batch) a rank runs, in order. Sends are asynchronous and a
-receive waits for its sender, so a list is runnable when every op's inputs were produced earlier on their ranks;
-`simulate` checks that (no deadlock, every micro-batch's F and B exactly once per chunk) and measures the idle time
-for given F and B costs, which the tests compare with the report's bubble formulas (Table 2).
+receive waits for its sender, so a list is runnable when every op's inputs were produced earlier on their ranks.
 - 1F1B: stage s runs min(P-s-1, M) forwards, then alternates F and B, then the remaining backwards.
 - DualPipeV (DeepSeek's dualpipev.py, eight phases; phase 0 = chunk r, phase 1 = chunk 2P-1-r): F0 x 2(P-r-1);
   (F0, F1) x (r+1); (B1, W, F1) x (P-r-1); (F0&B1, F1&B0) x (M-2P+r+1); (B1, F1&B0) x (P-r-1); (B1, B0) x (r+1);
@@ -20,6 +18,11 @@ for given F and B costs, which the tests compare with the report's bubble formul
   as the B after it (each on its own process groups), so that one's communication hides behind the other's compute
   (report Figure 4). Backward here computes input and weight gradients together (no zero-bubble W split),
   so the W ops are empty and the bubble is the formula's with W = 0.
+
+Who defines what: `schedule` is the one definition of the orders the trainer runs. The one simulator of them is the
+planner's (`sourcelm.plan.pipeline_sim`, which also holds the ZB1P and DualPipe orders the trainer does not run): it
+builds its 1F1B and DualPipeV from `schedule`, and the tests check them there (no deadlock, every micro-batch's F
+and B exactly once per chunk, the idle time against Table 2). This package does not import the planner.
 """
 
 from __future__ import annotations
@@ -180,57 +183,3 @@ def _dualpipev(rank: int, pp: int, m: int) -> list[Op]:
         run("B", c0)
     return ops                                      # 8: (W) only
 
-
-# ----------------------------------------------------------------------------------------------- simulation
-
-@dataclass
-class Timeline:
-    finish: float  # when the last rank finishes
-    busy: list[float]  # per rank: time spent computing
-    idle: list[float]  # per rank: finish - busy (the bubble, as the report counts it, for equal work per rank)
-    order: list[list[Op]]  # per rank: the ops in the order they ran
-
-
-def simulate(pp: int, micro_batches: int, kind: str, f: float = 1.0, b: float = 2.0) -> Timeline:
-    """Runs every rank's op list against the data dependencies (an F of chunk c needs the F of chunk c-1 of the same
-    micro-batch; a B needs its own F and the B of chunk c+1), each F costing `f` and each B `b`, communication free.
-    Raises RuntimeError naming the stuck ops on a deadlock."""
-    chunks = n_chunks(pp, kind)
-    lists = [schedule(r, pp, micro_batches, kind) for r in range(pp)]
-    done: dict[Op, float] = {}
-    clock, pos = [0.0] * pp, [0] * pp
-    busy = [0.0] * pp
-
-    def ready(op: Op) -> float | None:
-        needs = []
-        if op.kind == "F" and op.chunk > 0:
-            needs.append(Op("F", op.chunk - 1, op.micro_batch))
-        if op.kind == "B":
-            needs.append(Op("F", op.chunk, op.micro_batch))
-            if op.chunk < chunks - 1:
-                needs.append(Op("B", op.chunk + 1, op.micro_batch))
-        if any(n not in done for n in needs):
-            return None
-        return max([done[n] for n in needs], default=0.0)
-
-    while any(pos[r] < len(lists[r]) for r in range(pp)):
-        progressed = False
-        for r in range(pp):
-            if pos[r] == len(lists[r]):
-                continue
-            op = lists[r][pos[r]]
-            at = ready(op)
-            if at is None:
-                continue
-            cost = f if op.kind == "F" else b
-            clock[r] = max(clock[r], at) + cost
-            busy[r] += cost
-            done[op] = clock[r]
-            pos[r] += 1
-            progressed = True
-        if not progressed:
-            stuck = {r: lists[r][pos[r]] for r in range(pp) if pos[r] < len(lists[r])}
-            raise RuntimeError(f"{kind} schedule deadlocks (P {pp}, {micro_batches} micro-batches): waiting ops "
-                               f"{stuck}")
-    finish = max(clock)
-    return Timeline(finish, busy, [finish - x for x in busy], lists)

@@ -1,10 +1,15 @@
 """An event simulator of pipeline schedules: 1F1B, ZB1P, DualPipe and DualPipeV (report §3.2.1, Table 2).
 
+Who defines what: the orders the trainer runs, 1F1B and DualPipeV, are defined once, by
+`sourcelm.parallel.pipeline_plan.schedule` (the op lists its executor runs); `trainer_schedule` turns them
+into this module's steps. ZB1P and DualPipe, which the trainer does not run, are defined here. This module
+is the only simulator of them all: deadlocks, idle time, activations in flight.
+
 A schedule is, per rank, an ordered list of steps; a step runs one chunk task (F: forward, B: full
 backward, Bi: backward for inputs only, W: backward for weights) or an overlapped forward/backward pair
 (DualPipe's "F&B"). Each micro-batch follows a path of stage chunks, one rank per chunk. The
 simulator runs every rank's list in order; a step starts when its rank is free and its inputs have
-arrived:
+arrived (a pair: the inputs of both its tasks, as the two run together):
   F of chunk s      after F of chunk s-1 (the activation sent by the previous rank),
   B/Bi of chunk s   after B/Bi of chunk s+1 (the gradient coming back), or after its own F on the last chunk,
   W of chunk s      after Bi of chunk s (on the same rank, earlier in its list).
@@ -13,14 +18,23 @@ outputs leave when the step ends, or `delay` steps later where the schedule defe
 queues some sends behind the next chunk). So the idle time per rank is the bubble of the schedule
 itself, the quantity of the report's Table 2.
 
+What a pair costs is the `times` object's choice: `ChunkTimes` takes the report's F&B as a given figure
+(`fb`; by default F + B, a pair that gains nothing from the overlap), the planner's `estimate.StageTimes`
+derives it from the two chunks' compute and communication. The simulator assumes only that a pair's
+outputs leave when the pair ends.
+
 Orders:
-  1f1b       warm-up of P-1-r forwards on rank r, then one forward / one backward, then the rest of the backwards.
+  1f1b       the trainer's (`pipeline_plan.schedule`): warm-up of P-1-r forwards on rank r, then one
+             forward / one backward, then the rest of the backwards.
   zb1p       ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): the 1F1B order of F and Bi; rank r
              lets its W passes trail its Bi passes by r micro-batches, so the Bi passes of the cool-down
              reach the first ranks sooner and the trailing W passes fill the waits there.
   dualpipe   DeepSeek's schedule, the 8 phases of `DualPipe.step` (reference §4.3.7): micro-batches enter
              from both ends; rank r holds stage r of one direction and stage P-1-r of the other.
-  dualpipev  the cut-in-half variant: P ranks, 2P chunks in a V (rank r holds chunks r and 2P-1-r).
+  dualpipev  the trainer's (`pipeline_plan.schedule`): the cut-in-half variant, P ranks, 2P chunks in a V
+             (rank r holds chunks r and 2P-1-r), DeepSeek's phases with full backwards (no zero-bubble
+             split: the trainer has none), its F&B pairs as overlapped steps and every send leaving at
+             once; so its bubble is Table 2's with W = 0.
 
 Activations in flight: a chunk's activations live from the start of its forward to the end of its
 backward for inputs (B or Bi); W keeps only the layer inputs and output gradients, which the report's
@@ -34,6 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sourcelm.config import ConfigError
+from sourcelm.parallel import pipeline_plan
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -68,7 +83,8 @@ class Schedule:
 @dataclass(frozen=True)
 class ChunkTimes:
     """Seconds for one micro-batch through one stage chunk. b is the full backward (inputs and weights),
-    w its weight part, fb an overlapped forward + full backward pair (default f + b: no overlap gain)."""
+    w its weight part, fb an overlapped forward + full backward pair, the report's F&B (default f + b: no
+    overlap gain)."""
 
     f: float
     b: float
@@ -129,8 +145,28 @@ def _single(kind: str, mb: int, chunk: int) -> Step:
     return Step((Task(kind, mb, chunk),))
 
 
+def trainer_schedule(name: str, ranks: int, n_micro: int, overlap_pairs: bool = True) -> Schedule:
+    """The trainer's 1F1B or DualPipeV (`pipeline_plan.schedule`) as steps: each op one step, except that an F
+    marked `paired` and the B after it make one overlapped step. overlap_pairs=False keeps them two steps, F
+    then B, each starting when its own input is in, as the trainer's executor runs a pair today. A task's
+    chunk is the trainer's chunk number: its chunks are the positions on every micro-batch's path."""
+    path = [pipeline_plan.chunk_rank(c, ranks, name) for c in range(pipeline_plan.n_chunks(ranks, name))]
+    sched = Schedule(name, ranks, n_micro, {m: path for m in range(n_micro)})
+    for r in range(ranks):
+        order: list[Step] = []
+        pair: list[Task] = []
+        for op in pipeline_plan.schedule(r, ranks, n_micro, name):
+            pair.append(Task(op.kind, op.micro_batch, op.chunk))
+            if not (op.paired and overlap_pairs):
+                order.append(Step(tuple(pair)))
+                pair = []
+        sched.orders.append(order)
+    return sched
+
+
 def _one_f_one_b_order(p: int, n: int, r: int, backward) -> list[Step]:
-    """Rank r's 1F1B order; backward(m) gives the steps of micro-batch m's backward."""
+    """Rank r's 1F1B order for ZB1P (the trainer's 1F1B takes at least P micro-batches, ZB1P here any
+    count); backward(m) gives the steps of micro-batch m's backward."""
     warm = min(p - 1 - r, n)
     order = [_single("F", m, r) for m in range(warm)]
     for i in range(n - warm):
@@ -139,13 +175,6 @@ def _one_f_one_b_order(p: int, n: int, r: int, backward) -> list[Step]:
     for m in range(n - warm, n):
         order += backward(m)
     return order
-
-
-def one_f_one_b(p: int, n: int) -> Schedule:
-    """1F1B: a warm-up of P-1-r forwards on rank r, one forward / one full backward, the rest of the backwards."""
-    sched = Schedule("1f1b", p, n, {m: list(range(p)) for m in range(n)})
-    sched.orders = [_one_f_one_b_order(p, n, r, lambda m, r=r: [_single("B", m, r)]) for r in range(p)]
-    return sched
 
 
 class _TrailingWeights:
@@ -209,10 +238,10 @@ class _DualOrder:
 
 
 def _dual_phases(o: _DualOrder, n_ranks: int, rank: int, n_chunks: int, is_end: bool) -> list[Step]:
-    """The 8 phases of DualPipe.step for one rank. n_ranks/rank are DualPipe's half-ranks (P/2, h)
-    or DualPipeV's ranks (P, r); n_chunks the micro-batches per phase-pair count DualPipe uses in
-    step 4 (N/2 for DualPipe, N for DualPipeV); is_end: the rank where the two phases meet (DualPipe's
-    middle ranks, DualPipeV's last rank), which does not overlap its first step-4 pair and defers sends."""
+    """The 8 phases of DualPipe.step for one rank. n_ranks/rank are DualPipe's half-ranks (P/2, h);
+    n_chunks the micro-batches per phase (N/2); is_end: the rank where the two phases meet (the middle
+    ranks), which does not overlap its first step-4 pair and defers sends. (DualPipeV's phases, with full
+    backwards, are the trainer's: `pipeline_plan`.)"""
     for _ in range((n_ranks - rank - 1) * 2):  # 1: forwards of phase 0
         o.forward(0)
     for i in range(rank + 1):  # 2: phase 0 and phase 1 forwards in turn
@@ -270,16 +299,6 @@ def dualpipe(p: int, n: int) -> Schedule:
     return sched
 
 
-def dualpipev(p: int, n: int) -> Schedule:
-    """DualPipeV on p ranks: 2p chunks in a V, rank r holds chunks r and 2p-1-r; n micro-batches."""
-    path = list(range(p)) + list(range(p - 1, -1, -1))
-    sched = Schedule("dualpipev", p, n, {m: path for m in range(n)})
-    for r in range(p):
-        o = _DualOrder((r, 2 * p - 1 - r), (list(range(n)), list(range(n))))
-        sched.orders.append(_dual_phases(o, p, r, n, is_end=r == p - 1))
-    return sched
-
-
 def check_schedule(name: str, ranks: int, n_micro: int) -> None:
     """Raises ConfigError naming the field when the schedule cannot run this many ranks/micro-batches."""
     if name not in SCHEDULES:
@@ -293,13 +312,18 @@ def check_schedule(name: str, ranks: int, n_micro: int) -> None:
     if name == "dualpipev" and n_micro < 2 * ranks:
         raise ConfigError(f"parallel.pp_schedule = 'dualpipev' needs at least 2 x pp = {2 * ranks} micro-batches "
                           f"(got {n_micro}); {fix}")
+    if name == "1f1b" and n_micro < ranks:  # the trainer's 1F1B (pipeline_plan.min_micro_batches)
+        raise ConfigError(f"parallel.pp_schedule = '1f1b' needs at least pp = {ranks} micro-batches (got {n_micro}); "
+                          f"{fix}")
 
 
 @functools.lru_cache(maxsize=128)
 def build_schedule(name: str, ranks: int, n_micro: int) -> Schedule:
     """The schedule's orders (cached: the search asks for the same ones many times; do not modify them)."""
     check_schedule(name, ranks, n_micro)
-    return {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}[name](ranks, n_micro)
+    if name in pipeline_plan.SCHEDULES:
+        return trainer_schedule(name, ranks, n_micro)
+    return {"zb1p": zb1p, "dualpipe": dualpipe}[name](ranks, n_micro)
 
 
 # -------------------------------------------------------------------------------------- simulation
@@ -442,8 +466,9 @@ def table2(name: str, stages: int, times: ChunkTimes) -> dict:
     """Table 2 of the report for a pipeline of `stages` stage chunks (PP): the bubble, parameters and
     activations per device (in units of one chunk's parameters / one micro-batch's chunk activations)
     and the device count. The simulated schedules idle exactly the formula's bubble for 1F1B at any times,
-    for ZB1P while W <= F, and for DualPipe(V) in the proportions of the report's figure (B - W = F,
-    W <= F, F&B <= F + B); outside them the formula is an approximation and the simulator the reference."""
+    for ZB1P while W <= F, for DualPipe in the proportions of the report's figure (B - W = F, W <= F,
+    F&B <= F + B), and for the trainer's DualPipeV, which has no W pass, with W = 0 while
+    F <= B <= F&B <= F + B; outside them the formula is an approximation and the simulator the reference."""
     f, b, w = times.f, times.b, times.w
     fb = f + b if times.fb is None else times.fb
     pp = stages

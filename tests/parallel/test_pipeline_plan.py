@@ -1,6 +1,7 @@
 """The pure part of pipeline parallelism: each rank's op order against the schedule's definition, no deadlock, every
 micro-batch's F and B exactly once per chunk, the bubble against the report's Table 2, the cost-balanced cut, and the
-layouts that cannot work."""
+layouts that cannot work. Deadlocks and bubbles through the one pipeline simulator, the planner's
+(`sourcelm.plan.pipeline_sim`)."""
 
 import dataclasses
 
@@ -14,21 +15,24 @@ from sourcelm.parallel.pipeline_plan import (
     partition_layers,
     rank_chunks,
     schedule,
-    simulate,
 )
 from sourcelm.parallel.topology import Layout, partitions, validate_layout
+from sourcelm.plan import pipeline_sim
 
 
 @pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
 @pytest.mark.parametrize("pp,m", [(2, 4), (2, 9), (4, 8), (4, 13), (3, 6)])
 def test_every_micro_batch_runs_forward_and_backward_once_per_chunk_without_deadlock(kind, pp, m):
-    timeline = simulate(pp, m, kind)  # raises on a deadlock
+    for overlap_pairs in (True, False):  # a pair run as one step (both inputs in) or as F then B: neither deadlocks
+        pipeline_sim.simulate(pipeline_sim.trainer_schedule(kind, pp, m, overlap_pairs),
+                              pipeline_sim.ChunkTimes(1.0, 2.0))  # raises on a deadlock
     chunks = 2 * pp if kind == "dualpipev" else pp
-    ops = [op for per_rank in timeline.order for op in per_rank]
+    order = [schedule(r, pp, m, kind) for r in range(pp)]
+    ops = [op for per_rank in order for op in per_rank]
     assert sorted(ops, key=lambda o: (o.kind, o.chunk, o.micro_batch)) == sorted(
         (Op(k, c, i) for k in "FB" for c in range(chunks) for i in range(m)),
         key=lambda o: (o.kind, o.chunk, o.micro_batch))
-    for r, per_rank in enumerate(timeline.order):
+    for r, per_rank in enumerate(order):
         assert {op.chunk for op in per_rank} == set(rank_chunks(r, pp, kind))
         assert all(chunk_rank(op.chunk, pp, kind) == r for op in per_rank)
         for c in rank_chunks(r, pp, kind):  # a chunk's micro-batches go in order, each B after its own F
@@ -57,16 +61,22 @@ def test_dualpipev_order_follows_deepseeks_eight_phases():
 @pytest.mark.parametrize("pp", [2, 4, 8])
 def test_bubbles_against_the_reports_table_2(pp):
     """1F1B's idle time per rank is (P-1)(F+B) exactly. DualPipeV, with the same work per rank (two chunks of half the
-    layers), idles less: below 1F1B's and below Table 2's (P_V/2-1)(F&B+B-3W) for its 2P stages with W = 0 (no
-    zero-bubble split here) and F&B = F+B (no overlap inside a pair)."""
+    layers), idles less: below 1F1B's, and Table 2's (P_V/2-1)(F&B+B-3W) for its 2P stages with W = 0 (no zero-bubble
+    split here) and F&B = F+B (no overlap inside a pair) exactly when each F&B pair runs as one step, at most that
+    when a pair runs F then B (as the executor does today)."""
+    ps = pipeline_sim
     f, b, m = 2.0, 4.0, 4 * pp
-    one_f_one_b = simulate(pp, m, "1f1b", f, b)
-    assert one_f_one_b.idle == pytest.approx([(pp - 1) * (f + b)] * pp)
-    dual = simulate(pp, m, "dualpipev", f / 2, b / 2)  # each of the 2P chunks holds half a stage's layers
+    one_f_one_b = ps.simulate(ps.trainer_schedule("1f1b", pp, m), ps.ChunkTimes(f, b))
+    assert [r.idle for r in one_f_one_b.ranks] == pytest.approx([(pp - 1) * (f + b)] * pp)
+    half = ps.ChunkTimes(f / 2, b / 2)  # each of the 2P chunks holds half a stage's layers
     formula = (2 * pp / 2 - 1) * ((f / 2 + b / 2) + b / 2)
-    assert max(dual.idle) < one_f_one_b.idle[0]
-    assert max(dual.idle) <= formula
-    assert dual.busy == pytest.approx(one_f_one_b.busy)  # the same work, fewer idle seconds
+    paired = ps.simulate(ps.trainer_schedule("dualpipev", pp, m), half)
+    in_turn = ps.simulate(ps.trainer_schedule("dualpipev", pp, m, overlap_pairs=False), half)
+    assert paired.bubble == pytest.approx(formula)
+    assert in_turn.bubble <= formula
+    for dual in (paired, in_turn):  # the same work, fewer idle seconds
+        assert dual.bubble < one_f_one_b.bubble
+        assert [r.busy for r in dual.ranks] == pytest.approx([r.busy for r in one_f_one_b.ranks])
 
 
 def test_too_few_micro_batches_are_refused_naming_the_minimum():

@@ -1,4 +1,5 @@
-"""The pipeline simulator against the report's Table 2 and against the trainer's own schedules.
+"""The pipeline simulator against the report's Table 2, and its 1F1B and DualPipeV against the trainer's schedules
+(`sourcelm.parallel.pipeline_plan.schedule`, which defines them).
 
 Table 2 (report §3.2.1, reference §4.2): bubbles 1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W), DualPipe and
 DualPipeV (PP/2-1)(F&B+B-3W); parameters per device 1x, 1x, 2x, 2x; activations per device PP, PP, PP+1,
@@ -12,6 +13,7 @@ import random
 import pytest
 
 from sourcelm.config import ConfigError
+from sourcelm.parallel.pipeline_plan import chunk_rank, schedule
 from sourcelm.plan import pipeline_sim as ps
 
 # (F, B, W, F&B): B is the full backward, W its weight part
@@ -38,10 +40,12 @@ def test_1f1b_and_zb1p_bubbles_equal_table2(name, p):
 @pytest.mark.parametrize("name", ["dualpipe", "dualpipev"])
 @pytest.mark.parametrize("ranks", [2, 4, 6, 8, 16])
 def test_dualpipe_bubbles_equal_table2(name, ranks):
-    """Exact for the proportions of the report's figure: backward for inputs as long as a forward
+    """DualPipe: exact for the proportions of the report's figure: backward for inputs as long as a forward
     (B - W = F), W <= F, and an overlapped pair no slower than its parts in turn (every TIMES row). Outside
     them the schedule's real bubble differs from the formula, e.g. (F, B, W, F&B) = (1, 2, 0.5, 2.5) on 4
-    DualPipe ranks idles 2.5, the formula says 3.0; the simulator is then the reference."""
+    DualPipe ranks idles 2.5, the formula says 3.0; the simulator is then the reference.
+    DualPipeV is the trainer's, with full backwards and no W pass: exact with W = 0 (every TIMES row has
+    F <= B <= F&B <= F + B)."""
     if name == "dualpipe" and ranks % 2:
         pytest.skip("DualPipe needs an even rank count")
     stages = 2 * ranks if name == "dualpipev" else ranks
@@ -49,7 +53,8 @@ def test_dualpipe_bubbles_equal_table2(name, ranks):
         times = ps.ChunkTimes(f, b, w, fb)
         for n in (2 * ranks, 2 * ranks + 2, 5 * ranks + 2):
             res = ps.simulate(ps.build_schedule(name, ranks, n), times)
-            expect = ps.table2(name, stages, times)["bubble"]
+            formula_times = ps.ChunkTimes(f, b, 0.0, fb) if name == "dualpipev" else times
+            expect = ps.table2(name, stages, formula_times)["bubble"]
             assert abs(res.bubble - expect) < 1e-9, (name, ranks, n, (f, b, w, fb), res.bubble, expect)
 
 
@@ -121,19 +126,26 @@ def test_long_runs_extrapolate_exactly():
                 assert all(abs(a - r.idle) < 1e-9 for a, r in zip(run.idle, full.ranks))
 
 
-def test_orders_match_the_trainers_schedules():
-    """The trainer's pipeline (sourcelm.parallel.pipeline_plan) runs 1F1B and DualPipeV with full backwards;
-    merging each zero-bubble backward with its W gives the simulator's orders exactly."""
-    from sourcelm.parallel.pipeline_plan import schedule
-
-    for name in ("1f1b", "dualpipev"):
-        for p in (2, 4):
-            n = 2 * p + 2
-            sched = ps.build_schedule(name, p, n)
-            for r in range(p):
-                mine = [(t.kind[0], t.chunk, t.mb) for step in sched.orders[r] for t in step.tasks if t.kind != "W"]
-                theirs = [(op.kind, op.chunk, op.micro_batch) for op in schedule(r, p, n, name)]
-                assert mine == theirs, (name, p, r)
+@pytest.mark.parametrize("name", ["1f1b", "dualpipev"])
+def test_orders_are_the_trainers_schedules(name):
+    """The simulator's 1F1B and DualPipeV are the trainer's op lists: the same ops in the same order, each F
+    marked `paired` one overlapped step with the B after it (and two steps, F then B, when pairs are not
+    overlapped), each chunk on the rank that holds it."""
+    for p in (2, 4):
+        n = 2 * p + 2
+        sched = ps.build_schedule(name, p, n)
+        in_turn = ps.trainer_schedule(name, p, n, overlap_pairs=False)
+        assert all(path == [chunk_rank(c, p, name) for c in range(sched.stages)] for path in sched.paths.values())
+        for r in range(p):
+            ops = schedule(r, p, n, name)
+            theirs = [(op.kind, op.chunk, op.micro_batch) for op in ops]
+            assert [(t.kind, t.chunk, t.mb) for step in sched.orders[r] for t in step.tasks] == theirs
+            pairs = [(i, i + 1) for i, op in enumerate(ops) if op.paired]
+            assert [tuple((t.kind, t.chunk, t.mb) for t in step.tasks) for step in sched.orders[r]
+                    if len(step.tasks) == 2] == [(theirs[i], theirs[j]) for i, j in pairs]
+            assert [(t.kind, t.chunk, t.mb) for step in in_turn.orders[r] for t in step.tasks] == theirs
+            assert all(len(step.tasks) == 1 for step in in_turn.orders[r])
+            assert (name == "dualpipev") == bool(pairs)
 
 
 def test_schedules_refuse_what_they_cannot_run():
@@ -143,3 +155,5 @@ def test_schedules_refuse_what_they_cannot_run():
         ps.build_schedule("dualpipev", 4, 6)
     with pytest.raises(ConfigError, match="parallel.pp_schedule = 'gpipe'"):
         ps.build_schedule("gpipe", 2, 4)
+    with pytest.raises(ConfigError, match="'1f1b' needs at least pp = 4 micro-batches"):  # as the trainer
+        ps.build_schedule("1f1b", 4, 3)
