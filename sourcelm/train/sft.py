@@ -17,6 +17,9 @@ document mask; packed conversations would attend to one another. A padded row is
 real token sees the padding after it, so a conversation's loss is the same alone or in a batch (tested). The cost is
 the compute spent on padding; keep data.seq_len near the longest conversations (the report's token counts help).
 
+It runs in pretraining's layouts (expert, data and pipeline parallel; tests/train/test_sft_parallel.py), one rank a
+process under torchrun: `torchrun --nproc-per-node N -m sourcelm sft ... parallel.ep=N`.
+
 Everything else is pretraining's: checkpoints, bit-identical resume, metrics.jsonl, `sourcelm export` (the state
 records HF_DIR as the tokenizer, so the export carries its template), and the provenance chain
 (export <- checkpoints <- sft_data manifest <- chat file + tokenizer; <- base_checkpoint <- HF_DIR's files).
@@ -211,10 +214,6 @@ def sft_main(config: str, overrides: list[str], run_dir: str, init_from: str, da
     if not 0.0 <= valid_fraction < 1.0:
         raise ConfigError(f"--valid-fraction {valid_fraction}: give a share of the conversations in [0, 1)")
     cfg = resolve_config(config, overrides, init_from)
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp = {cfg.parallel.pp}: SFT first validates the base checkpoint, a forward pass "
-                          f"the pipeline executor cannot run before its first step yet; set parallel.pp = 1 (expert "
-                          f"and data parallelism work)")
     if cfg.data.train or cfg.data.valid or cfg.data.mixture:
         raise ConfigError("data.train / data.valid / data.mixture are set, but SFT reads the conversations of --data; "
                           "remove them from the config")

@@ -1,6 +1,6 @@
 """`sourcelm sft` on several processes (gloo, launched with torchrun as on a cluster): expert parallelism over 2
-processes gives the one-process SFT run (fp32: the base model's and every step's losses within 1e-5, gradient norms
-within 1e-4, the same routing)."""
+processes and a 2-stage pipeline under 1F1B and DualPipeV give the one-process SFT run (fp32: the base model's and
+every step's losses within 1e-5, gradient norms within 1e-4, the same routing)."""
 
 import json
 import os
@@ -15,7 +15,8 @@ from sourcelm.model import build_model
 from tests.train.conftest import SMALL
 from tests.train.test_sft import script_chats, train_small_tokenizer, write_chats
 
-# the model comes from the checkpoint's config.json, so only SMALL's training settings apply
+# the model comes from the checkpoint's config.json, so only SMALL's training settings apply; 4 micro-batches of one
+# conversation a step: DualPipeV at PP 2 needs 2 x PP of them
 RUN = [a for a in SMALL if not a.startswith(("model.", "data.", "logging.valid_every"))] + [
     "data.seq_len=63", "train.dtype=float32", "schedule.micro_batch=1", "checkpoint.every=100",
     "logging.valid_every=2"]
@@ -23,10 +24,10 @@ RUN = [a for a in SMALL if not a.startswith(("model.", "data.", "logging.valid_e
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """An HF checkpoint with the small tokenizer, and 40 chats."""
+    """An HF checkpoint of 4 layers (DualPipeV at PP 2 cuts 4 chunks) with the small tokenizer, and 40 chats."""
     root = tmp_path_factory.mktemp("sft_base")
     tok = train_small_tokenizer(root / "tok")
-    cfg = load_config("tiny", SMALL)
+    cfg = load_config("tiny", SMALL + ["model.num_hidden_layers=4"])
     save_hf(build_model(cfg.model, seed=3), root / "hf", tokenizer_dir=tok)
     return root / "hf", write_chats(root / "chats.jsonl", script_chats(40))
 
@@ -67,3 +68,8 @@ def test_sft_at_ep2_matches_one_process(base, single, tmp_path):
     _assert_same_run(single, got, "ep2")
     assert [r for r in got if "loss" in r][-1]["a2a_intra_node_bytes"] > 0  # tokens did cross ranks
 
+
+@pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
+def test_sft_at_pp2_matches_one_process(kind, base, single, tmp_path):
+    got = _sft(base, tmp_path, "parallel.pp=2", f"parallel.pp_schedule={kind}", nproc=2)
+    _assert_same_run(single, got, f"pp2 {kind}")
