@@ -1,19 +1,28 @@
-"""Pipeline schedules measured: tokens/s, the bubble each rank sees, and the activation states it holds, for 1F1B
-and DualPipeV at P = 2 and 4, next to the report's Table 2 formulas and the schedule simulator fed with the measured
-F and B.
+"""Pipeline schedules measured: tokens/s, the bubble each rank sees, the activation states it holds, and DualPipe's
+F&B overlap, for 1F1B and DualPipeV at P = 2 and 4, next to the report's Table 2 formulas and the schedule
+simulator fed with the measured F, B and F&B.
 
-Each layout is a real `sourcelm train` run (gloo, one process per pipeline rank) of an 8-layer model; the trainer's
-metrics carry, per rank and step, the compute seconds of its F and B ops, the seconds its receives waited, and the
-most micro-batch chunk states it held at once (`sourcelm/train/pipeline.py`). The bubble measured is a rank's step
-time less its compute; the formulas take the measured mean F and B of one op (one chunk): 1F1B (P-1)(F+B) with a
-chunk = a stage; DualPipeV (P_stages/2 - 1)(F&B + B - 3W) over its 2P stages, with F&B = F + B (a pair runs F then B
-here) and W = 0 (no zero-bubble split). The simulator (`pipeline_sim.simulate`) runs each rank's op list with the
-measured F and B and free communication.
+Each layout is a real `sourcelm train` run (gloo, P x EP processes) of an 8-layer model; the trainer's metrics carry,
+per rank and step, the compute seconds of its ops, the seconds its pipeline receives and its all-to-alls waited, the
+wall time of DualPipeV's F&B pairs, and the most micro-batch chunk states it held at once
+(`sourcelm/train/pipeline.py`). DualPipeV runs twice: pairs in order (`parallel.pp_overlap=false`: F, then B) and
+overlapped (the default: the B in a second thread, on its own process groups).
+
+The bubble measured is a rank's step time less its compute (for a pair, the time at least one of its two threads
+computed); the formulas take the measured mean F and B of an op run alone (one chunk) and F&B of a pair:
+1F1B (P-1)(F+B), a chunk = a stage; DualPipeV (P_stages/2 - 1)(F&B + B - 3W) over its 2P stages, W = 0 (no
+zero-bubble split). The simulator (`plan.pipeline_sim`) runs each rank's op list (pairs as one step of the measured
+F&B when overlapped) with free communication.
+
+With --ep E each stage is E ranks of expert parallelism; --ranks-per-node sets the pretend nodes (default: one node
+per stage); --links ib=RATE,nvlink=RATE runs every node in its own shaped network namespace (root), so that
+communication takes real time and the overlap has something to hide.
 
 On a machine with fewer cores than ranks, the ranks share cores, so a rank's "bubble" also holds time spent waiting
-for a core (the output says how many cores there were).
+for a core (the output says how many cores there were), and two threads of a pair share the rank's core.
 
     .venv/bin/python bench/pipeline.py [--steps 6 --layers 8 --hidden 128 --seq 128 --global-batch 16 --max-pp 4]
+    .venv/bin/python bench/pipeline.py --max-pp 2 --ep 2 --ranks-per-node 1 --links ib=200mbit,nvlink=640mbit
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sourcelm.plan import pipeline_sim  # noqa: E402
 
-LAYOUTS = [(1, "1f1b"), (2, "1f1b"), (2, "dualpipev"), (4, "1f1b"), (4, "dualpipev")]
+# (P, schedule, F&B pairs overlapped)
+LAYOUTS = [(1, "1f1b", False), (2, "1f1b", False), (2, "dualpipev", False), (2, "dualpipev", True),
+           (4, "1f1b", False), (4, "dualpipev", False), (4, "dualpipev", True)]
 
 
 def make_tokens(root: Path, vocab: int) -> None:
@@ -48,45 +59,55 @@ def make_tokens(root: Path, vocab: int) -> None:
                                + [1])
 
 
-def run(args, root: Path, pp: int, kind: str) -> list[dict]:
-    run_dir = root / f"pp{pp}_{kind}"
+def run(args, root: Path, pp: int, kind: str, overlap: bool) -> list[dict]:
+    run_dir = root / f"pp{pp}_{kind}_{overlap}"
     overrides = [f"model.num_hidden_layers={args.layers}", f"model.hidden_size={args.hidden}",
                  f"model.vocab_size={args.vocab}", f"data.seq_len={args.seq}", f"schedule.steps={args.steps}",
                  f"schedule.global_batch={args.global_batch}", "schedule.micro_batch=1", "checkpoint.every=1000",
                  "logging.valid_every=0", "logging.tensorboard=false", "logging.progress=false",
-                 f"data.train=['{root / 'tokens' / 'train'}']", f"parallel.pp={pp}", f"parallel.pp_schedule={kind}"]
+                 f"data.train=['{root / 'tokens' / 'train'}']", f"parallel.pp={pp}", f"parallel.pp_schedule={kind}",
+                 f"parallel.ep={args.ep}", f"parallel.pp_overlap={str(overlap).lower()}"]
     cmd = [sys.executable, "-m", "sourcelm", "train", "tiny", *overrides, "--run-dir", str(run_dir)]
-    if pp > 1:
-        cmd += ["--nproc", str(pp), "--ranks-per-node", str(pp)]
+    if pp * args.ep > 1:
+        cmd += ["--nproc", str(pp * args.ep), "--ranks-per-node", str(args.ranks_per_node or args.ep)]
+    if args.links:
+        cmd += ["--links", args.links]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def summarise(records: list[dict], pp: int, kind: str, micro_batches: int, warm: int) -> dict:
+def summarise(records: list[dict], pp: int, kind: str, overlap: bool, micro_batches: int, warm: int) -> dict:
     timed = records[warm:]
-    out = {"pp": pp, "schedule": kind, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed)}
+    out = {"pp": pp, "schedule": kind, "overlap": overlap,
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+           "a2a_bytes": statistics.mean(r.get("a2a_inter_node_bytes", 0) + r.get("a2a_intra_node_bytes", 0)
+                                        for r in timed)}
     if pp == 1:
         return out
-    ranks = range(pp)
-    per = {k: [statistics.mean(r[k][i] for r in timed) for i in ranks]
-           for k in ("pp_step_s", "pp_busy_s", "pp_wait_s", "pp_f_ms", "pp_b_ms", "pp_in_flight", "peak_rss_mb")}
+    keys = ("pp_step_s", "pp_busy_s", "pp_wait_s", "pp_f_ms", "pp_b_ms", "pp_fb_ms", "ep_wait_s", "pp_in_flight",
+            "peak_rss_mb")
+    # per rank (every process), mean over the timed steps
+    ranks = range(len(timed[0]["pp_step_s"]))
+    per = {k: [statistics.mean(r[k][i] for r in timed) for i in ranks] for k in keys if k in timed[0]}
     f = statistics.mean(per["pp_f_ms"]) / 1e3
     b = statistics.mean(per["pp_b_ms"]) / 1e3
+    fb = statistics.mean(per["pp_fb_ms"]) / 1e3 if kind == "dualpipev" else f + b
     bubble = [s - c for s, c in zip(per["pp_step_s"], per["pp_busy_s"])]
     if kind == "1f1b":
         formula = (pp - 1) * (f + b)
         activations = pp  # Table 2's activation column: micro-batches held per device
     else:
-        formula = (2 * pp / 2 - 1) * ((f + b) + b)
+        formula = (2 * pp / 2 - 1) * (fb + b)
         activations = 2 * pp + 1  # PP + 1 over DualPipeV's 2P stages
-    # a pair's F then its B, each when its own input is in: what the executor runs (no overlap inside a pair)
-    sim = pipeline_sim.simulate(pipeline_sim.trainer_schedule(kind, pp, micro_batches, overlap_pairs=False),
-                                pipeline_sim.ChunkTimes(f, b))
-    out.update(f_ms=1e3 * f, b_ms=1e3 * b, f_ms_per_rank=per["pp_f_ms"], b_ms_per_rank=per["pp_b_ms"],
-               bubble_s=bubble, bubble_mean_s=statistics.mean(bubble),
-               formula_s=formula, simulated_s=statistics.mean(r.idle for r in sim.ranks), wait_s=per["pp_wait_s"],
-               in_flight=per["pp_in_flight"], table2_activations=activations, peak_rss_mb=per["peak_rss_mb"])
+    sim = pipeline_sim.simulate(pipeline_sim.trainer_schedule(kind, pp, micro_batches, overlap_pairs=overlap),
+                                pipeline_sim.ChunkTimes(f, b, fb=fb))
+    out.update(f_ms=1e3 * f, b_ms=1e3 * b, fb_ms=1e3 * fb, f_ms_per_rank=per["pp_f_ms"],
+               b_ms_per_rank=per["pp_b_ms"], step_s=statistics.mean(per["pp_step_s"]), bubble_s=bubble,
+               bubble_mean_s=statistics.mean(bubble), formula_s=formula,
+               simulated_s=statistics.mean(r.idle for r in sim.ranks), wait_s=per["pp_wait_s"],
+               ep_wait_s=per.get("ep_wait_s"), in_flight=per["pp_in_flight"], table2_activations=activations,
+               peak_rss_mb=per["peak_rss_mb"])
     return out
 
 
@@ -100,32 +121,45 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--max-pp", type=int, default=4, help="leave out layouts with more pipeline ranks (cores)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per stage")
+    p.add_argument("--ranks-per-node", type=int, default=0, help="pretend node size (default: --ep)")
+    p.add_argument("--links", help="shaped links, e.g. ib=200mbit,nvlink=640mbit (needs root)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     print(f"{os.cpu_count()} cores; {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
-          f"{args.global_batch} micro-batches of 1 per step, {args.steps} steps ({args.warm} left out)")
+          f"{args.global_batch // args.ep} micro-batches of 1 per step and rank, {args.steps} steps ({args.warm} left "
+          f"out); EP {args.ep}, {args.ranks_per_node or args.ep} rank(s) per node, links {args.links or 'unshaped'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_tokens(root / "tokens", args.vocab)
-        for pp, kind in [(pp, kind) for pp, kind in LAYOUTS if pp <= args.max_pp]:
-            rows.append(summarise(run(args, root, pp, kind), pp, kind, args.global_batch, args.warm))
+        for pp, kind, overlap in [layout for layout in LAYOUTS if layout[0] <= args.max_pp]:
+            rows.append(summarise(run(args, root, pp, kind, overlap), pp, kind, overlap, args.global_batch // args.ep,
+                                  args.warm))
             r = rows[-1]
             if pp == 1:
-                print(f"1 process                 {r['tokens_per_s']:8.0f} tok/s")
+                print(f"no pipeline                      {r['tokens_per_s']:8.0f} tok/s")
                 continue
-            print(f"PP {pp} {kind:10s}          {r['tokens_per_s']:8.0f} tok/s  F {r['f_ms']:6.1f} ms  "
-                  f"B {r['b_ms']:6.1f} ms (per rank F {', '.join(f'{x:.1f}' for x in r['f_ms_per_rank'])}; B "
-                  f"{', '.join(f'{x:.1f}' for x in r['b_ms_per_rank'])})  bubble {r['bubble_mean_s']:.3f} s (per rank "
-                  f"{', '.join(f'{x:.3f}' for x in r['bubble_s'])})  formula {r['formula_s']:.3f} s  "
-                  f"simulated {r['simulated_s']:.3f} s  in flight {r['in_flight']} (Table 2: "
-                  f"{r['table2_activations']})  peak RSS {', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} MB")
+            name = f"{kind} {'overlapped' if overlap else 'in order'}" if kind == "dualpipev" else kind
+            ep_wait = f"  all-to-all wait {_ranks(r['ep_wait_s'], 3)} s" if r["a2a_bytes"] else ""
+            print(f"PP {pp} {name:25s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_s']:.3f} s  F {r['f_ms']:.1f} "
+                  f"ms  B {r['b_ms']:.1f} ms  F&B {r['fb_ms']:.1f} ms  receive wait {_ranks(r['wait_s'], 3)} s{ep_wait}"
+                  f"  bubble {r['bubble_mean_s']:.3f} s ({_ranks(r['bubble_s'], 3)})  formula {r['formula_s']:.3f} s"
+                  f"  simulated {r['simulated_s']:.3f} s  in flight {_ranks(r['in_flight'], 0)} (Table 2: "
+                  f"{r['table2_activations']})  peak RSS {_ranks(r['peak_rss_mb'], 0)} MB")
     for pp in sorted({r["pp"] for r in rows} - {1}):
-        one, dual = (next(r for r in rows if r["pp"] == pp and r["schedule"] == k) for k in ("1f1b", "dualpipev"))
-        print(f"PP {pp}: DualPipeV's bubble / 1F1B's = {dual['bubble_mean_s'] / one['bubble_mean_s']:.2f} "
-              f"(simulated {dual['simulated_s'] / one['simulated_s']:.2f})")
+        one = next(r for r in rows if r["pp"] == pp and r["schedule"] == "1f1b")
+        in_order, overlapped = (next(r for r in rows if r["pp"] == pp and r["schedule"] == "dualpipev"
+                                     and r["overlap"] == o) for o in (False, True))
+        print(f"PP {pp}: DualPipeV's bubble / 1F1B's = {overlapped['bubble_mean_s'] / one['bubble_mean_s']:.2f} "
+              f"(simulated {overlapped['simulated_s'] / one['simulated_s']:.2f}); overlapped / in order: step "
+              f"{overlapped['step_s'] / in_order['step_s']:.2f}, F&B {overlapped['fb_ms'] / in_order['fb_ms']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _ranks(values, digits: int) -> str:
+    return ", ".join(f"{x:.{digits}f}" for x in values)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,21 @@ def test_every_micro_batch_runs_forward_and_backward_once_per_chunk_without_dead
             assert all(per_rank.index(Op("F", c, i)) < per_rank.index(Op("B", c, i)) for i in range(m))
 
 
+@pytest.mark.parametrize("pp", [1, 2, 3, 4, 8])
+def test_dualpipev_pairs_are_the_steady_phases_and_independent(pp):
+    """The executor runs a pair's two ops at the same time, so neither may need the other: a backward needs every
+    chunk's forward of its own micro-batch, hence the two must be of different micro-batches (and chunks). The pairs
+    are phase 4's F0&B1, F1&B0 and phase 5's F1&B0: (M - 2P + r + 1) x 2 + (P - r - 1) on rank r."""
+    for m in range(2 * pp, 2 * pp + 6):
+        for r in range(pp):
+            ops = schedule(r, pp, m, "dualpipev")
+            pairs = [(op, ops[i + 1]) for i, op in enumerate(ops) if op.paired]
+            assert len(pairs) == 2 * (m - 2 * pp + r + 1) + (pp - r - 1)
+            for f, b in pairs:
+                assert (f.kind, b.kind) == ("F", "B") and f.chunk != b.chunk and f.micro_batch != b.micro_batch
+            assert not any(op.paired for op in schedule(r, pp, m, "1f1b"))
+
+
 def test_one_f_one_b_order_is_the_textbook_one():
     # stage 0 of 4, 6 micro-batches: 3 warm-up forwards, then F/B pairs, then the last 3 backwards
     assert [f"{o.kind}{o.micro_batch}" for o in schedule(0, 4, 6, "1f1b")] == \

@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from sourcelm.train import checkpoint as ckpt
+from sourcelm.train.pipeline import Lane, covered
 
 # 8 main layers (DualPipeV at PP 4 cuts 8 chunks) and 8 micro-batches a step (its minimum, 2 x PP)
 PIPELINE = ["model.num_hidden_layers=8", "schedule.global_batch=8", "schedule.micro_batch=1", "train.dtype=float32"]
@@ -46,6 +47,15 @@ def _assert_same_run(reference, got, name):
         assert b["max_violation"] == pytest.approx(a["max_violation"]), (name, a["step"])  # the same routing
         assert b["bias_norm"] == pytest.approx(a["bias_norm"], rel=1e-5), (name, a["step"])  # every layer's bias
     assert reference[-1]["valid_loss"] == pytest.approx(got[-1]["valid_loss"], rel=1e-5), name
+
+
+def test_a_pairs_busy_time_is_when_either_thread_computed():
+    f, b = Lane(), Lane()
+    f.start, f.end, f.waits = 0.0, 10.0, [(1.0, 4.0), (6.0, 7.0)]  # computes 0-1, 4-6, 7-10
+    b.start, b.end, b.waits = 0.5, 5.0, [(2.0, 3.5)]  # computes 0.5-2, 3.5-5
+    assert f.busy() == [(0.0, 1.0), (4.0, 6.0), (7.0, 10.0)]
+    assert covered(f.busy() + b.busy()) == pytest.approx(7.5)  # idle: 2-3.5 (both waiting), 6-7 (b done, f waits)
+    assert covered([]) == 0.0
 
 
 @pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
