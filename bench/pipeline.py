@@ -37,6 +37,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pipeline_trace  # noqa: E402
 
 from sourcelm.plan import pipeline_sim  # noqa: E402
 
@@ -59,7 +62,7 @@ def make_tokens(root: Path, vocab: int) -> None:
                                + [1])
 
 
-def run(args, root: Path, pp: int, kind: str, overlap: bool) -> list[dict]:
+def run(args, root: Path, pp: int, kind: str, overlap: bool) -> tuple[list[dict], Path]:
     run_dir = root / f"pp{pp}_{kind}_{overlap}"
     overrides = [f"model.num_hidden_layers={args.layers}", f"model.hidden_size={args.hidden}",
                  f"model.vocab_size={args.vocab}", f"data.seq_len={args.seq}", f"schedule.steps={args.steps}",
@@ -73,11 +76,13 @@ def run(args, root: Path, pp: int, kind: str, overlap: bool) -> list[dict]:
     if args.links:
         cmd += ["--links", args.links]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+                   env=dict(os.environ, OMP_NUM_THREADS="1", SOURCELM_PIPELINE_TRACE=str(run_dir / "trace")))
+    records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return records, run_dir / "trace"
 
 
-def summarise(records: list[dict], pp: int, kind: str, overlap: bool, micro_batches: int, warm: int) -> dict:
+def summarise(records: list[dict], trace: Path, pp: int, kind: str, overlap: bool, micro_batches: int,
+              warm: int) -> dict:
     timed = records[warm:]
     out = {"pp": pp, "schedule": kind, "overlap": overlap,
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
@@ -100,12 +105,20 @@ def summarise(records: list[dict], pp: int, kind: str, overlap: bool, micro_batc
     else:
         formula = (2 * pp / 2 - 1) * (fb + b)
         activations = 2 * pp + 1  # PP + 1 over DualPipeV's 2P stages
-    sim = pipeline_sim.simulate(pipeline_sim.trainer_schedule(kind, pp, micro_batches, overlap_pairs=overlap),
-                                pipeline_sim.ChunkTimes(f, b, fb=fb))
+    order = pipeline_sim.trainer_schedule(kind, pp, micro_batches, overlap_pairs=overlap)
+    sim = pipeline_sim.simulate(order, pipeline_sim.ChunkTimes(f, b, fb=fb))  # the schedule's own bubble
+    # the same order fed with each chunk's measured F and B, the pairs' F&B and the measured message latency
+    steps = pipeline_trace.read(trace, warm)
+    lat = pipeline_trace.latencies(steps)
+    p2p = statistics.median(lat) if lat else 0.0
+    measured_sim = pipeline_sim.simulate(order, pipeline_trace.MeasuredTimes.from_steps(steps), p2p=p2p)
+    stage_of = {r: rec["stage"] for r, rec in steps[0].items()}
     out.update(f_ms=1e3 * f, b_ms=1e3 * b, fb_ms=1e3 * fb, f_ms_per_rank=per["pp_f_ms"],
                b_ms_per_rank=per["pp_b_ms"], step_s=statistics.mean(per["pp_step_s"]), bubble_s=bubble,
                bubble_mean_s=statistics.mean(bubble), formula_s=formula,
-               simulated_s=statistics.mean(r.idle for r in sim.ranks), wait_s=per["pp_wait_s"],
+               simulated_s=statistics.mean(r.idle for r in sim.ranks), p2p_ms=1e3 * p2p, p2p_samples=len(lat),
+               simulated_measured_s=[measured_sim.ranks[stage_of[r]].idle for r in sorted(stage_of)],
+               wait_s=per["pp_wait_s"],
                ep_wait_s=per.get("ep_wait_s"), in_flight=per["pp_in_flight"], table2_activations=activations,
                peak_rss_mb=per["peak_rss_mb"])
     return out
@@ -124,6 +137,7 @@ def main() -> None:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per stage")
     p.add_argument("--ranks-per-node", type=int, default=0, help="pretend node size (default: --ep)")
     p.add_argument("--links", help="shaped links, e.g. ib=200mbit,nvlink=640mbit (needs root)")
+    p.add_argument("--plot", help="draw each layout's last step, per rank, into this folder")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     print(f"{os.cpu_count()} cores; {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
@@ -134,26 +148,40 @@ def main() -> None:
         root = Path(tmp)
         make_tokens(root / "tokens", args.vocab)
         for pp, kind, overlap in [layout for layout in LAYOUTS if layout[0] <= args.max_pp]:
-            rows.append(summarise(run(args, root, pp, kind, overlap), pp, kind, overlap, args.global_batch // args.ep,
-                                  args.warm))
+            records, trace = run(args, root, pp, kind, overlap)
+            rows.append(summarise(records, trace, pp, kind, overlap, args.global_batch // args.ep, args.warm))
             r = rows[-1]
             if pp == 1:
                 print(f"no pipeline                      {r['tokens_per_s']:8.0f} tok/s")
                 continue
             name = f"{kind} {'overlapped' if overlap else 'in order'}" if kind == "dualpipev" else kind
+            if args.plot:
+                Path(args.plot).mkdir(parents=True, exist_ok=True)
+                pipeline_trace.plot(pipeline_trace.read(trace, args.steps - 1)[0],
+                                    Path(args.plot) / f"pipeline_pp{pp}_{name.replace(' ', '_')}.png",
+                                    f"PP {pp} {name}: the last step, per rank")
             ep_wait = f"  all-to-all wait {_ranks(r['ep_wait_s'], 3)} s" if r["a2a_bytes"] else ""
             print(f"PP {pp} {name:25s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_s']:.3f} s  F {r['f_ms']:.1f} "
                   f"ms  B {r['b_ms']:.1f} ms  F&B {r['fb_ms']:.1f} ms  receive wait {_ranks(r['wait_s'], 3)} s{ep_wait}"
                   f"  bubble {r['bubble_mean_s']:.3f} s ({_ranks(r['bubble_s'], 3)})  formula {r['formula_s']:.3f} s"
-                  f"  simulated {r['simulated_s']:.3f} s  in flight {_ranks(r['in_flight'], 0)} (Table 2: "
-                  f"{r['table2_activations']})  peak RSS {_ranks(r['peak_rss_mb'], 0)} MB")
+                  f"  simulated {r['simulated_s']:.3f} s; with each chunk's measured times and the measured "
+                  f"latency {r['p2p_ms']:.2f} ms ({r['p2p_samples']} messages): {_ranks(r['simulated_measured_s'], 3)}"
+                  f" s  in flight {_ranks(r['in_flight'], 0)} (Table 2: {r['table2_activations']})  peak RSS "
+                  f"{_ranks(r['peak_rss_mb'], 0)} MB")
     for pp in sorted({r["pp"] for r in rows} - {1}):
         one = next(r for r in rows if r["pp"] == pp and r["schedule"] == "1f1b")
         in_order, overlapped = (next(r for r in rows if r["pp"] == pp and r["schedule"] == "dualpipev"
                                      and r["overlap"] == o) for o in (False, True))
-        print(f"PP {pp}: DualPipeV's bubble / 1F1B's = {overlapped['bubble_mean_s'] / one['bubble_mean_s']:.2f} "
-              f"(simulated {overlapped['simulated_s'] / one['simulated_s']:.2f}); overlapped / in order: step "
-              f"{overlapped['step_s'] / in_order['step_s']:.2f}, F&B {overlapped['fb_ms'] / in_order['fb_ms']:.2f}")
+        bubble, simulated = ([r[k] / one[k] for r in (in_order, overlapped)] for k in ("bubble_mean_s", "simulated_s"))
+        print(f"PP {pp}: DualPipeV's bubble / 1F1B's = {bubble[0]:.2f} in order, {bubble[1]:.2f} overlapped "
+              f"(simulated {simulated[0]:.2f}, {simulated[1]:.2f}); overlapped / in order: step "
+              f"{overlapped['step_s'] / in_order['step_s']:.2f}, F&B "
+              f"{overlapped['fb_ms'] / in_order['fb_ms']:.2f}")
+        for r in rows:
+            if r["pp"] == pp:
+                print(f"  {r['schedule']} {'overlapped' if r['overlap'] else ''}: measured bubble / simulated with "
+                      f"measured times, per rank: "
+                      f"{_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_measured_s'])], 2)}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -24,6 +24,11 @@ threads never issue collectives on one group. The bits are those of running the 
 folded by the backward alone, statistics summed by the forward alone). On the CPU the gain is the communication
 hidden; the two threads also share the cores.
 
+Trace: with the environment variable SOURCELM_PIPELINE_TRACE=DIR each rank appends, per step, one JSON line to
+DIR/rank<R>.jsonl: every op's start and end (and whether it was half of a pair), every send's time and every
+receive's start and end (tag and peer), on the machine's monotonic clock (`time.perf_counter`, shared by the
+processes of one machine), from which `bench/pipeline.py` measures the message latency and draws the timeline.
+
 Not done (stated, not pretended): the zero-bubble split of backward into input and weight gradients (W ops are
 empty). The path is written for NCCL as well (device tensors, the same op order on both ends of every link; NCCL
 ignores tags; on a GPU both threads launch on the current stream, so the overlap is of communication with compute,
@@ -32,9 +37,12 @@ which is what DualPipe overlaps) but has only run on gloo.
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,6 +52,7 @@ from sourcelm.parallel.pipeline_plan import chunk_rank, n_chunks, rank_chunks, s
 from sourcelm.train.executor import StepResult, StepWork, model_inputs
 
 ACT, GRAD, EMB, EMB_GRAD = range(4)  # message kinds
+TRACE_ENV = "SOURCELM_PIPELINE_TRACE"
 
 
 class ElsewhereLayer(nn.Module):
@@ -132,6 +141,9 @@ class PipelineExecutor:
         # activations go forward on the default group, gradients back on the backward lane's (None: default)
         self._groups = {ACT: None, EMB: None, GRAD: backward_pp, EMB_GRAD: backward_pp}
         self.link_stats = link_stats  # the dispatcher's, for the all-to-all wait per step
+        trace = os.environ.get(TRACE_ENV)
+        self._trace_file = Path(trace) / f"rank{topo.rank}.jsonl" if trace else None
+        self._events: list[dict] = []  # this step's trace (module docstring); appended from both threads of a pair
 
     # -- p2p ----------------------------------------------------------------------------------------------------
     def _peer(self, chunk: int) -> int:
@@ -148,6 +160,7 @@ class PipelineExecutor:
             self._mailbox[tag] = t
         else:
             self._pending.append((dist.isend(t, peer, group=self._groups[kind], tag=tag), t))
+            self._events.append({"send": tag, "peer": peer, "t": time.perf_counter()})
 
     def _recv(self, chunk: int, kind: int, tag_chunk: int, m: int, lane: Lane) -> torch.Tensor:
         tag = self._tag(kind, tag_chunk, m)
@@ -157,6 +170,7 @@ class PipelineExecutor:
         start = time.perf_counter()
         dist.recv(buf, self._peer(chunk), group=self._groups[kind], tag=tag)
         lane.waits.append((start, time.perf_counter()))
+        self._events.append({"recv": tag, "peer": self._peer(chunk), "start": start, "end": lane.waits[-1][1]})
         return buf
 
     # -- the step -----------------------------------------------------------------------------------------------
@@ -168,6 +182,7 @@ class PipelineExecutor:
                         "in_flight": 0}
         if self.link_stats is not None:
             self.link_stats.take_wait()
+        self._events = []
         start = time.perf_counter()
         ops = schedule(self.topo.stage, self.pp, work.n_micro, self.kind)
         i = 0
@@ -181,9 +196,14 @@ class PipelineExecutor:
             self._timing["in_flight"] = max(self._timing["in_flight"], sum(isinstance(k[0], int) for k in self._live))
         self._drain()
         self._timing["step"] = time.perf_counter() - start
+        if self._trace_file is not None:
+            self._trace_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._trace_file, "a") as f:
+                f.write(json.dumps({"rank": self.topo.rank, "stage": self.topo.stage, "start": start,
+                                    "end": start + self._timing["step"], "events": self._events}) + "\n")
         return StepResult(self._parts, self._counts)
 
-    def _op(self, model, work: StepWork, op, lane: Lane) -> None:
+    def _op(self, model, work: StepWork, op, lane: Lane, paired: bool = False) -> None:
         lane.start = time.perf_counter()
         try:
             if op.kind == "F":
@@ -193,6 +213,8 @@ class PipelineExecutor:
         except BaseException as e:  # re-raised by the thread that waits for this lane
             lane.error = e
         lane.end = time.perf_counter()
+        self._events.append({"op": op.kind, "chunk": op.chunk, "mb": op.micro_batch, "start": lane.start,
+                             "end": lane.end, "paired": paired})
 
     def _alone(self, model, work: StepWork, op) -> None:
         lane = Lane()
@@ -209,14 +231,14 @@ class PipelineExecutor:
         one after the other without `overlap`. The pair's busy time is when at least one of the two computed."""
         f, b = Lane(), Lane()
         if self.overlap:
-            thread = threading.Thread(target=self._op, args=(model, work, b_op, b), name="pipeline-backward")
+            thread = threading.Thread(target=self._op, args=(model, work, b_op, b, True), name="pipeline-backward")
             thread.start()
-            self._op(model, work, f_op, f)
+            self._op(model, work, f_op, f, True)
             thread.join()
         else:
-            self._op(model, work, f_op, f)
+            self._op(model, work, f_op, f, True)
             if f.error is None:
-                self._op(model, work, b_op, b)
+                self._op(model, work, b_op, b, True)
         for lane in (f, b):
             if lane.error is not None:
                 raise lane.error
