@@ -12,6 +12,14 @@ A checkpoint's distance is the worst tensor of each figure.
 The threshold is calibrated from the run itself: two honest replays of the same segment on two
 different layouts differ only by summation order; their distance (each figure) times `MARGIN` is
 the threshold. A replay within it on both figures is "within tolerance".
+
+The loss trajectory, step by step: every checkpoint stores the loss of each step of the segment that led to it
+(`segment_losses`), and so does a replay's. Honest replays on other layouts start equal to the last bits and drift
+apart only as routing decisions and the balancer's sign() amplify those bits, step after step; a checkpoint trained
+on other data, with another learning rate or from other weights differs from the first step the change touches.
+So the loss gap |a − b| / |b| is judged per step against MARGIN × the largest gap of the two honest replays up to
+that step (at least fp32's relative spacing, LOSS_FLOOR: a last-bit difference of the logged loss), which is tight
+early in the segment, where the weights' distance, taken at its end, has long been blurred by the drift.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 import torch
 
 MARGIN = 10.0  # how many times the honest cross-layout distance a replay may be from the stored checkpoint
+LOSS_FLOOR = 2.0 ** -23  # fp32's relative spacing: the smallest honest loss gap the trajectory check assumes
 TOP = 3  # tensors named in a verdict
 
 
@@ -109,3 +118,48 @@ def ratio(d: Distance, t: Threshold) -> float:
     parts = [d.rel_l2 / t.rel_l2 if t.rel_l2 > 0 else (math.inf if d.rel_l2 > 0 else 0.0),
              d.max_abs / t.max_abs if t.max_abs > 0 else (math.inf if d.max_abs > 0 else 0.0)]
     return max(parts)
+
+
+# ------------------------------------------------------------------------------------------------ trajectory
+
+def loss_gaps(a: list, b: list) -> list[float]:
+    """Per step, |a − b| / |b| (b the reference); a step missing or skipped (None) on one side only is infinitely far,
+    skipped on both is no gap."""
+    out = []
+    for i in range(max(len(a), len(b))):
+        x, y = (a[i] if i < len(a) else math.nan), (b[i] if i < len(b) else math.nan)
+        if x is None and y is None:
+            out.append(0.0)
+        elif x is None or y is None or math.isnan(x) or math.isnan(y):
+            out.append(math.inf)
+        else:
+            out.append(abs(x - y) / abs(y) if y else (0.0 if x == y else math.inf))
+    return out
+
+
+@dataclass
+class TrajectoryThreshold:
+    per_step: list[float]  # the largest gap step t may have: MARGIN × max(honest gaps up to t, LOSS_FLOOR)
+    margin: float
+    honest: list[float]  # the two honest replays' gaps
+
+    def judge(self, gaps: list[float]) -> tuple[float, int | None]:
+        """How many thresholds away the worst step is (> 1 fails), and the first step (0-based) over its threshold."""
+        if len(gaps) != len(self.per_step):
+            return math.inf, 0
+        ratios = [g / t for g, t in zip(gaps, self.per_step)]
+        first = next((i for i, r in enumerate(ratios) if r > 1), None)
+        return max(ratios, default=0.0), first
+
+    def to_dict(self) -> dict:
+        return {"per_step": self.per_step, "honest_gaps": self.honest, "margin": self.margin,
+                "derivation": f"per step t: {self.margin:g} x max(the honest replays' relative loss gap up to t, "
+                              f"{LOSS_FLOOR:.3g})"}
+
+
+def calibrate_trajectory(honest: list[float], margin: float = MARGIN) -> TrajectoryThreshold:
+    per_step, worst = [], LOSS_FLOOR
+    for g in honest:
+        worst = max(worst, g)
+        per_step.append(margin * worst)
+    return TrajectoryThreshold(per_step, margin, honest)

@@ -9,9 +9,10 @@ trains the segment K -> K' as the prover would have, with one thing changed:
   - start:    the starting checkpoint's weights perturbed by Gaussian noise of START_NOISE × each
               tensor's RMS.
 The honest replays are those on the verifier's layouts (A, the one judged, and B, the one that
-calibrates the threshold) and the stored checkpoint itself. For each, the distance to honest replay A
-and its ratio to the threshold: every dishonest ratio must be above 1, every honest one below; the
-margins are those ratios (dishonest) and their inverses (honest).
+calibrates the thresholds) and the stored checkpoint itself. For each, the distance of its weights to
+honest replay A and of its per-step losses to A's, each as a ratio to its threshold (segment_check.py),
+the larger one counting: every dishonest ratio must be above 1, every honest one below; the margins
+are those ratios (dishonest) and their inverses (honest).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sourcelm.provenance import distance as dist
 from sourcelm.provenance.graph import Node, Report, read_state
 from sourcelm.provenance.layouts import ReplayLayout, choose_layout
 from sourcelm.provenance.replay import _token_dirs, run_replay
-from sourcelm.provenance.segment_check import calibration_layout, judge
+from sourcelm.provenance.segment_check import FAILED, calibration_layout, judge, judge_trajectory, segment_losses
 
 LR_FACTOR = 1.1
 START_NOISE = 0.01
@@ -134,21 +135,33 @@ def separation(report: Report, start: Node, end: Node, work: Path, nproc: int = 
     threshold = dist.calibrate(dist.distance(a_t, dist.load_tensors(b.checkpoint), start_t),
                                f"{a_layout.describe()} vs {b_layout.describe()}", margin)
     segment = f"steps {start.manifest['step']}→{end.manifest['step']}"
+    a_losses, b_losses = segment_losses(a.checkpoint), segment_losses(b.checkpoint)
     rows = []
 
-    def judged(name: str, honest: bool, tensors: dict, what: str) -> None:
+    def judged(name: str, honest: bool, tensors: dict, losses: list | None, what: str) -> None:
+        """The verdict segment_check would give: the weights within their threshold and the losses within their
+        band; the ratio is the larger of the two."""
         d = dist.distance(a_t, tensors, start_t)
         verdict, detail = judge(segment, d, threshold)
-        r = dist.ratio(d, threshold)
+        r_weights = dist.ratio(d, threshold)
+        trajectory = judge_trajectory(segment, start.manifest["step"], a_losses, b_losses, losses, margin)
+        r = max(r_weights, trajectory["ratio"]) if trajectory else r_weights
+        if trajectory and trajectory["ratio"] > 1 and verdict != FAILED:
+            verdict, detail = FAILED, trajectory["detail"]
         rows.append({"case": name, "honest": honest, "what": what, "distance": d.to_dict(), "ratio": r,
+                     "weights_ratio": r_weights, "trajectory_ratio": trajectory["ratio"] if trajectory else None,
+                     "first_step_over": trajectory.get("first_step_over") if trajectory else None,
                      "margin": (1 / r if r else float("inf")) if honest else r, "verdict": verdict, "detail": detail,
-                     "separated": (verdict != "failed") == honest})
+                     "separated": (verdict != FAILED) == honest})
 
-    judged("stored checkpoint", True, dist.load_tensors(end.dir), f"as trained on {state.get('layout', '?')}")
+    judged("stored checkpoint", True, dist.load_tensors(end.dir), state.get("segment_losses"),
+           f"as trained on {state.get('layout', '?')}")
     for kind in variants:
         ckpt, what = forge(report, start, end, kind, a_layout, work / kind)
-        judged(kind, False, dist.load_tensors(ckpt), what)
-    return {"segment": segment, "threshold": threshold.to_dict(), "cases": rows,
+        judged(kind, False, dist.load_tensors(ckpt), segment_losses(ckpt), what)
+    return {"segment": segment, "threshold": threshold.to_dict(),
+            "trajectory_threshold": dist.calibrate_trajectory(dist.loss_gaps(a_losses, b_losses), margin).to_dict(),
+            "cases": rows,
             "honest_costs": {"a": {"layout": a_layout.describe(), "seconds": a.seconds, "peak_rss": a.peak_rss},
                              "b": {"layout": b_layout.describe(), "seconds": b.seconds, "peak_rss": b.peak_rss}},
             "all_separated": all(r["separated"] for r in rows)}

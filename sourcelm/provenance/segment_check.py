@@ -5,10 +5,13 @@
 2. The layout: validated and its memory estimated before anything runs (`layouts.py`); one that
    cannot hold the model is refused ("not run"), naming the memory it needs.
 3. Replay A on the chosen layout. Bit-identical tensor files and counters: verdict "exact".
-4. Otherwise a second honest replay B on another layout calibrates the threshold
-   (`distance.calibrate`: MARGIN × distance(A, B)); A's distance to the stored checkpoint within it on
-   both figures is "within tolerance", else "failed", naming the segment and the tensors that moved
-   most. The counters (steps, samples, loader position, RNG) must match exactly in every case.
+4. Otherwise a second honest replay B on another layout calibrates the thresholds: of the weights
+   (`distance.calibrate`: MARGIN × distance(A, B)) and of the loss trajectory (`distance.calibrate_trajectory`:
+   per step, MARGIN × the largest A-B loss gap so far). A's distance to the stored checkpoint within the first on
+   both figures, and the stored checkpoint's losses within the second at every step, is "within tolerance"; else
+   "failed", naming the segment and the tensors that moved most, or the first step whose loss left its band. The
+   counters (steps, samples, loader position, RNG) must match exactly in every case. A checkpoint written before
+   losses were stored with it is judged on its weights alone, and the record says so.
 
 Why exact is lost across layouts, concretely (see `exactness_breakers`): each is a change of
 summation order in fp32, and the routing (top-k on biased scores) and the balancer's sign() turn a
@@ -174,11 +177,58 @@ def _replay_and_judge(report, start, end, end_state, rec, chosen, cfg, calibrate
     rec["threshold"] = threshold.to_dict()
     rec["ratio"] = dist.ratio(d_stored, threshold)
     rec["verify_seconds"] = round(time.perf_counter() - t0, 2)
+    trajectory = judge_trajectory(rec["segment"], rec["start_step"], segment_losses(run_a.checkpoint),
+                                  segment_losses(run_b.checkpoint), end_state.get("segment_losses"), margin)
     shutil.rmtree(tmp / "b", ignore_errors=True)
     verdict, detail = judge(rec["segment"], d_stored, threshold)
+    rec["trajectory"] = trajectory
+    if trajectory is not None:
+        rec["ratio"] = max(rec["ratio"], trajectory["ratio"])
+        if verdict == TOLERANCE and trajectory["ratio"] > 1:
+            verdict, detail = FAILED, trajectory["detail"]
+        elif verdict == TOLERANCE:
+            detail += f"; {trajectory['detail']}"
+    elif verdict == TOLERANCE:
+        detail += "; the loss trajectory not checked: the stored checkpoint keeps no per-step losses"
     if verdict == TOLERANCE:
         detail = f"not bit-identical (broken by: {'; '.join(rec['exact_broken_by']) or 'unknown'}); " + detail
     return dict(rec, verdict=verdict, detail=detail + note)
+
+
+def segment_losses(ckpt_dir: Path) -> list | None:
+    return json.loads((ckpt_dir / "state.json").read_text()).get("segment_losses")
+
+
+def judge_trajectory(segment: str, start_step: int, replayed: list | None, calibration: list | None,
+                     stored: list | None, margin: float = dist.MARGIN) -> dict | None:
+    """The stored losses against an honest replay's, step by step, within the band two honest replays calibrate
+    (`distance.calibrate_trajectory`); None when the stored checkpoint has no losses (written before they were
+    kept)."""
+    if stored is None:
+        return None
+    if replayed is None or calibration is None:
+        raise ValueError("a replay wrote no segment losses: replays run this code, which always writes them")
+    threshold = dist.calibrate_trajectory(dist.loss_gaps(replayed, calibration), margin)
+    gaps = dist.loss_gaps(replayed, stored)
+    ratio, first = threshold.judge(gaps)
+    out = {"gaps": gaps, "threshold": threshold.to_dict(), "ratio": ratio}
+    if first is None:
+        out["detail"] = f"the loss of every step within its band (worst {ratio:.3g} of it)"
+    elif len(gaps) != len(threshold.per_step):
+        out["detail"] = (f"{segment}: the stored checkpoint records {len(stored)} step losses, the replay "
+                         f"{len(replayed)}")
+    else:
+        step = start_step + first + 1
+        out["detail"] = (f"{segment}: from step {step} the stored losses leave the band of honest replays: step "
+                         f"{step} stored {_loss(stored[first])}, replayed {_loss(replayed[first])} (relative gap "
+                         f"{gaps[first]:.3g}, {gaps[first] / threshold.per_step[first]:.3g} x its threshold "
+                         f"{threshold.per_step[first]:.3g})")
+        out["first_step_over"] = step
+    return out
+
+
+def _loss(x) -> str:
+    return "skipped" if x is None else f"{x:.6g}"
 
 
 def judge(segment: str, d: dist.Distance, threshold: dist.Threshold) -> tuple[str, str]:

@@ -75,6 +75,10 @@ def write_report(run_dir: Path, records: list[dict], sampling: dict | None = Non
         lines.append(f"- {r['segment']}: {r['detail']}")
         if r.get("threshold"):
             lines.append(f"  - threshold: {r['threshold']['derivation']}")
+        if r.get("trajectory"):
+            tr = r["trajectory"]
+            lines.append(f"  - loss trajectory: worst step {tr['ratio']:.3g} x its threshold; "
+                         f"{tr['threshold']['derivation']}")
         for op in r.get("exact_broken_by", []):
             lines.append(f"  - exact lost to: {op}")
     if sampling:

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +63,9 @@ class TrainState:
     consumed_tokens: int = 0
     bad_in_row: int = 0
     skipped_steps: int = 0
+    # each step's loss since the last checkpoint (None: skipped, non-finite), saved with the next one: the trajectory
+    # a replay of that segment is compared with, step by step (provenance/segment_check.py)
+    segment_losses: list = field(default_factory=list)
 
 
 class Trainer:
@@ -156,6 +159,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         s = self.state
+        losses, s.segment_losses = s.segment_losses, []
         model_state = {k: v.cpu() for k, v in self.ctx.full_model_state(self.model).items()}
         optim_state = self.ctx.full_optimizer_state(self.dense_opt.state_dict(), self.expert_opt.state_dict())
         if not self.ctx.is_main:
@@ -169,7 +173,8 @@ class Trainer:
                 "bad_in_row": s.bad_in_row, "skipped_steps": s.skipped_steps,
                 "optimizer_step": self.dense_opt.step_count,
                 "loader": self.train_data.state(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
-                "layout": self.ctx.description, "launch": self.ctx.launch, **self.checkpoint_extras(),
+                "layout": self.ctx.description, "launch": self.ctx.launch, "segment_losses": losses,
+                **self.checkpoint_extras(),
             },
             keep=self.cfg.checkpoint.keep,
             manifest_inputs=self.inputs + ([previous[-1] / "manifest.json"] if previous else []))
@@ -253,6 +258,7 @@ class Trainer:
             self._zero_grad()
             record.update(self.balancer.update(counts, gamma))
             record["expert_load"] = counts.tolist()
+        s.segment_losses.append(None if record.get("skipped") else record["loss"])
         s.step += 1
         s.consumed_samples += gb
         s.consumed_tokens += gb * cfg.data.seq_len

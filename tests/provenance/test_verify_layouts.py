@@ -61,6 +61,26 @@ def test_distance_is_relative_to_the_segment_update():
     assert math.isinf(dist.distance({}, stored, start).rel_l2)  # a missing tensor is infinitely far
 
 
+def test_loss_trajectory_band_is_calibrated_per_step_and_names_the_first_step_out():
+    from sourcelm.provenance.segment_check import judge_trajectory
+
+    assert dist.loss_gaps([2.0, None, 3.0], [2.0, None, 2.0]) == [0.0, 0.0, 0.5]  # skipped on both sides: no gap
+    assert dist.loss_gaps([2.0, None], [2.0, 1.0]) == [0.0, math.inf]  # skipped on one side only
+    assert dist.loss_gaps([2.0], [2.0, 1.0]) == [0.0, math.inf]  # a step missing
+    floor = 10 * dist.LOSS_FLOOR
+    band = dist.calibrate_trajectory([0.0, 1e-8, 5e-7, 1e-7], margin=10)
+    assert band.per_step == pytest.approx([floor, floor, 5e-6, 5e-6])  # the largest honest gap so far, x 10
+    a = [4.0, 3.9, 3.8, 3.7]  # the honest replay judged; b: the calibration replay
+    b = [x * (1 + g) for x, g in zip(a, [0.0, 1e-8, 5e-7, 1e-7])]
+    honest = [x * (1 + g) for x, g in zip(a, [1e-8, 0.0, 2e-6, 4e-6])]
+    r = judge_trajectory("steps 10→14", 10, a, b, honest, margin=10)
+    assert r["ratio"] < 1 and "first_step_over" not in r
+    forged = [a[0], a[1] * (1 + 1e-4), a[2], a[3]]  # another learning rate shows from the second step
+    r = judge_trajectory("steps 10→14", 10, a, b, forged, margin=10)
+    assert r["ratio"] > 1 and r["first_step_over"] == 12 and r["detail"].startswith("steps 10→14: from step 12")
+    assert judge_trajectory("s", 0, a, b, None) is None  # a checkpoint without losses: not judged
+
+
 def replay_checks(report):
     return [c for c in report.checks if c.what == "replay"]
 
@@ -145,10 +165,18 @@ def test_dishonest_variants_fail_and_honest_replays_pass(ep4_run, tmp_path):
     cases = {r["case"]: r for r in result["cases"]}
     assert set(cases) == {"stored checkpoint", *VARIANTS}
     assert cases["stored checkpoint"]["verdict"] != "failed" and cases["stored checkpoint"]["margin"] > 1
+    assert cases["stored checkpoint"]["trajectory_ratio"] < 1
     for kind in VARIANTS:
         r = cases[kind]
         assert r["verdict"] == "failed" and r["ratio"] > 1, (kind, r)
-        assert r["detail"].startswith("steps 2→4:") and r["distance"]["worst_tensors"][0]["name"] in r["detail"]
+        assert r["detail"].startswith("steps 2→4:"), (kind, r["detail"])
+        if r["weights_ratio"] > 1:  # failed on its weights: the tensors that moved most are named
+            assert r["distance"]["worst_tensors"][0]["name"] in r["detail"]
+        else:  # failed on its losses: the first step out of the band is named
+            assert f"from step {r['first_step_over']}" in r["detail"]
+        # every variant's losses leave the band at the first step its change touches: the first of the segment,
+        # the second for the learning rate (the first step's loss comes before the first update)
+        assert r["trajectory_ratio"] > 1 and r["first_step_over"] == (4 if kind == "lr" else 3), (kind, r)
     assert result["all_separated"]
 
 
