@@ -12,11 +12,18 @@ One command, from nothing, on a laptop CPU:
   8. verify     walk the provenance chain and replay the last training segment bit for bit
   9. card       plots, the offline evaluation (`sourcelm eval`, next to chance and an untrained model of the
                 same config) and the model card
+ 10. sft        with --sft: a chat set from the curated Python docs (`sourcelm.data.corpus.chats`), `sourcelm sft`
+                of the exported model, its export, the held-out assistant-token loss before and after, and one
+                held-out question answered in the chat template by the base and by the fine-tuned model
 
 Every stage runs as the `sourcelm` command a user would type (printed before it runs), in its own
 process, showing its own progress. A rerun skips the stages whose manifest is present and whose
 files and input links still match (the stages themselves resume too). `--quick` is the CI variant:
 the same code path on a corpus subset, a smaller vocabulary and a few training steps.
+
+The SFT stage writes to a run folder of its own, OUT-sft (e.g. runs/demo-sft): `sourcelm verify OUT --replay K`
+replays the one training run it finds under OUT, and `sourcelm verify OUT-sft` checks the fine-tuned model's chain
+(its chats, the curated documents, the base export, back to the raw bytes).
 """
 
 from __future__ import annotations
@@ -38,6 +45,18 @@ EVAL_TASKS = ("sourcelm_pydoc_cloze", "sourcelm_udhr_langid", "sourcelm_fortune_
 EVAL_LIMIT, EVAL_LIMIT_QUICK = 100, 8  # items per task (±0.05 standard error at 100)
 VALID_FRACTION = 0.05  # of ~850 curated documents: ~40 held out, enough validation windows
 FULL = {"vocab_size": 8192, "inputs": ["warc/*.warc.gz", "fortunes/*.jsonl", "udhr/*.html"], "train": []}
+# SFT (stage 10): the training sections of configs/sft.toml with the LR of the tiny preset's end of pretraining
+# (configs/sft.toml's 5e-6 is DeepSeek-V3's), a row long enough for the chats (answers of at most 600 characters),
+# and the held-out conversations validated once before the first step and once after the last
+SFT_CONFIG = REPO / "configs" / "sft.toml"
+SFT_VALID_FRACTION = 0.2  # by a hash of the line: 6 of the demo's 57 chats
+SFT_SAMPLE_TOKENS = 48
+SFT_TRAIN = ["optim.lr=3e-4", "optim.min_lr=3e-5", "data.seq_len=256", "schedule.global_batch=8",
+             "schedule.micro_batch=8", "schedule.warmup_steps=2", "logging.valid_batches=100",
+             "logging.tensorboard=false"]
+# 40 steps: 6 passes over the 51 training chats, where the held-out loss stops falling (measured on the demo's model:
+# lowest near steps 20-40 at this LR, rising after; at 1e-3 lowest at step 10)
+SFT_STEPS, SFT_STEPS_QUICK = 40, 4
 QUICK = {"vocab_size": 2048, "inputs": ["warc/handbook-en-US.warc.gz", "warc/python-docs.warc.gz",
                                         "fortunes/fortunes-en.jsonl"],
          "train": ["schedule.steps=8", "schedule.warmup_steps=2", "checkpoint.every=4", "logging.valid_every=4",
@@ -45,22 +64,24 @@ QUICK = {"vocab_size": 2048, "inputs": ["warc/handbook-en-US.warc.gz", "warc/pyt
 
 
 class Demo:
-    def __init__(self, out: Path, quick: bool, corpus: Path | None, workers: int):
-        self.out, self.quick, self.workers = out.resolve(), quick, workers
+    def __init__(self, out: Path, quick: bool, corpus: Path | None, workers: int, sft: bool = False):
+        self.out, self.quick, self.workers, self.with_sft = out.resolve(), quick, workers, sft
         self.settings = QUICK if quick else FULL
         self.raw = (corpus or self.out / "raw").resolve()
+        self.sft_out = self.out.with_name(self.out.name + "-sft")  # a run of its own (module doc)
         self.times: dict[str, float] = {}
         self.console = _console()
 
     # ------------------------------------------------------------------------------ helpers
-    def stage(self, n: int, name: str, what: str) -> None:
-        self.console.rule(f"[bold]{n}/9 {name}[/]: {what}")
+    def stage(self, n: int, total: int, name: str, what: str) -> None:
+        self.console.rule(f"[bold]{n}/{total} {name}[/]: {what}")
 
-    def run(self, *args: str, env: dict | None = None) -> None:
-        """Runs `sourcelm ARGS` in a child process, echoing the command; stops the demo if it fails."""
-        shown = "sourcelm " + " ".join(shlex.quote(a) for a in args)
+    def run(self, *args: str, env: dict | None = None, module: str = "sourcelm") -> None:
+        """Runs `sourcelm ARGS` (or `python -m MODULE ARGS`) in a child process, echoing the command; stops the
+        demo if it fails."""
+        shown = ("sourcelm " if module == "sourcelm" else f"python -m {module} ") + " ".join(map(shlex.quote, args))
         self.console.print(f"[dim]$ {shown}[/]")
-        code = subprocess.call([sys.executable, "-m", "sourcelm", *args], env={**os.environ, **(env or {})})
+        code = subprocess.call([sys.executable, "-m", module, *args], env={**os.environ, **(env or {})})
         if code != 0:
             raise SystemExit(f"demo stopped: `{shown}` exited with {code}")
 
@@ -76,20 +97,20 @@ class Demo:
 
     def curate(self) -> None:
         if stage_done(self.out / "curated"):
-            return self.skip("curated")
+            return self.skip(self.out / "curated")
         inputs = [a for pattern in self.settings["inputs"] for a in ("--input", str(self.raw / pattern))]
         self.run("curate", "demo", "--output", str(self.out / "curated"), "--workers", str(self.workers), *inputs)
 
     def tokenizer(self) -> None:
         if stage_done(self.out / "tokenizer", {"vocab_size": self.settings["vocab_size"]}):
-            return self.skip("tokenizer")
+            return self.skip(self.out / "tokenizer")
         self.run("tokenizer", "train", "--input", str(self.out / "curated"), "--vocab-size",
                  str(self.settings["vocab_size"]), "--output", str(self.out / "tokenizer"))
 
     def tokenize(self) -> None:
         if (stage_done(self.out / "tokens", {"valid_fraction": VALID_FRACTION})
                 and stage_done(self.out / "tokens" / "train")):
-            return self.skip("tokens")
+            return self.skip(self.out / "tokens")
         self.run("tokenize", "--input", str(self.out / "curated"), "--tokenizer", str(self.out / "tokenizer"),
                  "--output", str(self.out / "tokens"), "--workers", str(self.workers), "--valid-fraction",
                  str(VALID_FRACTION))
@@ -115,7 +136,7 @@ class Demo:
 
         steps = load_config(config).schedule.steps
         if stage_done(self.out / "train" / "checkpoints" / f"step_{steps:06d}"):
-            return self.skip("train")
+            return self.skip(self.out / "train")
         self.run("train", str(config), "--run-dir", str(self.out / "train"), "--nproc", str(NPROC),
                  "--ranks-per-node", str(RANKS_PER_NODE))
 
@@ -126,7 +147,7 @@ class Demo:
 
     def export(self) -> None:
         if stage_done(self.out / "hf") and _links(self.out / "hf", self.last_checkpoint()):
-            return self.skip("hf")
+            return self.skip(self.out / "hf")
         self.run("export", str(self.last_checkpoint()), "--hf", str(self.out / "hf"), "--tokenizer",
                  str(self.out / "tokenizer"))
 
@@ -169,8 +190,63 @@ class Demo:
         self.run("eval", str(self.out), "--tasks", tasks, "--limit", limit)
         self.run("eval", str(self.out), "--tasks", tasks, "--limit", limit, "--untrained")
 
-    def skip(self, what: str) -> None:
-        self.console.print(f"[yellow]{self.out / what} is complete (manifest and hashes match): skipped[/]")
+    def sft(self) -> None:
+        """Stage 10 (module doc): chats -> `sourcelm sft` -> export -> losses and a held-out answer."""
+        chats, run, hf = self.sft_out / "chats", self.sft_out / "train", self.sft_out / "hf"
+        if stage_done(chats):
+            self.skip(chats)
+        else:
+            self.run("--curated", str(self.out / "curated"), "--corpus", str(self.raw), "--output", str(chats),
+                     module="sourcelm.data.corpus.chats")
+        steps = SFT_STEPS_QUICK if self.quick else SFT_STEPS
+        final = run / "checkpoints" / f"step_{steps:06d}"
+        if stage_done(final):
+            self.skip(run)
+        else:
+            self.run("sft", str(SFT_CONFIG), "--init-from", str(self.out / "hf"), "--data", str(chats / "chats.jsonl"),
+                     "--run-dir", str(run), "--valid-fraction", str(SFT_VALID_FRACTION), *SFT_TRAIN,
+                     f"schedule.steps={steps}", f"checkpoint.every={steps}", f"logging.valid_every={steps}")
+        if stage_done(hf) and _links(hf, final):
+            self.skip(hf)
+        else:
+            self.run("export", str(final), "--hf", str(hf))
+        self.sft_sample(chats / "chats.jsonl", run, hf)
+        self.run("verify", str(self.sft_out))
+
+    def sft_sample(self, chats: Path, run: Path, hf: Path) -> None:
+        """The held-out assistant-token loss before / after, and the first held-out question answered greedily by
+        the base and the fine-tuned model, prompted with the chat template; all in OUT-sft/samples.json."""
+        from sourcelm.tokens.chat import ChatRenderer
+        from sourcelm.tokens.stream import in_valid_split
+
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        before = next(r for r in records if r.get("kind") == "base")
+        after = [r for r in records if r.get("valid_loss") is not None and r.get("kind") != "base"][-1]
+        held_out = [json.loads(x) for x in chats.read_bytes().splitlines() if in_valid_split(x, SFT_VALID_FRACTION)]
+        user, reference = (m["content"] for m in held_out[0]["messages"])
+        prompt = ChatRenderer(hf).render([{"role": "user", "content": user}], add_generation_prompt=True)
+        sample = {"held_out_conversations": len(held_out), "valid_tokens": before["valid_tokens"],
+                  "valid_loss_before": before["valid_loss"], "valid_loss_after": after["valid_loss"],
+                  "steps": after["step"], "question": user, "reference_answer": reference, "prompt": prompt,
+                  "base_answer": self.answer(self.out / "hf", prompt), "sft_answer": self.answer(hf, prompt)}
+        (self.sft_out / "samples.json").write_text(json.dumps(sample, indent=2, ensure_ascii=False) + "\n")
+        self.console.print(f"held-out assistant-token loss ({sample['held_out_conversations']} conversations, "
+                           f"{sample['valid_tokens']} tokens): [bold]{sample['valid_loss_before']:.4f}[/] before SFT, "
+                           f"[bold]{sample['valid_loss_after']:.4f}[/] after {sample['steps']} steps")
+        self.console.print(f"held-out question: {user!r}\nreference answer: {reference!r}")
+        self.console.print(f"[bold]base[/], greedy: {sample['base_answer']!r}")
+        self.console.print(f"[bold]after SFT[/], greedy: {sample['sft_answer']!r}")
+
+    def answer(self, model_dir: Path, prompt: str) -> str:
+        """`sourcelm generate`'s greedy continuation of the rendered chat prompt (it prints prompt + answer)."""
+        cmd = [sys.executable, "-m", "sourcelm", "generate", str(model_dir), "--prompt", prompt, "--max-new-tokens",
+               str(SFT_SAMPLE_TOKENS)]
+        self.console.print(f"[dim]$ sourcelm {' '.join(shlex.quote(a) for a in cmd[3:])}[/]")
+        printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return printed.removesuffix("\n").removeprefix(prompt)
+
+    def skip(self, folder: Path) -> None:
+        self.console.print(f"[yellow]{folder} is complete (manifest and hashes match): skipped[/]")
 
     # ------------------------------------------------------------------------------ the run
     def main(self) -> int:
@@ -189,8 +265,11 @@ class Demo:
                  ("generate", "load with transformers and generate; the same with sourcelm", self.generate),
                  ("verify", "check every hash back to the raw bytes; replay the last training segment", self.verify),
                  ("card", "plots, offline evaluation vs chance and an untrained model, the model card", self.card)]
+        if self.with_sft:
+            steps.append(("sft", f"chats from the curated Python docs, fine-tune the export, answer a held-out "
+                                 f"question ({self.sft_out})", self.sft))
         for i, (name, what, fn) in enumerate(steps, start=1):
-            self.stage(i, name, what)
+            self.stage(i, len(steps), name, what)
             self.timed(name, fn)
         self.times["total"] = round(time.perf_counter() - t0, 1)
         (self.out / "timings.json").write_text(json.dumps(self.times, indent=2) + "\n")
@@ -210,6 +289,9 @@ class Demo:
                 ("model card", self.out / "MODEL_CARD.md"), ("evaluation results", self.out / "eval"),
                 ("training config", self.out / "train_config.toml"),
                 ("stage timings", self.out / "timings.json")]
+        if self.with_sft:
+            rows += [("SFT chats, run, export", self.sft_out),
+                     ("SFT losses and answers", self.sft_out / "samples.json")]
         for what, where in rows:
             t.add_row(what, str(where))
         self.console.print(t)
@@ -281,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the short CI variant: corpus subset, a few steps")
     p.add_argument("--corpus", help="use this already fetched corpus folder instead of OUT/raw")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="curation/tokenization workers")
+    p.add_argument("--sft", action="store_true",
+                   help="then fine-tune the exported model on chats built from the curated Python docs (into OUT-sft)")
     args = p.parse_args(argv)
-    return Demo(Path(args.out), args.quick, Path(args.corpus) if args.corpus else None, args.workers).main()
+    return Demo(Path(args.out), args.quick, Path(args.corpus) if args.corpus else None, args.workers,
+                args.sft).main()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""`python -m sourcelm.demo --quick`: the demo's whole path (the same code as `make demo`, on a
-corpus subset with a few training steps) ends in a run that verifies."""
+"""`python -m sourcelm.demo --quick --sft`: the demo's whole path (the same code as `make demo`, on a
+corpus subset with a few training steps) ends in a run that verifies; the optional SFT stage fine-tunes the export
+in a run of its own that verifies too."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from sourcelm.data.corpus.demo import cache_dir
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "sourcelm.demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "sourcelm.demo", "--quick", "--sft", "--out", str(out)]
     if (cache_dir() / "manifest.json").is_file():  # the corpus the data tests fetched; else the demo fetches it
         cmd += ["--corpus", str(cache_dir())]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in ("1/9 corpus", "5/9 train", "8/9 verify", "9/9 card"):
+    for stage in ("1/10 corpus", "5/10 train", "8/10 verify", "9/10 card", "10/10 sft"):
         assert stage in proc.stdout
     assert "where everything is" in proc.stdout and "verified" in proc.stdout
 
@@ -45,3 +46,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "## Reproduce" in card and "## Curation funnel" in card
     for stage in ("curated", "tokenizer", "tokens", "hf"):  # a rerun would skip these
         assert stage_done(out / stage)
+
+    sft = tmp_path / "demo-sft"  # beside the run: `verify OUT --replay` replays the one training run under OUT
+    assert walk(sft).ok and stage_done(sft / "chats") and stage_done(sft / "hf")
+    sample = json.loads((sft / "samples.json").read_text())
+    assert sample["held_out_conversations"] > 0 and sample["valid_tokens"] > 0
+    assert 0 < sample["valid_loss_after"] < sample["valid_loss_before"]
+    assert sample["prompt"].endswith("<|reserved_0|>assistant\n") and sample["question"] in sample["prompt"]
