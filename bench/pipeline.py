@@ -113,11 +113,15 @@ def summarise(records: list[dict], trace: Path, pp: int, kind: str, overlap: boo
     p2p = statistics.median(lat) if lat else 0.0
     measured_sim = pipeline_sim.simulate(order, pipeline_trace.MeasuredTimes.from_steps(steps), p2p=p2p)
     stage_of = {r: rec["stage"] for r, rec in steps[0].items()}
+    # and each timed step replayed with its own ops' durations: what the means leave out is their spread
+    replayed = [pipeline_sim.simulate(order, pipeline_trace.OpTimes.from_step(s), p2p=p2p) for s in steps]
     out.update(f_ms=1e3 * f, b_ms=1e3 * b, fb_ms=1e3 * fb, f_ms_per_rank=per["pp_f_ms"],
                b_ms_per_rank=per["pp_b_ms"], step_s=statistics.mean(per["pp_step_s"]), bubble_s=bubble,
                bubble_mean_s=statistics.mean(bubble), formula_s=formula,
                simulated_s=statistics.mean(r.idle for r in sim.ranks), p2p_ms=1e3 * p2p, p2p_samples=len(lat),
                simulated_measured_s=[measured_sim.ranks[stage_of[r]].idle for r in sorted(stage_of)],
+               simulated_per_op_s=[statistics.mean(s.ranks[stage_of[r]].idle for s in replayed)
+                                   for r in sorted(stage_of)],
                wait_s=per["pp_wait_s"],
                ep_wait_s=per.get("ep_wait_s"), in_flight=per["pp_in_flight"], table2_activations=activations,
                peak_rss_mb=per["peak_rss_mb"])
@@ -179,9 +183,10 @@ def main() -> None:
               f"{overlapped['fb_ms'] / in_order['fb_ms']:.2f}")
         for r in rows:
             if r["pp"] == pp:
-                print(f"  {r['schedule']} {'overlapped' if r['overlap'] else ''}: measured bubble / simulated with "
-                      f"measured times, per rank: "
-                      f"{_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_measured_s'])], 2)}")
+                print(f"  {r['schedule']} {'overlapped' if r['overlap'] else ''}: measured bubble / simulated, per "
+                      f"rank: with each chunk's mean times "
+                      f"{_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_measured_s'])], 2)}; with each "
+                      f"op's own time {_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_per_op_s'])], 2)}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

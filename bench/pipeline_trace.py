@@ -44,8 +44,8 @@ def latencies(steps: list[dict[int, dict]]) -> list[float]:
 
 @dataclass
 class MeasuredTimes:
-    """Per chunk, the mean seconds of an F and of a B run alone, and the mean wall time of an F&B pair: the
-    simulator's `times` (plan/pipeline_sim.py), fed with what the ranks measured."""
+    """Per chunk, the mean compute seconds of an F and of a B run alone (receive waits left out), and the mean wall
+    time of an F&B pair: the simulator's `times` (plan/pipeline_sim.py), fed with what the ranks measured."""
 
     f: dict[int, float]
     b: dict[int, float]
@@ -58,9 +58,11 @@ class MeasuredTimes:
         for step in steps:
             for rec in step.values():
                 ops = [e for e in rec["events"] if "op" in e]
+                waits = [(e["start"], e["end"]) for e in rec["events"] if "recv" in e]
                 for e in ops:
-                    if not e["paired"]:
-                        alone.setdefault((e["op"], e["chunk"]), []).append(e["end"] - e["start"])
+                    if not e["paired"]:  # its compute: its wall time less its receives' waits
+                        waited = sum(b - a for a, b in waits if e["start"] <= a and b <= e["end"])
+                        alone.setdefault((e["op"], e["chunk"]), []).append(e["end"] - e["start"] - waited)
                 paired = [e for e in ops if e["paired"]]
                 pairs += [max(a["end"], b["end"]) - min(a["start"], b["start"]) for a, b in zip(paired[::2],
                                                                                                paired[1::2])]
@@ -74,6 +76,34 @@ class MeasuredTimes:
             return self.fb
         task = step.tasks[0]
         return (self.f if task.kind == "F" else self.b)[task.chunk]
+
+
+@dataclass
+class OpTimes:
+    """One step's ops, each with the compute seconds it took (a pair: its wall time): the simulator replays the
+    step's own durations, so what it leaves out is only what happened between the ops (messaging, scheduling)."""
+
+    seconds: dict[tuple[str, int, int], float]  # (kind, chunk, micro-batch) -> seconds; pairs under both halves
+
+    @classmethod
+    def from_step(cls, step: dict[int, dict]) -> OpTimes:
+        seconds = {}
+        for rec in step.values():
+            waits = [(e["start"], e["end"]) for e in rec["events"] if "recv" in e]
+            ops = [e for e in rec["events"] if "op" in e]
+            for e in ops:
+                if not e["paired"]:
+                    waited = sum(b - a for a, b in waits if e["start"] <= a and b <= e["end"])
+                    seconds[(e["op"], e["chunk"], e["mb"])] = e["end"] - e["start"] - waited
+            paired = [e for e in ops if e["paired"]]
+            for a, b in zip(paired[::2], paired[1::2]):
+                wall = max(a["end"], b["end"]) - min(a["start"], b["start"])
+                seconds[(a["op"], a["chunk"], a["mb"])] = seconds[(b["op"], b["chunk"], b["mb"])] = wall
+        return cls(seconds)
+
+    def duration(self, step) -> float:
+        task = step.tasks[0]
+        return self.seconds[(task.kind, task.chunk, task.mb)]
 
 
 def plot(step: dict[int, dict], path: Path, title: str) -> None:
