@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume-from", help="a specific checkpoint directory (default: the newest valid one)")
     p.add_argument("--stop-after", type=int,
                    help="stop after this many steps (the schedule still spans schedule.steps)")
+    p.add_argument("--nproc", type=int, default=1, help="local processes (expert/data/pipeline parallel, gloo on CPU)")
+    p.add_argument("--ranks-per-node", type=int, default=0,
+                   help="split the local processes into pretend nodes of this many ranks (default: one node)")
     p.set_defaults(func=run_sft, intermixed=True)
 
     p = sub.add_parser("plot", help="write loss / LR / throughput / expert-load PNGs for a run")
@@ -74,11 +77,19 @@ def run_train(args) -> int:
 
 
 def run_sft(args) -> int:
+    if args.nproc > 1 or args.links:
+        from sourcelm.parallel.launch import launch_local
+        from sourcelm.train.init_from import resolve_config
+
+        # each rank runs `sourcelm sft` itself (rank 0 renders the chats, the others wait for it)
+        command = ["sourcelm", "sft", args.config, *args.overrides, "--init-from", args.init_from, "--data",
+                   args.data, "--valid-fraction", str(args.valid_fraction)]  # launch_local adds the resume options
+        return launch_local(args, resolve_config(args.config, args.overrides, args.init_from), command)
     from sourcelm.train.sft import sft_main
 
     return sft_main(args.config, args.overrides, args.run_dir, args.init_from, args.data,
                     valid_fraction=args.valid_fraction, resume=not args.no_resume, resume_from=args.resume_from,
-                    stop_after=args.stop_after)
+                    stop_after=args.stop_after, ranks_per_node=args.ranks_per_node)
 
 
 def _resolved_for_ranks(args) -> argparse.Namespace:

@@ -204,8 +204,8 @@ def prepare_sft_data(run: Path, chats: str | Path, tokenizer_dir: str | Path, ma
 
 def sft_main(config: str, overrides: list[str], run_dir: str, init_from: str, data: str,
              valid_fraction: float = 0.05, resume: bool = True, resume_from: str | None = None,
-             stop_after: int | None = None) -> int:
-    """The `sourcelm sft` process (one process, or one rank under torchrun: rank 0 builds the data)."""
+             stop_after: int | None = None, ranks_per_node: int = 0) -> int:
+    """The `sourcelm sft` process (one process, or one rank under torchrun or `--nproc`: rank 0 builds the data)."""
     from sourcelm.train.checkpoint import newest_valid_checkpoint
     from sourcelm.train.entry import make_context, setup_logging
     from sourcelm.train.init_from import BaseWeights, record_base, resolve_config
@@ -217,7 +217,7 @@ def sft_main(config: str, overrides: list[str], run_dir: str, init_from: str, da
     if cfg.data.train or cfg.data.valid or cfg.data.mixture:
         raise ConfigError("data.train / data.valid / data.mixture are set, but SFT reads the conversations of --data; "
                           "remove them from the config")
-    ctx = make_context(cfg)
+    ctx = make_context(cfg, ranks_per_node)
     run = Path(run_dir)
     setup_logging(run, ctx.rank)
     if ctx.is_main:

@@ -1,6 +1,6 @@
-"""`sourcelm sft` on several processes (gloo, launched with torchrun as on a cluster): expert parallelism over 2
-processes and a 2-stage pipeline under 1F1B and DualPipeV give the one-process SFT run (fp32: the base model's and
-every step's losses within 1e-5, gradient norms within 1e-4, the same routing)."""
+"""`sourcelm sft` on several processes (gloo; launched by `sourcelm sft --nproc`, or by torchrun as on a cluster):
+expert parallelism over 2 processes and a 2-stage pipeline under 1F1B and DualPipeV give the one-process SFT run
+(fp32: the base model's and every step's losses within 1e-5, gradient norms within 1e-4, the same routing)."""
 
 import json
 import os
@@ -32,11 +32,15 @@ def base(tmp_path_factory):
     return root / "hf", write_chats(root / "chats.jsonl", script_chats(40))
 
 
-def _sft(base, run_dir, *extra, nproc=1):
+def _sft(base, run_dir, *extra, nproc=1, torchrun=False):
     hf, chats = base
     args = ["sft", "tiny", *RUN, *extra, "--init-from", str(hf), "--data", str(chats), "--valid-fraction", "0.2",
             "--run-dir", str(run_dir)]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    launcher = []
+    if torchrun:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    elif nproc > 1:
+        args += ["--nproc", str(nproc)]
     done = subprocess.run([sys.executable, *launcher, "-m", "sourcelm", *args], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -64,12 +68,12 @@ def _assert_same_run(reference, got, name):
 
 
 def test_sft_at_ep2_matches_one_process(base, single, tmp_path):
-    got = _sft(base, tmp_path, "parallel.ep=2", nproc=2)
+    got = _sft(base, tmp_path, "parallel.ep=2", nproc=2)  # sourcelm's own launcher
     _assert_same_run(single, got, "ep2")
     assert [r for r in got if "loss" in r][-1]["a2a_intra_node_bytes"] > 0  # tokens did cross ranks
 
 
 @pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
 def test_sft_at_pp2_matches_one_process(kind, base, single, tmp_path):
-    got = _sft(base, tmp_path, "parallel.pp=2", f"parallel.pp_schedule={kind}", nproc=2)
+    got = _sft(base, tmp_path, "parallel.pp=2", f"parallel.pp_schedule={kind}", nproc=2, torchrun=True)
     _assert_same_run(single, got, f"pp2 {kind}")
