@@ -56,11 +56,14 @@ def main() -> None:
             result = separation(report, start, end, Path(tmp) / "sep", nproc=1)
             t = result["threshold"]
             print(f"\nthreshold: {t['derivation']}")
-            print(f"{'case':<20} {'honest':>6} {'rel L2':>10} {'max':>10} {'x threshold':>12} {'margin':>8}  verdict")
+            print(f"loss trajectory: {result['trajectory_threshold']['derivation']}")
+            print(f"{'case':<20} {'honest':>6} {'rel L2':>10} {'max':>10} {'x weights':>10} {'x losses':>10} "
+                  f"{'first step out':>15} {'margin':>8}  verdict")
             for r in result["cases"]:
                 d = r["distance"]
                 print(f"{r['case']:<20} {str(r['honest']):>6} {d['rel_l2']:>10.3g} {d['max_abs']:>10.3g} "
-                      f"{r['ratio']:>12.3g} {r['margin']:>8.3g}  {r['verdict']}: {r['what']}")
+                      f"{r['weights_ratio']:>10.3g} {r['trajectory_ratio'] or 0:>10.3g} "
+                      f"{str(r['first_step_over'] or '-'):>15} {r['margin']:>8.3g}  {r['verdict']}: {r['what']}")
             print(f"all separated: {result['all_separated']} ({write_separation(args.run_dir, result)})")
 
 
