@@ -124,7 +124,7 @@ def separation(report: Report, start: Node, end: Node, work: Path, nproc: int = 
     """Honest replays on two layouts and the dishonest variants of one segment, each judged against the threshold
     those honest replays calibrate (module docstring)."""
     state = read_state(end)
-    a_layout = choose_layout(state, nproc, None, None)
+    a_layout = choose_layout(state, nproc, None, None, virtual=False)  # the tolerance verdict is measured
     b_layout = calibration_layout(state, a_layout)
     a = run_replay(report, start, end, state, a_layout, work / "a", show_progress=False)
     b = run_replay(report, start, end, state, b_layout, work / "b", show_progress=False)

@@ -2,9 +2,15 @@
 
 A run records how it was launched (`state.json`: `launch` = processes and ranks per node) and its
 parallel config (`parallel.ep`, `parallel.pp`, ...). A verifier replays on any layout that fits the
-machine: `--nproc N [--ranks-per-node R] [--layout pp=..,ep=..]`. Without `--layout`, the recorded
-parallel settings are kept where they still divide N; otherwise EP shrinks to its largest divisor that
-divides N (EP 4 on 2 processes is EP 2, on 1 process EP 1) and PP falls back to 1. Checkpoints hold
+machine: `--nproc N [--ranks-per-node R] [--layout pp=..,ep=..]`.
+
+Without `--layout`, when N divides the recorded number of ranks W, the replay keeps the recorded
+partition: each of the N processes hosts W / N of the recorded ranks as threads (virtual ranks,
+`sourcelm/parallel/thread_ranks.py`), so every sum happens in the recorded order and the verdict can
+be exact; it needs the memory the W ranks needed. Otherwise, and with `--layout`, the replay runs a
+real layout of N ranks: the recorded parallel settings where they still divide N, else EP shrinks to
+its largest divisor that divides N (EP 4 on 2 processes is EP 2, on 1 process EP 1) and PP falls back
+to 1; its verdict is exact only where the arithmetic allows (`segment_check.exactness_breakers`). Checkpoints hold
 full tensors under global names, so any layout resumes from any other (DESIGN invariant 3); the data
 order is a function of the global sample index, so every layout trains on the same samples
 (invariant 2).
@@ -35,19 +41,25 @@ LAYOUT_KEYS = {"pp": "parallel.pp", "ep": "parallel.ep", "pp_schedule": "paralle
 
 @dataclass
 class ReplayLayout:
-    nproc: int
-    ranks_per_node: int
+    nproc: int  # processes
+    ranks_per_node: int  # ranks (not processes) per pretend node
     parallel: dict = field(default_factory=dict)  # parallel.* settings the replay runs with
+    virtual: int = 1  # ranks each process hosts as threads (> 1: the recorded partition on fewer processes)
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.virtual
 
     def describe(self) -> str:
         p = self.parallel
         pp = f"PP {p['pp']} ({p.get('pp_schedule', '1f1b')}) x " if p.get("pp", 1) > 1 else ""
-        return (f"{self.nproc} process(es), {self.ranks_per_node} per node, {pp}EP {p.get('ep', 1)}, "
-                f"{p.get('dispatcher', '?')} dispatch")
+        hosts = (f"{self.nproc} process(es) hosting {self.virtual} virtual ranks each" if self.virtual > 1
+                 else f"{self.nproc} process(es)")
+        return f"{hosts}, {self.ranks_per_node} per node, {pp}EP {p.get('ep', 1)}, {p.get('dispatcher', '?')} dispatch"
 
     def to_dict(self) -> dict:
-        return {"nproc": self.nproc, "ranks_per_node": self.ranks_per_node, "parallel": dict(self.parallel),
-                "description": self.describe()}
+        return {"nproc": self.nproc, "virtual_ranks_per_process": self.virtual, "ranks_per_node": self.ranks_per_node,
+                "parallel": dict(self.parallel), "description": self.describe()}
 
     def overrides(self) -> list[str]:
         return [f"parallel.{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
@@ -76,12 +88,16 @@ def parse_layout(spec: str | None) -> dict:
     return out
 
 
-def choose_layout(state: dict, nproc: int | None, ranks_per_node: int | None, spec: str | None) -> ReplayLayout:
-    """The replay layout for `--nproc/--ranks-per-node/--layout` (all None: the recorded one)."""
+def choose_layout(state: dict, nproc: int | None, ranks_per_node: int | None, spec: str | None,
+                  virtual: bool = True) -> ReplayLayout:
+    """The replay layout for `--nproc/--ranks-per-node/--layout` (all None: the recorded one); virtual=False
+    never hosts the recorded ranks as threads (a real layout of `nproc` ranks)."""
     rec = recorded_layout(state)
     if nproc is None and ranks_per_node is None and not spec:
         return rec
     n = nproc or rec.nproc
+    if virtual and not spec and ranks_per_node is None and n < rec.nproc and rec.nproc % n == 0:
+        return ReplayLayout(n, rec.ranks_per_node, dict(rec.parallel), virtual=rec.nproc // n)
     par = dict(rec.parallel)
     asked = parse_layout(spec)
     if "pp" not in asked and n % par.get("pp", 1):
@@ -99,15 +115,16 @@ def layout_config(state: dict, layout: ReplayLayout) -> Config:
 
     cfg = load_config(json.loads(json.dumps(state["config"])), layout.overrides())
     m, p = cfg.model, cfg.parallel
-    validate_layout(layout.nproc, layout.ranks_per_node, p.ep, m.n_routed_experts, m.n_group, p.pp)
-    if p.pp == 1 and layout.nproc % p.ep:
-        raise ConfigError(f"parallel.ep = {p.ep} must divide --nproc {layout.nproc}")
-    check_batch_layout(cfg, layout.nproc // p.pp)
+    validate_layout(layout.world, layout.ranks_per_node, p.ep, m.n_routed_experts, m.n_group, p.pp)
+    if p.pp == 1 and layout.world % p.ep:
+        raise ConfigError(f"parallel.ep = {p.ep} must divide --nproc {layout.world}")
+    check_batch_layout(cfg, layout.world // p.pp)
     return cfg
 
 
 def memory_needed(cfg: Config, layout: ReplayLayout) -> int:
-    """Estimated peak bytes of the largest process of the replay (module docstring)."""
+    """Estimated peak bytes of the largest process of the replay (module docstring); a process hosting virtual ranks
+    holds what each of them would, less the interpreter baseline they share."""
     import torch
 
     from sourcelm.model.transformer import DeepseekV3
@@ -117,14 +134,14 @@ def memory_needed(cfg: Config, layout: ReplayLayout) -> int:
     expert = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     dense = sum(p.numel() for p in model.parameters()) - expert
     p = cfg.parallel
-    dp = layout.nproc // p.pp
+    dp = layout.world // p.pp
     params = dense / p.pp + expert / (p.ep * p.pp)  # a stage holds ~1/pp of the layers (the largest stage more)
     moments = 2 * (dense / p.pp / (dp if p.zero1 else 1) + expert / (p.ep * p.pp))
     tokens = cfg.schedule.micro_batch * cfg.data.seq_len
     layers = cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers
     acts = tokens * layers / p.pp * cfg.model.hidden_size * ACTIVATION_FLOATS_PER_HIDDEN
     logits = 3 * tokens * cfg.model.vocab_size  # logits, their softmax and gradient (main head and MTP share a pass)
-    return int(PROCESS_BASELINE + 4 * (3 * params + moments + acts + logits))
+    return int(PROCESS_BASELINE + layout.virtual * 4 * (3 * params + moments + acts + logits))
 
 
 def available_memory() -> int:

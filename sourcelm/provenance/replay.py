@@ -81,6 +81,8 @@ def launch_command(config_path: Path, run_dir: Path, start: Path | None, steps: 
     rank_args = [str(config_path), "--run-dir", str(run_dir), "--stop-after", str(steps),
                  "--ranks-per-node", str(launch.get("ranks_per_node", 1))]
     rank_args += ["--resume-from", str(start)] if start else ["--no-resume"]
+    if launch.get("virtual", 1) > 1:
+        rank_args += ["--virtual-ranks", str(launch["virtual"])]
     nproc = int(launch.get("nproc", 1))
     # run under this module's peak-memory wrapper (`__main__` below)
     wrap = [sys.executable, "-m", "sourcelm.provenance.replay", str(run_dir.parent / "peak_rss.json"), "--"]
@@ -113,10 +115,10 @@ def run_replay(report: Report, start: Node | None, end: Node, end_state: dict, l
     start_dir = start_dir or (start.dir if start else None)
     config_path = workdir / "config.json"
     config_path.write_text(json.dumps(cfg, indent=2))
-    launch = {"nproc": layout.nproc, "ranks_per_node": layout.ranks_per_node}
+    launch = {"nproc": layout.nproc, "ranks_per_node": layout.ranks_per_node, "virtual": layout.virtual}
     cmd = launch_command(config_path, workdir / "run", start_dir, b - a, launch)
     env = dict(os.environ)
-    if layout.nproc > 1:
+    if layout.world > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # as `sourcelm train --nproc` runs its ranks
     if show_progress:
         print(f"replay steps {a}→{b} of {report.rel(end.dir.parent.parent)} on {layout.describe()}", flush=True)

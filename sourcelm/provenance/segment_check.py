@@ -47,8 +47,8 @@ EXACT, TOLERANCE, FAILED, NOT_RUN = "exact", "within tolerance", "failed", "not 
 def exactness_breakers(recorded: ReplayLayout, replay: ReplayLayout, cfg) -> list[str]:
     """The operations whose summation order differs between the recorded layout and the replay's."""
     out = []
-    rec_dp = recorded.nproc // recorded.parallel.get("pp", 1)
-    new_dp = replay.nproc // replay.parallel.get("pp", 1)
+    rec_dp = recorded.world // recorded.parallel.get("pp", 1)
+    new_dp = replay.world // replay.parallel.get("pp", 1)
     rec_ep, new_ep = recorded.parallel.get("ep", 1), replay.parallel.get("ep", 1)
     if rec_ep != new_ep:
         out.append(f"expert weight gradients: at EP {rec_ep} an expert's gradient is one matmul over the rows all "
@@ -101,10 +101,11 @@ def counters_differ(stored: Path, replayed: Path) -> list[str]:
 
 
 def calibration_layout(state: dict, chosen: ReplayLayout) -> ReplayLayout:
-    """The second honest layout: one process when the chosen one has several, else two."""
-    if chosen.nproc > 1:
-        return choose_layout(state, 1, 1, None)
-    return choose_layout(state, 2, 2, None)
+    """The second honest layout, a real one (no virtual ranks): one process when the chosen one has several, else
+    two."""
+    if chosen.world > 1:
+        return choose_layout(state, 1, 1, None, virtual=False)
+    return choose_layout(state, 2, 2, None, virtual=False)
 
 
 def check_segment(report: Report, start: Node | None, end: Node, nproc: int | None = None,

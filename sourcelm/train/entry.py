@@ -3,6 +3,7 @@
 `sourcelm train` calls it directly (one process) or through the local launcher (several);
 `torchrun ... -m sourcelm.train CONFIG ...` calls it once per rank on a cluster. Whether the
 process is one rank of many is read from the environment torchrun sets (WORLD_SIZE, RANK, ...).
+With `--virtual-ranks V` the process hosts V ranks as threads instead (`train_virtual_ranks`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
                         handlers=handlers, force=True)
 
 
-def make_context(cfg, ranks_per_node: int = 0):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def make_context(cfg, ranks_per_node: int = 0, joined: bool = False):
+    """joined: this thread already joined its process group (a virtual rank)."""
+    if joined or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from sourcelm.train.distributed import DistributedContext
 
         return DistributedContext(cfg, ranks_per_node=ranks_per_node)
@@ -38,18 +40,21 @@ def make_context(cfg, ranks_per_node: int = 0):
 
 
 def train_main(config: str, overrides: list[str], run_dir: str, resume: bool = True, resume_from: str | None = None,
-               stop_after: int | None = None, ranks_per_node: int = 0, init_from: str | None = None) -> int:
+               stop_after: int | None = None, ranks_per_node: int = 0, init_from: str | None = None,
+               virtual_rank: bool = False) -> int:
     """init_from: an HF checkpoint directory to continue from (`init_from.py`); a run directory that already
-    records one starts from it too, unless it has a checkpoint to resume."""
+    records one starts from it too, unless it has a checkpoint to resume. virtual_rank: called by
+    `train_virtual_ranks` in a rank's thread (joined, logging already set up)."""
     from sourcelm.config import load_config
     from sourcelm.train.checkpoint import newest_valid_checkpoint
     from sourcelm.train.init_from import BaseWeights, record_base, recorded_base, resolve_config
     from sourcelm.train.loop import TooManyBadSteps, Trainer
 
     cfg = resolve_config(config, overrides, init_from) if init_from else load_config(config, overrides)
-    ctx = make_context(cfg, ranks_per_node)
+    ctx = make_context(cfg, ranks_per_node, joined=virtual_rank)
     run = Path(run_dir)
-    setup_logging(run, ctx.rank)
+    if not virtual_rank:
+        setup_logging(run, ctx.rank)
     if init_from and ctx.is_main:
         record_base(run, init_from)
     base = init_from or recorded_base(run)
@@ -75,3 +80,27 @@ def train_main(config: str, overrides: list[str], run_dir: str, resume: bool = T
 
         plot_run(run)
     return 0
+
+
+def train_virtual_ranks(ranks_per_process: int, **train_args) -> int:
+    """Hosts `ranks_per_process` ranks of the training world as threads of this process
+    (`sourcelm.parallel.thread_ranks`): process p of P (torchrun's RANK and WORLD_SIZE; one process without them)
+    hosts ranks p·V .. p·V + V − 1 of a world of P·V, so a layout recorded on P·V processes runs, with the same
+    reductions, on P. Each rank runs one BLAS thread, as `sourcelm train --nproc` runs its processes."""
+    import tempfile
+
+    import torch
+
+    from sourcelm.parallel.thread_ranks import run_thread_ranks
+
+    process, processes = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(1)
+    first = process * ranks_per_process
+    setup_logging(Path(train_args["run_dir"]), first)  # one log per process, named after its first rank
+    # the processes of one launch share torchrun's run id, so they meet at the same rendezvous file
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
+    init = Path(tempfile.gettempdir()) / f"sourcelm-virtual-ranks-{run_id}"
+    codes = run_thread_ranks(lambda rank: train_main(**train_args, virtual_rank=True),
+                             range(first, first + ranks_per_process), processes * ranks_per_process,
+                             f"file://{init}")
+    return max(codes)
