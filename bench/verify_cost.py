@@ -4,8 +4,10 @@
 
 For segment K -> K' of a run (a `sourcelm train` run dir with checkpoints and metrics.jsonl), replays
 it once per layout (`sourcelm verify`'s replay: a fresh process tree resuming from checkpoint K) and
-prints the replay's wall time and peak RSS (largest process) next to the original segment's training
-time (the sum of its steps' step_time in metrics.jsonl: the steps alone, no start-up). With
+prints the replay's wall time, peak RSS (largest process) and whether its checkpoint is bit-identical
+to the stored one, next to the original segment's training time (the sum of its steps' step_time in
+metrics.jsonl: the steps alone, no start-up). Each N below the recorded process count runs twice: the
+recorded ranks hosted as virtual ranks on N processes, and the real layout of N ranks. With
 --separation, also the honest-vs-dishonest measurement (`sourcelm.provenance.forgery`) on one process.
 """
 
@@ -16,10 +18,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from sourcelm.artifacts import sha256_file
 from sourcelm.provenance.forgery import separation, write_separation
 from sourcelm.provenance.graph import read_state, walk
 from sourcelm.provenance.layouts import choose_layout
-from sourcelm.provenance.replay import find_segment, run_replay
+from sourcelm.provenance.replay import TENSOR_FILES, find_segment, run_replay
 
 
 def training_seconds(run_dir: Path, a: int, b: int) -> float:
@@ -42,16 +45,21 @@ def main() -> None:
     a, b = k, state["step"]
     trained = training_seconds(args.run_dir, a, b)
     print(f"segment {a}->{b} of {args.run_dir}: trained in {trained:.1f} s of step time on {state.get('layout')}")
-    print(f"{'layout':<60} {'replay s':>9} {'/ train':>8} {'peak RSS MiB':>13}")
+    print(f"{'layout':<100} {'replay s':>9} {'/ train':>8} {'peak RSS MiB':>13}  bit-identical")
     with tempfile.TemporaryDirectory(prefix="verify-cost-") as tmp:
+        layouts = {}
         for n in args.nproc:
-            layout = choose_layout(state, n, None, None)
-            run = run_replay(report, start, end, state, layout, Path(tmp) / f"n{n}", show_progress=False)
+            for virtual in (True, False):
+                layout = choose_layout(state, n, None, None, virtual=virtual)
+                layouts.setdefault(layout.describe(), layout)
+        for i, (name, layout) in enumerate(layouts.items()):
+            run = run_replay(report, start, end, state, layout, Path(tmp) / f"l{i}", show_progress=False)
             if run.checkpoint is None:
-                print(f"{layout.describe():<60} failed: {run.error}")
+                print(f"{name:<100} failed: {run.error}")
                 continue
-            print(f"{layout.describe():<60} {run.seconds:>9.1f} {run.seconds / trained:>8.2f} "
-                  f"{run.peak_rss / 2**20:>13.0f}", flush=True)
+            same = all(sha256_file(run.checkpoint / f) == state["files"][f] for f in TENSOR_FILES)
+            print(f"{name:<100} {run.seconds:>9.1f} {run.seconds / trained:>8.2f} {run.peak_rss / 2**20:>13.0f}  "
+                  f"{'yes' if same else 'no'}", flush=True)
         if args.separation:
             result = separation(report, start, end, Path(tmp) / "sep", nproc=1)
             t = result["threshold"]

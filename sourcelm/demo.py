@@ -9,7 +9,7 @@ One command, from nothing, on a laptop CPU:
                 with the two-hop dispatcher (configs/demo.toml)
   6. export     the last checkpoint in the Hugging Face DeepSeek-V3 format
   7. generate   load it with transformers' AutoModelForCausalLM and with `sourcelm generate`
-  8. verify     walk the provenance chain and replay the last training segment bit for bit
+  8. verify     walk the provenance chain and replay the last training segment bit for bit, on one process
   9. card       plots, the offline evaluation (`sourcelm eval`, next to chance and an untrained model of the
                 same config) and the model card
  10. sft        with --sft: a chat set from the curated Python docs (`sourcelm.data.corpus.chats`), `sourcelm sft`
@@ -170,7 +170,8 @@ class Demo:
 
         ckpts = list_checkpoints(self.out / "train" / "checkpoints")
         start = int(ckpts[-2].name.removeprefix("step_")) if len(ckpts) > 1 else 0
-        self.run("verify", str(self.out), "--replay", str(start))
+        # the 4-process segment on one process, its ranks hosted as threads: the bits must still be the stored ones
+        self.run("verify", str(self.out), "--replay", str(start), "--nproc", "1")
 
     def card(self) -> None:
         self.run("plot", str(self.out / "train"))

@@ -20,9 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="seed for --sample (default: the first 8 bytes of the provenance root hash)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="replay on N processes (default: the layout the run recorded); another layout gives the "
-                        "exact verdict where the arithmetic allows, else one within a threshold calibrated by a "
-                        "second replay on another layout")
+                   help="replay on N processes (default: the layout the run recorded); N dividing the recorded "
+                        "process count hosts the recorded ranks as threads (virtual ranks: the same sums, an exact "
+                        "verdict); with --layout a real layout of N ranks, judged within a threshold calibrated by "
+                        "a second replay on another layout where it is not exact")
     p.add_argument("--ranks-per-node", type=int, default=None, metavar="R", help="pretend nodes of R processes")
     p.add_argument("--layout", default=None, metavar="pp=..,ep=..",
                    help="parallel settings of the replay (pp, ep, pp_schedule, dispatcher, zero1)")

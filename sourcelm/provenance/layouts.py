@@ -1,8 +1,10 @@
 """The layout a segment is replayed on, and whether the verifier's machine can hold it.
 
-A run records how it was launched (`state.json`: `launch` = processes and ranks per node) and its
-parallel config (`parallel.ep`, `parallel.pp`, ...). A verifier replays on any layout that fits the
-machine: `--nproc N [--ranks-per-node R] [--layout pp=..,ep=..]`.
+A run records how it was launched (`state.json`: `launch` = processes, ranks per node and intra-op
+threads per rank, which the replay runs with whatever the verifier's core count: the bits of torch's
+weight-gradient matmuls depend on the thread count, not on the cores) and its parallel config
+(`parallel.ep`, `parallel.pp`, ...). A verifier replays on any layout that fits the machine:
+`--nproc N [--ranks-per-node R] [--layout pp=..,ep=..]`.
 
 Without `--layout`, when N divides the recorded number of ranks W, the replay keeps the recorded
 partition: each of the N processes hosts W / N of the recorded ranks as threads (virtual ranks,
@@ -45,6 +47,7 @@ class ReplayLayout:
     ranks_per_node: int  # ranks (not processes) per pretend node
     parallel: dict = field(default_factory=dict)  # parallel.* settings the replay runs with
     virtual: int = 1  # ranks each process hosts as threads (> 1: the recorded partition on fewer processes)
+    threads: int | None = None  # intra-op threads per rank, as recorded (None: a run that did not record them)
 
     @property
     def world(self) -> int:
@@ -55,11 +58,13 @@ class ReplayLayout:
         pp = f"PP {p['pp']} ({p.get('pp_schedule', '1f1b')}) x " if p.get("pp", 1) > 1 else ""
         hosts = (f"{self.nproc} process(es) hosting {self.virtual} virtual ranks each" if self.virtual > 1
                  else f"{self.nproc} process(es)")
-        return f"{hosts}, {self.ranks_per_node} per node, {pp}EP {p.get('ep', 1)}, {p.get('dispatcher', '?')} dispatch"
+        threads = f", {self.threads} thread(s) per rank" if self.threads else ""
+        return (f"{hosts}, {self.ranks_per_node} per node, {pp}EP {p.get('ep', 1)}, {p.get('dispatcher', '?')} "
+                f"dispatch{threads}")
 
     def to_dict(self) -> dict:
         return {"nproc": self.nproc, "virtual_ranks_per_process": self.virtual, "ranks_per_node": self.ranks_per_node,
-                "parallel": dict(self.parallel), "description": self.describe()}
+                "threads_per_rank": self.threads, "parallel": dict(self.parallel), "description": self.describe()}
 
     def overrides(self) -> list[str]:
         return [f"parallel.{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
@@ -71,7 +76,8 @@ def recorded_layout(state: dict) -> ReplayLayout:
     launch = state.get("launch") or {"nproc": 1, "ranks_per_node": 1}
     par = state["config"]["parallel"]
     return ReplayLayout(int(launch.get("nproc", 1)), int(launch.get("ranks_per_node", 1)),
-                        {k: par[k] for k in ("pp", "ep", "pp_schedule", "dispatcher", "zero1") if k in par})
+                        {k: par[k] for k in ("pp", "ep", "pp_schedule", "dispatcher", "zero1") if k in par},
+                        threads=launch.get("threads"))
 
 
 def parse_layout(spec: str | None) -> dict:
@@ -97,7 +103,7 @@ def choose_layout(state: dict, nproc: int | None, ranks_per_node: int | None, sp
         return rec
     n = nproc or rec.nproc
     if virtual and not spec and ranks_per_node is None and n < rec.nproc and rec.nproc % n == 0:
-        return ReplayLayout(n, rec.ranks_per_node, dict(rec.parallel), virtual=rec.nproc // n)
+        return ReplayLayout(n, rec.ranks_per_node, dict(rec.parallel), virtual=rec.nproc // n, threads=rec.threads)
     par = dict(rec.parallel)
     asked = parse_layout(spec)
     if "pp" not in asked and n % par.get("pp", 1):
@@ -106,7 +112,7 @@ def choose_layout(state: dict, nproc: int | None, ranks_per_node: int | None, sp
         par["ep"] = math.gcd(par.get("ep", 1), n // par.get("pp", 1))
     par.update(asked)
     rpn = ranks_per_node or (rec.ranks_per_node if n % rec.ranks_per_node == 0 and n >= rec.ranks_per_node else n)
-    return ReplayLayout(n, rpn, par)
+    return ReplayLayout(n, rpn, par, threads=rec.threads)
 
 
 def layout_config(state: dict, layout: ReplayLayout) -> Config:

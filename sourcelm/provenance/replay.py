@@ -118,7 +118,9 @@ def run_replay(report: Report, start: Node | None, end: Node, end_state: dict, l
     launch = {"nproc": layout.nproc, "ranks_per_node": layout.ranks_per_node, "virtual": layout.virtual}
     cmd = launch_command(config_path, workdir / "run", start_dir, b - a, launch)
     env = dict(os.environ)
-    if layout.world > 1:
+    if layout.threads:  # the recorded thread count: the weight-gradient bits depend on it
+        env["OMP_NUM_THREADS"] = str(layout.threads)
+    elif layout.world > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # as `sourcelm train --nproc` runs its ranks
     if show_progress:
         print(f"replay steps {a}→{b} of {report.rel(end.dir.parent.parent)} on {layout.describe()}", flush=True)

@@ -13,9 +13,11 @@
    counters (steps, samples, loader position, RNG) must match exactly in every case. A checkpoint written before
    losses were stored with it is judged on its weights alone, and the record says so.
 
-Why exact is lost across layouts, concretely (see `exactness_breakers`): each is a change of
-summation order in fp32, and the routing (top-k on biased scores) and the balancer's sign() turn a
-last-bit change into a different decision a few steps later.
+Exact across process counts: `--nproc N` dividing the recorded ranks hosts them as virtual ranks
+(`layouts.py`), the same sums in the same order, so the verdict is exact. On a real layout of other
+ranks, exact is lost (see `exactness_breakers`): each breaker is a change of summation order in fp32,
+and the routing (top-k on biased scores) and the balancer's sign() turn a last-bit change into a
+different decision a few steps later.
 """
 
 from __future__ import annotations

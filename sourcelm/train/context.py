@@ -25,7 +25,13 @@ class SingleProcess:
     is_main = True
     zero_group = None  # process group over which dense optimizer state is sharded
     description = "1 process"
-    launch = {"nproc": 1, "ranks_per_node": 1}  # how to start this layout again (verify --replay)
+
+    @property
+    def launch(self) -> dict:
+        """How to start this layout again (verify --replay): processes, ranks per node, and the intra-op threads per
+        rank, because the bits of torch's weight-gradient matmuls and embedding backward depend on the thread
+        count (tests/provenance/test_verify_layouts.py)."""
+        return {"nproc": 1, "ranks_per_node": 1, "threads": torch.get_num_threads()}
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Returns the model this rank trains (expert-parallel layouts swap in sharded experts)."""

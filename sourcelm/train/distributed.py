@@ -67,7 +67,7 @@ class DistributedContext:
         self.description = (f"{lay.world} processes = {lay.nodes} node(s) x {lay.ranks_per_node}, {pipeline}"
                             f"EP {lay.ep} ({lay.experts_per_rank} experts per rank), {par.dispatcher} dispatch, "
                             f"ZeRO-1 {'on' if par.zero1 else 'off'}")
-        self.launch = {"nproc": lay.world, "ranks_per_node": lay.ranks_per_node}
+        self.launch = {"nproc": lay.world, "ranks_per_node": lay.ranks_per_node, "threads": torch.get_num_threads()}
         self.dispatcher = None
         self.shards = {}
         self.ranges = (partition_layers(cfg.model, n_chunks(lay.pp, par.pp_schedule), cfg.data.seq_len)

@@ -86,15 +86,13 @@ def train_virtual_ranks(ranks_per_process: int, **train_args) -> int:
     """Hosts `ranks_per_process` ranks of the training world as threads of this process
     (`sourcelm.parallel.thread_ranks`): process p of P (torchrun's RANK and WORLD_SIZE; one process without them)
     hosts ranks p·V .. p·V + V − 1 of a world of P·V, so a layout recorded on P·V processes runs, with the same
-    reductions, on P. Each rank runs one BLAS thread, as `sourcelm train --nproc` runs its processes."""
+    reductions, on P. Each rank's ops split their work over the process's intra-op thread count (OMP_NUM_THREADS;
+    the replay sets the recorded one); only one thread per rank has been run this way."""
     import tempfile
-
-    import torch
 
     from sourcelm.parallel.thread_ranks import run_thread_ranks
 
     process, processes = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(1)
     first = process * ranks_per_process
     setup_logging(Path(train_args["run_dir"]), first)  # one log per process, named after its first rank
     # the processes of one launch share torchrun's run id, so they meet at the same rendezvous file

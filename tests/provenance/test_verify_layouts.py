@@ -31,7 +31,8 @@ def test_layout_choice():
     # fewer processes dividing the recorded 4: the recorded partition, its ranks hosted as threads
     for n in (1, 2):
         v = choose_layout(st, n, None, None)
-        assert (v.nproc, v.virtual, v.world, v.ranks_per_node, v.parallel) == (n, 4 // n, 4, 2, st["config"]["parallel"])
+        assert (v.nproc, v.virtual, v.world, v.ranks_per_node) == (n, 4 // n, 4, 2)
+        assert v.parallel == st["config"]["parallel"]
         assert f"hosting {4 // n} virtual ranks each" in v.describe()
     assert choose_layout(st, 3, None, None).virtual == 1  # 3 does not divide 4: a real layout
     # a real layout of N ranks: asked for, or with --layout / --ranks-per-node
@@ -125,7 +126,7 @@ def ep4_run(built_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("ep4") / "train"
     train = [t for t in TRAIN if not t.startswith(("schedule.global_batch", "schedule.steps", "logging.valid"))]
     assert cli(["train", "tiny", *MODEL, *train, f"model.vocab_size={VOCAB}", "schedule.global_batch=8",
-                "schedule.steps=4", "logging.valid_every=0", "parallel.ep=4",
+                "schedule.steps=4", "logging.valid_every=0", "parallel.ep=4", "train.dtype=float32",
                 f"data.train=['{built_run / 'tokens' / 'train'}']",
                 "--run-dir", str(run), "--nproc", "4", "--ranks-per-node", "2"]) == 0
     return run
@@ -217,3 +218,26 @@ def test_pipeline_run_replays_on_one_process(built_run, tmp_path):
     record = _check_record(run)
     assert record["layout"]["parallel"]["pp"] == 2 and record["layout"]["virtual_ranks_per_process"] == 2
     assert record["verdict"] == "exact", record["detail"]
+
+
+@pytest.mark.slow
+def test_replay_runs_the_recorded_thread_count(built_run, tmp_path, monkeypatch):
+    """The bits of torch's weight-gradient matmuls and embedding backward depend on the intra-op thread count (they
+    split their sums by it), so a run records its threads per rank and the replay runs with them: a run trained
+    with 2 threads replays exactly from a verifier whose environment asks for 1. (fp32: torch's matmuls; the bf16
+    AMX kernels are thread-count invariant by construction, tests/model/test_amx.py.)"""
+    run = tmp_path / "threads2"
+    train = [t for t in TRAIN if not t.startswith(("schedule.steps", "logging.valid"))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli(["train", "tiny", *MODEL, *train, f"model.vocab_size={VOCAB}", "schedule.steps=4",
+                    "train.dtype=float32", "logging.valid_every=0", f"data.train=['{built_run / 'tokens' / 'train'}']",
+                    "--run-dir", str(run)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    report = verify(run, replay=[2], show_progress=False)
+    assert report.ok, report.failures
+    record = _check_record(run)
+    assert record["layout"]["threads_per_rank"] == 2 and record["verdict"] == "exact", record["detail"]
