@@ -73,7 +73,8 @@ def run_thread_ranks(fn, ranks: range, world: int, init_method: str, timeout_s: 
     """Runs fn(rank) for each rank of `ranks` in its own thread, each first joined to the gloo world of `world`
     ranks through `init_method` (the other ranks may be threads of other processes). Returns the results in the
     order of `ranks`. A failure is raised at once with its rank and traceback, without waiting for the peers it
-    leaves in a collective (the threads are daemons: they end with the process)."""
+    leaves in a collective; those hold gloo threads that abort a normal interpreter exit, so the caller reports the
+    error and leaves with os._exit."""
     install()
     results: dict[int, object] = {}
     errors: list[str] = []

@@ -98,7 +98,12 @@ def train_virtual_ranks(ranks_per_process: int, **train_args) -> int:
     # the processes of one launch share torchrun's run id, so they meet at the same rendezvous file
     run_id = os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
     init = Path(tempfile.gettempdir()) / f"sourcelm-virtual-ranks-{run_id}"
-    codes = run_thread_ranks(lambda rank: train_main(**train_args, virtual_rank=True),
-                             range(first, first + ranks_per_process), processes * ranks_per_process,
-                             f"file://{init}")
+    try:
+        codes = run_thread_ranks(lambda rank: train_main(**train_args, virtual_rank=True),
+                                 range(first, first + ranks_per_process), processes * ranks_per_process,
+                                 f"file://{init}")
+    except RuntimeError as e:  # a rank failed; its peers wait in a collective that will never complete
+        logging.getLogger("sourcelm.train").error("%s", e)
+        logging.shutdown()
+        os._exit(1)
     return max(codes)
