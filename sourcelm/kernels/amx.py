@@ -55,7 +55,7 @@ def grouped_linear_takes(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor)
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, ends):
+    def forward(ctx, x, w, ends, sink):
         x, w = x.contiguous(), w.contiguous()
         e, n, k = w.shape
         out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
@@ -63,6 +63,7 @@ class _GroupedLinear(torch.autograd.Function):
         build.library().grouped_gemm_forward(x.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
                                                packed.data_ptr(), out.data_ptr())
         ctx.save_for_backward(x, w, ends)
+        ctx.sink = sink
         return out
 
     @staticmethod
@@ -76,23 +77,32 @@ class _GroupedLinear(torch.autograd.Function):
             packed = torch.empty(w.numel() // 2, dtype=torch.int32)
             build.library().grouped_gemm_input_grad(g.data_ptr(), w.data_ptr(), ends.data_ptr(), e, n, k,
                                                       packed.data_ptr(), gx.data_ptr())
-        if ctx.needs_input_grad[1]:
-            gw = torch.empty_like(w)
-            g_t = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
-            x_pairs = torch.empty(x.numel() // 2, dtype=torch.int32)
-            build.library().grouped_gemm_weight_grad(g.data_ptr(), x.data_ptr(), ends.data_ptr(), e, n, k,
-                                                       g_t.data_ptr(), x_pairs.data_ptr(), gw.data_ptr())
-        return gx, gw, None
+        if ctx.sink is not None:  # the zero-bubble W split: the weight's gradient is computed when the W op runs
+            ctx.sink.file(lambda: _weight_grad(g, x, w, ends))
+        elif ctx.needs_input_grad[1]:
+            gw = _weight_grad(g, x, w, ends)
+        return gx, gw, None, None
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    e, n, k = w.shape
+    gw = torch.empty_like(w)
+    g_t = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
+    x_pairs = torch.empty(x.numel() // 2, dtype=torch.int32)
+    build.library().grouped_gemm_weight_grad(g.data_ptr(), x.data_ptr(), ends.data_ptr(), e, n, k,
+                                               g_t.data_ptr(), x_pairs.data_ptr(), gw.data_ptr())
+    return gw
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, sink=None) -> torch.Tensor:
     """Rows of x [P, K] grouped by expert (counts [E]) times w[e]^T (w [E, N, K]) -> [P, N], bf16 with fp32
     accumulation, as `torch._grouped_mm(x, w.transpose(-2, -1), offs=counts.cumsum(0))` computes it; the call
-    must satisfy `grouped_linear_takes`."""
+    must satisfy `grouped_linear_takes`. sink (`ops.WeightGradSink`, holding w): backward files w's gradient
+    there instead of returning it."""
     if not grouped_linear_takes(x, w, counts):
         raise ValueError("the AMX grouped matmul takes bf16 CPU rows [P, K] in groups of multiples of 32 and bf16 "
                          "weights [E, N, K] with N and K multiples of 32, on a CPU with AMX")
-    return _GroupedLinear.apply(x, w, counts.to(torch.int64).cumsum(0))
+    return _GroupedLinear.apply(x, w if sink is None else w.detach(), counts.to(torch.int64).cumsum(0), sink)
 
 
 # ------------------------------------------------------------------------------------ causal attention

@@ -58,7 +58,27 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_linear_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x [N, in] grouped by expert (group ends `offs`, int32 [E]) times w[e]^T ([E, out, in]) -> [N, out]."""
-    return torch._grouped_mm(_ContiguousGrad.apply(x), w.transpose(-2, -1), offs=offs)
+class _DeferredGroupedMM(torch.autograd.Function):
+    """`torch._grouped_mm(x, w^T, offs)` whose backward returns x's gradient and files w's in `sink` (the zero-
+    bubble W split): the grouped matmuls autograd runs for it (dx = g w per group, dw = g^T x per group)."""
 
+    @staticmethod
+    def forward(ctx, x, w, offs, sink):
+        ctx.save_for_backward(x, w, offs)
+        ctx.sink = sink
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, offs = ctx.saved_tensors
+        g = grad.contiguous()
+        ctx.sink.file(lambda: torch._grouped_mm(g.t(), x, offs=offs))
+        return torch._grouped_mm(g, w, offs=offs), None, None, None
+
+
+def grouped_linear_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sink=None) -> torch.Tensor:
+    """Rows of x [N, in] grouped by expert (group ends `offs`, int32 [E]) times w[e]^T ([E, out, in]) -> [N, out].
+    sink (`ops.WeightGradSink`, holding w): backward files w's gradient there instead of returning it."""
+    if sink is not None:
+        return _DeferredGroupedMM.apply(x, w.detach(), offs, sink)
+    return torch._grouped_mm(_ContiguousGrad.apply(x), w.transpose(-2, -1), offs=offs)

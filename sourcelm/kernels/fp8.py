@@ -200,20 +200,20 @@ class FP8Linear(torch.autograd.Function):
     the weight itself (already resident; it is requantized in backward, deterministically the same)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, sink=None) -> torch.Tensor:
         rows_multiple = TILE if backend == "cuda" else 1
         x2 = x.reshape(-1, x.shape[-1])
         qx = quantize_operand(x2, 1, rows_multiple)
         w = quantize_operand(weight, TILE)
         y = _mm(qx, w, backend, x.dtype)
         ctx.save_for_backward(qx.q, qx.scale, weight)
-        ctx.backend, ctx.x_shape, ctx.x_dtype = backend, x.shape, x.dtype
+        ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.sink = backend, x.shape, x.dtype, sink
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         xq, x_scale, weight = ctx.saved_tensors
-        backend, (tokens, k) = ctx.backend, (grad_y.numel() // weight.shape[0], weight.shape[1])
+        backend, tokens = ctx.backend, grad_y.numel() // weight.shape[0]
         rows_multiple = TILE if backend == "cuda" else 1
         g2 = grad_y.reshape(tokens, weight.shape[0])
         grad_x = grad_w = None
@@ -222,18 +222,29 @@ class FP8Linear(torch.autograd.Function):
             wt = Operand(w.q.t().contiguous(), w.scale.t().contiguous(), weight.shape[1], TILE)
             gq = quantize_operand(g2, 1, rows_multiple)
             grad_x = _mm(gq, wt, backend, ctx.x_dtype).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:  # Wgrad: reduce over tokens; dyᵀ and xᵀ in 1×128 tiles along tokens
-            x_hat = dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k]
-            xt = quantize_operand(x_hat.t(), 1, rows_multiple)
-            gt = quantize_operand(g2.t(), 1, rows_multiple)
-            grad_w = _mm(gt, xt, backend, torch.float32).to(weight.dtype)
-        return grad_x, grad_w, None
+        if ctx.sink is not None:  # the zero-bubble W split: Wgrad runs when the W op does
+            ctx.sink.file(lambda: _wgrad(xq, x_scale, g2, weight, backend))
+        elif ctx.needs_input_grad[1]:
+            grad_w = _wgrad(xq, x_scale, g2, weight, backend)
+        return grad_x, grad_w, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate") -> torch.Tensor:
+def _wgrad(xq: torch.Tensor, x_scale: torch.Tensor, g2: torch.Tensor, weight: torch.Tensor,
+           backend: str) -> torch.Tensor:
+    """Wgrad: reduce over tokens; dyᵀ and xᵀ in 1×128 tiles along tokens."""
+    rows_multiple = TILE if backend == "cuda" else 1
+    tokens, k = g2.shape[0], weight.shape[1]
+    x_hat = dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k]
+    xt = quantize_operand(x_hat.t(), 1, rows_multiple)
+    gt = quantize_operand(g2.t(), 1, rows_multiple)
+    return _mm(gt, xt, backend, torch.float32).to(weight.dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", sink=None) -> torch.Tensor:
     """F.linear(x, weight) (no bias) in DeepSeek-V3's FP8 recipe. x [..., in] in any float dtype, weight
     [out, in] (an fp32 master or a bf16 copy); the output has x's dtype, the weight gradient the weight's.
-    backend: "emulate" (any device) or "cuda" (call `check_fp8_setting` once at start first)."""
+    backend: "emulate" (any device) or "cuda" (call `check_fp8_setting` once at start first). sink
+    (`ops.WeightGradSink`, holding weight): backward files the Wgrad there instead of returning it."""
     if backend not in ("emulate", "cuda"):
         raise ValueError(f"fp8_linear backend {backend!r}: expected 'emulate' or 'cuda'")
     if backend == "cuda" and not x.is_cuda:
@@ -241,7 +252,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate") 
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x has {x.shape[-1]} input features, weight {list(weight.shape)} wants "
                          f"{weight.shape[1]}")
-    return FP8Linear.apply(x, weight, backend)
+    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, sink)
 
 
 # ------------------------------------------------------------------------------------------ the setting

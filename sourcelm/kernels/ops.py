@@ -18,7 +18,9 @@ The C and AMX kernels run on the CPU only; CUDA runs torch's own kernels (flash 
 cuBLAS), which are the GPU's fast paths. Only the CPU branches have run so far: the CUDA ones, and the FP8
 "cuda" backend, have not yet run on a GPU. `SOURCELM_KERNELS=torch` switches every hand-written kernel off
 (the torch code above runs everywhere: the way to check a result against the reference end to end);
-`SOURCELM_NATIVE=0` / `SOURCELM_AMX=0` switch off the C kernels / only the AMX ones.
+`SOURCELM_NATIVE=0` / `SOURCELM_AMX=0` switch off the C kernels / only the AMX ones. Inside
+`deferring_weight_grads` the backward of `linear` and of `expert_ffn`'s grouped GEMMs leaves the weight gradients
+for later (the pipeline's zero-bubble W split, `sourcelm.train.weight_grad`).
 """  # noqa: E501 (a markdown table row cannot wrap)
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +170,8 @@ def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, 
         return reference.grouped_linear_loop(h, w2, counts, linear)
     if mode() == "auto" and amx.grouped_linear_takes(x_grouped, w13, counts):
         _chose("expert_ffn", "AMX", x_grouped)
-        return amx.grouped_linear(swiglu(amx.grouped_linear(x_grouped, w13, counts)), w2, counts)
+        h = swiglu(amx.grouped_linear(x_grouped, w13, counts, _weight_grad_sink(x_grouped, w13)))
+        return amx.grouped_linear(h, w2, counts, _weight_grad_sink(h, w2))
     used = counts > 0
     sizes = counts[used]
     if bool((sizes == sizes[0]).all()):
@@ -181,8 +185,8 @@ def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, 
     if expert_matmul.grouped_mm_supported(x_grouped.device, dt):
         _chose("expert_ffn", "torch._grouped_mm", x_grouped)
         offs = counts.cumsum(0).to(torch.int32)
-        h = swiglu(expert_matmul.grouped_linear_mm(x_grouped, w13, offs))
-        return expert_matmul.grouped_linear_mm(h, w2, offs)
+        h = swiglu(expert_matmul.grouped_linear_mm(x_grouped, w13, offs, _weight_grad_sink(x_grouped, w13)))
+        return expert_matmul.grouped_linear_mm(h, w2, offs, _weight_grad_sink(h, w2))
     _chose("expert_ffn", "per-expert loop", x_grouped)
     h = swiglu(reference.grouped_linear_loop(x_grouped, w13, counts))
     return reference.grouped_linear_loop(h, w2, counts)
@@ -242,13 +246,91 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T for every projection of the model that is a plain matmul (attention's, the dense and shared FFNs', and
     the routed experts' through `expert_ffn`): the one place where their precision is chosen. Stacked weights (q_a
     with kv_a, gate with up) are quantized as one matrix, so a 128x128 block may straddle the two where a width is
-    not a multiple of 128 (the tiny preset; not DeepSeek-V3, whose widths are)."""
+    not a multiple of 128 (the tiny preset; not DeepSeek-V3, whose widths are). Inside `deferring_weight_grads`
+    backward leaves the weight gradient for later (`_DeferredLinear`)."""
+    sink = _weight_grad_sink(x, weight)
     if _linear_precision != "off":
         from sourcelm.kernels import fp8
 
         _chose("linear", f"fp8 {_linear_precision}", x)
-        return fp8.fp8_linear(x, weight, _linear_precision)
-    return F.linear(x, weight)
+        return (fp8.fp8_linear(x, weight, _linear_precision) if sink is None
+                else fp8.fp8_linear(x, weight, _linear_precision, sink))
+    if sink is None:
+        return F.linear(x, weight)
+    # the casts autocast would apply inside F.linear, made here so they stay in the weight's own graph (the part
+    # the deferred gradient runs through later) and the GEMMs below see the dtypes F.linear would
+    x, sink.weight = _autocast_operands(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        return _DeferredLinear.apply(x, sink.weight.detach(), sink)
+
+
+# ------------------------------------------------------------------------ deferred weight gradients
+
+_deferral = threading.local()  # .bucket: where this thread's forward files its GEMMs' weight gradients
+
+
+@contextlib.contextmanager
+def deferring_weight_grads(bucket: list):
+    """The forward run inside (in this thread) builds its weight-carrying GEMMs (`linear`, and `expert_ffn` on the
+    AMX kernel or `torch._grouped_mm`) so that their backward computes the input gradient only and appends
+    (weight, compute) to `bucket`: `torch.autograd.backward(weight, compute())` later gives the weight (and through
+    its own graph, casts and concatenations, the parameters) the gradient backward would have given it
+    (`sourcelm.train.weight_grad`, the zero-bubble W split). Decided at forward, not at backward: on a GPU the
+    autograd engine runs backward in its own device threads, where a flag of the caller's thread is not seen."""
+    previous = getattr(_deferral, "bucket", None)
+    _deferral.bucket = bucket
+    try:
+        yield
+    finally:
+        _deferral.bucket = previous
+
+
+class WeightGradSink:
+    """Where one GEMM's backward files its weight gradient: `weight` is the GEMM's weight with its graph (the GEMM
+    itself gets it detached, so backward does not reach it), `file(compute)` queues compute() -> its gradient."""
+
+    def __init__(self, bucket: list, weight: torch.Tensor):
+        self.bucket, self.weight = bucket, weight
+
+    def file(self, compute) -> None:
+        self.bucket.append((self.weight, compute))
+
+
+def _weight_grad_sink(x: torch.Tensor, weight: torch.Tensor) -> WeightGradSink | None:
+    """A sink when this thread defers and the GEMM has both gradients to give (with x not requiring one, the
+    output would not either once the weight is detached)."""
+    bucket = getattr(_deferral, "bucket", None)
+    if bucket is None or not (x.requires_grad and weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    return WeightGradSink(bucket, weight)
+
+
+def _autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands as autocast casts them for a lower-precision op: floating point, not fp64, to its dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dt = torch.get_autocast_dtype(device)
+    return tuple(t.to(dt) if t.is_floating_point() and t.dtype not in (dt, torch.float64) else t for t in tensors)
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """F.linear(x, weight) whose backward returns x's gradient and files the weight's. Both are the GEMMs autograd
+    runs for F.linear (matmul folds x to [N, in]; mm's backward for a row-major weight: dx = g W, dW = g^T x), so
+    the bits are the same."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sink):
+        ctx.save_for_backward(x, weight)
+        ctx.sink = sink
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        ctx.sink.file(lambda: g.t().mm(x.reshape(-1, x.shape[-1])))
+        return g.mm(weight).reshape(x.shape), None, None
 
 
 # ------------------------------------------------------------------------------------------ optimizer
