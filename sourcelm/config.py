@@ -308,6 +308,10 @@ class ParallelConfig:
     # threads, two sets of process groups), each one's communication hidden behind the other's compute; false: one
     # after the other (the same bits either way)
     pp_overlap: bool = True
+    # DualPipeV's zero-bubble W split: the backwards of some phases compute input gradients only, and W ops run their
+    # weight gradients later, in time the rank would idle (sourcelm/train/weight_grad.py); false: every backward
+    # computes both (the same bits either way)
+    pp_zero_bubble: bool = True
 
 
 @dataclass

@@ -11,18 +11,22 @@ again); the cut minimises the largest chunk's cost, every chunk keeping at least
 
 Schedules (`schedule`): the list of (kind, chunk, micro-batch) a rank runs, in order. Sends are asynchronous and a
 receive waits for its sender, so a list is runnable when every op's inputs were produced earlier on their ranks.
-- 1F1B: stage s runs min(P-s-1, M) forwards, then alternates F and B, then the remaining backwards.
+- 1F1B: stage s runs min(P-s-1, M) forwards, then alternates F and B, then the remaining backwards (no W split).
 - DualPipeV (DeepSeek's dualpipev.py, eight phases; phase 0 = chunk r, phase 1 = chunk 2P-1-r): F0 x 2(P-r-1);
   (F0, F1) x (r+1); (B1, W, F1) x (P-r-1); (F0&B1, F1&B0) x (M-2P+r+1); (B1, F1&B0) x (P-r-1); (B1, B0) x (r+1);
   (W, B0) x (P-r-1); W x (r+1). The F of each F&B pair is marked `paired`: the executor runs it at the same time
   as the B after it (each on its own process groups), so that one's communication hides behind the other's compute
-  (report Figure 4). Backward here computes input and weight gradients together (no zero-bubble W split),
-  so the W ops are empty and the bubble is the formula's with W = 0.
+  (report Figure 4). The zero-bubble W split (`zero_bubble`, the default): the B's of phase 3, of the second half
+  of phase 6 (the last r+1 of its 2(r+1) B's) and of phase 7 compute input gradients only and are marked
+  `defer_w`; each W op runs the weight gradients of the oldest such B not yet run (first in, first out; the op
+  names its chunk and micro-batch), so the bubble is Table 2's (PP/2-1)(F&B+B-3W). Without the split the W ops
+  are left out and every B computes both (the bubble with W = 0).
 
 Who defines what: `schedule` is the one definition of the orders the trainer runs. The one simulator of them is the
 planner's (`sourcelm.plan.pipeline_sim`, which also holds the ZB1P and DualPipe orders the trainer does not run): it
 builds its 1F1B and DualPipeV from `schedule`, and the tests check them there (no deadlock, every micro-batch's F
-and B exactly once per chunk, the idle time against Table 2). This package does not import the planner.
+and B exactly once per chunk, each W after its B, the idle time against Table 2). This package does not import the
+planner.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ SCHEDULES = ("1f1b", "dualpipev")
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # "F" or "B"
+    kind: str  # "F", "B" or "W" (the weight gradients a `defer_w` B left)
     chunk: int
     micro_batch: int
     # an F that runs at the same time as the op after it (a B of the rank's other chunk): DualPipe's F&B pair.
-    # Not part of the op's identity (equality, hashing): it says how the op runs, not which op it is.
+    # Not part of the op's identity (equality, hashing), nor is defer_w: they say how the op runs, not which op it is.
     paired: bool = field(default=False, compare=False)
+    # a B that computes input gradients only, its weight gradients left for the W op of the same chunk and micro-batch
+    defer_w: bool = field(default=False, compare=False)
 
 
 def n_chunks(pp: int, schedule: str) -> int:
@@ -132,12 +138,18 @@ def describe_partition(cfg: ModelConfig, ranges: list[range], pp: int, schedule:
 
 # ------------------------------------------------------------------------------------------------ schedules
 
-def schedule(rank: int, pp: int, micro_batches: int, kind: str) -> list[Op]:
-    """The ops pipeline rank `rank` runs for one step of `micro_batches` micro-batches (module docstring)."""
+def schedule(rank: int, pp: int, micro_batches: int, kind: str, zero_bubble: bool = True) -> list[Op]:
+    """The ops pipeline rank `rank` runs for one step of `micro_batches` micro-batches (module docstring);
+    zero_bubble=False: DualPipeV without the W split (no W ops, no B defers)."""
     if micro_batches < min_micro_batches(pp, kind):
         raise ConfigError(f"{kind} over {pp} pipeline ranks needs at least {min_micro_batches(pp, kind)} micro-batches "
                           f"a step, got {micro_batches}")
-    return _one_f_one_b(rank, pp, micro_batches) if kind == "1f1b" else _dualpipev(rank, pp, micro_batches)
+    if kind == "1f1b":
+        return _one_f_one_b(rank, pp, micro_batches)
+    ops = _dualpipev(rank, pp, micro_batches)
+    if zero_bubble:
+        return ops
+    return [Op(op.kind, op.chunk, op.micro_batch, op.paired) for op in ops if op.kind != "W"]
 
 
 def _one_f_one_b(stage: int, pp: int, m: int) -> list[Op]:
@@ -153,10 +165,17 @@ def _dualpipev(rank: int, pp: int, m: int) -> list[Op]:
     c0, c1 = rank, 2 * pp - 1 - rank
     next_mb = {("F", c0): 0, ("F", c1): 0, ("B", c0): 0, ("B", c1): 0}
     ops: list[Op] = []
+    deferred: list[Op] = []  # the defer_w B's whose W has not been issued, oldest first
 
-    def run(kind: str, chunk: int, paired: bool = False) -> None:
-        ops.append(Op(kind, chunk, next_mb[kind, chunk], paired))
+    def run(kind: str, chunk: int, paired: bool = False, defer_w: bool = False) -> None:
+        ops.append(Op(kind, chunk, next_mb[kind, chunk], paired, defer_w))
         next_mb[kind, chunk] += 1
+        if defer_w:
+            deferred.append(ops[-1])
+
+    def weights() -> None:
+        b = deferred.pop(0)
+        ops.append(Op("W", b.chunk, b.micro_batch))
 
     tail = pp - rank - 1
     for _ in range(2 * tail):                       # 1: F0
@@ -164,8 +183,9 @@ def _dualpipev(rank: int, pp: int, m: int) -> list[Op]:
     for _ in range(rank + 1):                       # 2: F0 F1
         run("F", c0)
         run("F", c1)
-    for _ in range(tail):                           # 3: B1 (W) F1
-        run("B", c1)
+    for _ in range(tail):                           # 3: B1 W F1
+        run("B", c1, defer_w=True)
+        weights()
         run("F", c1)
     for _ in range(m - 2 * pp + rank + 1):          # 4: F0&B1, F1&B0 (the pairs DualPipe overlaps)
         run("F", c0, paired=True)
@@ -176,10 +196,15 @@ def _dualpipev(rank: int, pp: int, m: int) -> list[Op]:
         run("B", c1)
         run("F", c1, paired=True)
         run("B", c0)
-    for _ in range(rank + 1):                       # 6: B1 B0
-        run("B", c1)
-        run("B", c0)
-    for _ in range(tail):                           # 7: (W) B0
-        run("B", c0)
-    return ops                                      # 8: (W) only
-
+    # 6: B1 B0, the second half deferring: from pair (r+1)//2 on, from its B1 on odd ranks, its B0 on even ones
+    half = (rank + 1) // 2
+    for i in range(rank + 1):
+        run("B", c1, defer_w=i > half or (i == half and rank % 2 == 1))
+        run("B", c0, defer_w=i >= half)
+    for _ in range(tail):                           # 7: W B0
+        weights()
+        run("B", c0, defer_w=True)
+    for _ in range(rank + 1):                       # 8: W
+        weights()
+    assert not deferred
+    return ops

@@ -32,9 +32,9 @@ Orders:
   dualpipe   DeepSeek's schedule, the 8 phases of `DualPipe.step` (reference §4.3.7): micro-batches enter
              from both ends; rank r holds stage r of one direction and stage P-1-r of the other.
   dualpipev  the trainer's (`pipeline_plan.schedule`): the cut-in-half variant, P ranks, 2P chunks in a V
-             (rank r holds chunks r and 2P-1-r), DeepSeek's phases with full backwards (no zero-bubble
-             split: the trainer has none), its F&B pairs as overlapped steps and every send leaving at
-             once; so its bubble is Table 2's with W = 0.
+             (rank r holds chunks r and 2P-1-r), DeepSeek's phases with its zero-bubble W split (a B marked
+             `defer_w` is a Bi here, and the trainer's W ops are W steps), its F&B pairs as overlapped steps
+             and every send leaving at once; so its bubble is Table 2's (without the split, W = 0's).
 
 Activations in flight: a chunk's activations live from the start of its forward to the end of its
 backward for inputs (B or Bi); W keeps only the layer inputs and output gradients, which the report's
@@ -145,18 +145,20 @@ def _single(kind: str, mb: int, chunk: int) -> Step:
     return Step((Task(kind, mb, chunk),))
 
 
-def trainer_schedule(name: str, ranks: int, n_micro: int, overlap_pairs: bool = True) -> Schedule:
+def trainer_schedule(name: str, ranks: int, n_micro: int, overlap_pairs: bool = True,
+                     zero_bubble: bool = True) -> Schedule:
     """The trainer's 1F1B or DualPipeV (`pipeline_plan.schedule`) as steps: each op one step, except that an F
     marked `paired` and the B after it make one overlapped step. overlap_pairs=False keeps them two steps, F
-    then B, each starting when its own input is in, as the trainer's executor runs a pair today. A task's
+    then B, each starting when its own input is in, as the trainer's executor runs a pair today. A B marked
+    `defer_w` is a Bi (its W op a W step); zero_bubble=False: the schedule without the W split. A task's
     chunk is the trainer's chunk number: its chunks are the positions on every micro-batch's path."""
     path = [pipeline_plan.chunk_rank(c, ranks, name) for c in range(pipeline_plan.n_chunks(ranks, name))]
     sched = Schedule(name, ranks, n_micro, {m: path for m in range(n_micro)})
     for r in range(ranks):
         order: list[Step] = []
         pair: list[Task] = []
-        for op in pipeline_plan.schedule(r, ranks, n_micro, name):
-            pair.append(Task(op.kind, op.micro_batch, op.chunk))
+        for op in pipeline_plan.schedule(r, ranks, n_micro, name, zero_bubble):
+            pair.append(Task("Bi" if op.defer_w else op.kind, op.micro_batch, op.chunk))
             if not (op.paired and overlap_pairs):
                 order.append(Step(tuple(pair)))
                 pair = []
@@ -240,8 +242,8 @@ class _DualOrder:
 def _dual_phases(o: _DualOrder, n_ranks: int, rank: int, n_chunks: int, is_end: bool) -> list[Step]:
     """The 8 phases of DualPipe.step for one rank. n_ranks/rank are DualPipe's half-ranks (P/2, h);
     n_chunks the micro-batches per phase (N/2); is_end: the rank where the two phases meet (the middle
-    ranks), which does not overlap its first step-4 pair and defers sends. (DualPipeV's phases, with full
-    backwards, are the trainer's: `pipeline_plan`.)"""
+    ranks), which does not overlap its first step-4 pair and defers sends. (DualPipeV's phases are the
+    trainer's: `pipeline_plan`.)"""
     for _ in range((n_ranks - rank - 1) * 2):  # 1: forwards of phase 0
         o.forward(0)
     for i in range(rank + 1):  # 2: phase 0 and phase 1 forwards in turn
@@ -466,9 +468,9 @@ def table2(name: str, stages: int, times: ChunkTimes) -> dict:
     """Table 2 of the report for a pipeline of `stages` stage chunks (PP): the bubble, parameters and
     activations per device (in units of one chunk's parameters / one micro-batch's chunk activations)
     and the device count. The simulated schedules idle exactly the formula's bubble for 1F1B at any times,
-    for ZB1P while W <= F, for DualPipe in the proportions of the report's figure (B - W = F, W <= F,
-    F&B <= F + B), and for the trainer's DualPipeV, which has no W pass, with W = 0 while
-    F <= B <= F&B <= F + B; outside them the formula is an approximation and the simulator the reference."""
+    for ZB1P while W <= F, for DualPipe and the trainer's DualPipeV in the proportions of the report's
+    figure (B - W = F, W <= F, F&B <= F + B; DualPipeV without its W split with W = 0 while
+    F <= B <= F&B <= F + B); outside them the formula is an approximation and the simulator the reference."""
     f, b, w = times.f, times.b, times.w
     fb = f + b if times.fb is None else times.fb
     pp = stages

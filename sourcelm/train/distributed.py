@@ -97,6 +97,7 @@ class DistributedContext:
         shape = (self.cfg.schedule.micro_batch, self.cfg.data.seq_len, self.cfg.model.hidden_size)
         return PipelineExecutor(self.topo, self.cfg.model, self.ranges, self.cfg.parallel.pp_schedule, shape,
                                 self.comm_device, overlap=self.cfg.parallel.pp_overlap,
+                                zero_bubble=self.cfg.parallel.pp_zero_bubble,
                                 link_stats=self.dispatcher.stats if self.dispatcher is not None else None)
 
     def moe_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -24,19 +24,28 @@ threads never issue collectives on one group. The bits are those of running the 
 folded by the backward alone, statistics summed by the forward alone). On the CPU the gain is the communication
 hidden; the two threads also share the cores.
 
-Trace: with the environment variable SOURCELM_PIPELINE_TRACE=DIR each rank appends, per step, one JSON line to
-DIR/rank<R>.jsonl: every op's start and end (and whether it was half of a pair), every send's time and every
-receive's start and end (tag and peer), on the machine's monotonic clock (`time.perf_counter`, shared by the
-processes of one machine), from which `bench/pipeline.py` measures the message latency and draws the timeline.
+The zero-bubble W split (`parallel.pp_zero_bubble`, DualPipeV; `train.weight_grad`): the forward of a (chunk,
+micro-batch) whose B the schedule marks `defer_w` runs inside the step's `WeightGradStore.recording`, so that B
+computes the input gradients only and sends them on without waiting for the weights'; the W op the schedule puts
+later runs the weight gradients it left, first in, first out. Gradients are folded (`work.fold_grads`, several
+micro-batches) after every B and every W: each fold then holds one micro-batch's gradient of any parameter, and
+every parameter's gradients reach the fp32 buffer in micro-batch order, as without the split, so the step's bits
+are the same. The store must be empty when the step's ops are done.
 
-Not done (stated, not pretended): the zero-bubble split of backward into input and weight gradients (W ops are
-empty). The path is written for NCCL as well (device tensors, the same op order on both ends of every link; NCCL
-ignores tags; on a GPU both threads launch on the current stream, so the overlap is of communication with compute,
-which is what DualPipe overlaps) but has only run on gloo.
+Trace: with the environment variable SOURCELM_PIPELINE_TRACE=DIR each rank appends, per step, one JSON line to
+DIR/rank<R>.jsonl: every op's start and end (and whether it was half of a pair; a B that defers its weight
+gradients is written "Bi", its W "W", the simulator's names), every send's time and every receive's start and end
+(tag and peer), on the machine's monotonic clock (`time.perf_counter`, shared by the processes of one machine),
+from which `bench/pipeline.py` measures the message latency and draws the timeline.
+
+Not done (stated, not pretended): the path is written for NCCL as well (device tensors, the same op order on both
+ends of every link; NCCL ignores tags; on a GPU both threads launch on the current stream, so the overlap is of
+communication with compute, which is what DualPipe overlaps) but has only run on gloo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -50,6 +59,7 @@ from torch import nn
 
 from sourcelm.parallel.pipeline_plan import chunk_rank, n_chunks, rank_chunks, schedule
 from sourcelm.train.executor import StepResult, StepWork, model_inputs
+from sourcelm.train.weight_grad import WeightGradStore
 
 ACT, GRAD, EMB, EMB_GRAD = range(4)  # message kinds
 TRACE_ENV = "SOURCELM_PIPELINE_TRACE"
@@ -121,7 +131,7 @@ def covered(intervals: list[tuple[float, float]]) -> float:
 
 class PipelineExecutor:
     def __init__(self, topo, model_cfg, ranges: list[range], kind: str, act_shape: tuple[int, int, int],
-                 device: torch.device, overlap: bool = False, link_stats=None):
+                 device: torch.device, overlap: bool = False, link_stats=None, zero_bubble: bool = True):
         self.topo, self.cfg, self.ranges, self.kind = topo, model_cfg, ranges, kind
         self.pp = topo.layout.pp
         self.n_chunks = n_chunks(self.pp, kind)
@@ -134,6 +144,9 @@ class PipelineExecutor:
         self._pending, self._mailbox = [], {}  # sends in flight; messages between two chunks of this rank
         self._timing: dict[str, float] = {}
         self.overlap = overlap and kind == "dualpipev"
+        self.zero_bubble = zero_bubble
+        self._store = WeightGradStore()
+        self._defers: set[tuple[int, int]] = set()  # this step's (chunk, micro-batch) whose B defers
         backward_pp = topo.backward_groups.get("pp")
         if self.overlap and backward_pp is None:
             raise RuntimeError("overlapped F&B pairs need the topology's backward lane (build_topology(backward_lane="
@@ -178,13 +191,15 @@ class PipelineExecutor:
         self._live = {}
         self._parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._counts = torch.zeros(self.n_rows, self.cfg.n_routed_experts, dtype=torch.int64, device=self.device)
-        self._timing = {"busy": 0.0, "wait": 0.0, "F": 0.0, "B": 0.0, "FB": 0.0, "n_F": 0, "n_B": 0, "n_FB": 0,
-                        "in_flight": 0}
+        self._timing = {"busy": 0.0, "wait": 0.0, "F": 0.0, "B": 0.0, "W": 0.0, "FB": 0.0, "n_F": 0, "n_B": 0,
+                        "n_W": 0, "n_FB": 0, "in_flight": 0}
         if self.link_stats is not None:
             self.link_stats.take_wait()
         self._events = []
         start = time.perf_counter()
-        ops = schedule(self.topo.stage, self.pp, work.n_micro, self.kind)
+        ops = schedule(self.topo.stage, self.pp, work.n_micro, self.kind, self.zero_bubble)
+        self._store = WeightGradStore()
+        self._defers = {(op.chunk, op.micro_batch) for op in ops if op.defer_w}
         i = 0
         while i < len(ops):
             if ops[i].paired:
@@ -195,6 +210,8 @@ class PipelineExecutor:
                 i += 1
             self._timing["in_flight"] = max(self._timing["in_flight"], sum(isinstance(k[0], int) for k in self._live))
         self._drain()
+        if len(self._store):
+            raise RuntimeError(f"{len(self._store)} deferred weight-gradient sets left after the step's ops")
         self._timing["step"] = time.perf_counter() - start
         if self._trace_file is not None:
             self._trace_file.parent.mkdir(parents=True, exist_ok=True)
@@ -208,13 +225,15 @@ class PipelineExecutor:
         try:
             if op.kind == "F":
                 self._forward(model, work, op.chunk, op.micro_batch, lane)
-            else:
+            elif op.kind == "B":
                 self._backward(work, op.chunk, op.micro_batch, lane)
+            else:
+                self._weights(work, op.chunk, op.micro_batch)
         except BaseException as e:  # re-raised by the thread that waits for this lane
             lane.error = e
         lane.end = time.perf_counter()
-        self._events.append({"op": op.kind, "chunk": op.chunk, "mb": op.micro_batch, "start": lane.start,
-                             "end": lane.end, "paired": paired})
+        self._events.append({"op": "Bi" if op.defer_w else op.kind, "chunk": op.chunk, "mb": op.micro_batch,
+                             "start": lane.start, "end": lane.end, "paired": paired})
 
     def _alone(self, model, work: StepWork, op) -> None:
         lane = Lane()
@@ -254,13 +273,14 @@ class PipelineExecutor:
     def stats(self) -> dict[str, float]:
         """This rank's figures of the last step: compute seconds (time at least one thread computed), pipeline
         receive-wait seconds (summed over both threads of a pair), all-to-all wait seconds (likewise), mean times of
-        F and B run alone and of F&B pairs (wall), the most micro-batch chunk states alive at once (the activation
-        memory the schedule holds), peak RSS."""
+        F, B (with its weight gradients or, deferring, without) and W run alone and of F&B pairs (wall), the most
+        micro-batch chunk states alive at once (the activation memory the schedule holds), peak RSS."""
         t = self._timing
         if "step" not in t:
             return {}
         out = {"pp_step_s": t["step"], "pp_busy_s": t["busy"], "pp_wait_s": t["wait"],
                "pp_f_ms": 1e3 * t["F"] / max(t["n_F"], 1), "pp_b_ms": 1e3 * t["B"] / max(t["n_B"], 1),
+               "pp_w_ms": 1e3 * t["W"] / max(t["n_W"], 1),
                "pp_fb_ms": 1e3 * t["FB"] / max(t["n_FB"], 1), "pp_in_flight": t["in_flight"],
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if self.link_stats is not None:
@@ -276,7 +296,9 @@ class PipelineExecutor:
     def _forward(self, model, work: StepWork, c: int, m: int, lane: Lane) -> None:
         last, live = c == self.n_chunks - 1, {}
         inputs, labels, token_mask = model_inputs(work.batch(m))  # every chunk: the padding mask (SFT) counts
-        with work.compute():
+        # a B that defers its weight gradients is decided here, where its GEMMs are built (train.weight_grad)
+        defers = self._store.recording((c, m)) if (c, m) in self._defers else contextlib.nullcontext()
+        with work.compute(), defers:
             if c == 0:
                 x = model.embed(inputs)
                 if self.has_mtp:  # the MTP module's embedding rows, exact through a detached copy (module docstring)
@@ -322,6 +344,8 @@ class PipelineExecutor:
                         else self._recv(self.n_chunks - 1, EMB_GRAD, 0, m, lane))
             roots, grads = [*roots, live["emb"]], [*grads, grad_emb]
         torch.autograd.backward(roots, grads)
+        if self._store.records((c, m)):
+            self._store.seal((c, m))
         if c > 0:
             self._send(live["x"].grad, c - 1, GRAD, c - 1, m)
         if c == self.n_chunks - 1 and self.has_mtp:
@@ -330,7 +354,13 @@ class PipelineExecutor:
                 self._live[("mtp_emb_grad", m)] = grad_emb
             else:
                 self._send(grad_emb, 0, EMB_GRAD, 0, m)
-        if work.n_micro > 1:  # summed in fp32 (the compute copies' gradients are bf16)
+        if work.n_micro > 1:  # summed in fp32 (the compute copies' gradients are bf16); deferred ones after their W
+            work.fold_grads()
+
+    def _weights(self, work: StepWork, c: int, m: int) -> None:
+        """The W op: the weight gradients the B of (c, m) deferred, the oldest waiting, into `.grad`, then folded."""
+        self._store.pop((c, m))
+        if work.n_micro > 1:
             work.fold_grads()
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """The pure part of pipeline parallelism: each rank's op order against the schedule's definition, no deadlock, every
-micro-batch's F and B exactly once per chunk, the bubble against the report's Table 2, the cost-balanced cut, and the
-layouts that cannot work. Deadlocks and bubbles through the one pipeline simulator, the planner's
-(`sourcelm.plan.pipeline_sim`)."""
+micro-batch's F and B exactly once per chunk (and under DualPipeV's zero-bubble split its W once, after its B), the
+bubble against the report's Table 2, the cost-balanced cut, and the layouts that cannot work. Deadlocks and bubbles
+through the one pipeline simulator, the planner's (`sourcelm.plan.pipeline_sim`)."""
 
 import dataclasses
 
@@ -20,17 +20,21 @@ from sourcelm.parallel.topology import Layout, partitions, validate_layout
 from sourcelm.plan import pipeline_sim
 
 
+@pytest.mark.parametrize("zero_bubble", [True, False])
 @pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
-@pytest.mark.parametrize("pp,m", [(2, 4), (2, 9), (4, 8), (4, 13), (3, 6)])
-def test_every_micro_batch_runs_forward_and_backward_once_per_chunk_without_deadlock(kind, pp, m):
+@pytest.mark.parametrize("pp,m", [(2, 4), (2, 9), (4, 8), (4, 13), (3, 6), (8, 16)])
+def test_every_micro_batch_runs_forward_and_backward_once_per_chunk_without_deadlock(kind, pp, m, zero_bubble):
     for overlap_pairs in (True, False):  # a pair run as one step (both inputs in) or as F then B: neither deadlocks
-        pipeline_sim.simulate(pipeline_sim.trainer_schedule(kind, pp, m, overlap_pairs),
-                              pipeline_sim.ChunkTimes(1.0, 2.0))  # raises on a deadlock
+        pipeline_sim.simulate(pipeline_sim.trainer_schedule(kind, pp, m, overlap_pairs, zero_bubble),
+                              pipeline_sim.ChunkTimes(1.0, 2.0, 0.5))  # raises on a deadlock
     chunks = 2 * pp if kind == "dualpipev" else pp
-    order = [schedule(r, pp, m, kind) for r in range(pp)]
+    order = [schedule(r, pp, m, kind, zero_bubble) for r in range(pp)]
     ops = [op for per_rank in order for op in per_rank]
+    deferred = {(op.chunk, op.micro_batch) for op in ops if op.defer_w}
+    with_w = kind == "dualpipev" and zero_bubble  # 1F1B has no W split
+    assert bool(deferred) == with_w
     assert sorted(ops, key=lambda o: (o.kind, o.chunk, o.micro_batch)) == sorted(
-        (Op(k, c, i) for k in "FB" for c in range(chunks) for i in range(m)),
+        [Op(k, c, i) for k in "FB" for c in range(chunks) for i in range(m)] + [Op("W", *d) for d in deferred],
         key=lambda o: (o.kind, o.chunk, o.micro_batch))
     for r, per_rank in enumerate(order):
         assert {op.chunk for op in per_rank} == set(rank_chunks(r, pp, kind))
@@ -40,6 +44,29 @@ def test_every_micro_batch_runs_forward_and_backward_once_per_chunk_without_dead
             bs = [op.micro_batch for op in per_rank if op.chunk == c and op.kind == "B"]
             assert fs == bs == list(range(m))
             assert all(per_rank.index(Op("F", c, i)) < per_rank.index(Op("B", c, i)) for i in range(m))
+        # each W after its own B, the W's in the order of their B's (the store pops first in, first out), and
+        # neither a W nor a deferring B half of a pair (only the phases' lone ops defer)
+        ws = [(op.chunk, op.micro_batch) for op in per_rank if op.kind == "W"]
+        assert ws == [(op.chunk, op.micro_batch) for op in per_rank if op.defer_w]
+        assert all(per_rank.index(Op("B", *w)) < per_rank.index(Op("W", *w)) for w in ws)
+        assert all(op.kind == "B" for op in per_rank if op.defer_w)
+        assert not any(op.paired or (i and per_rank[i - 1].paired) for i, op in enumerate(per_rank)
+                       if op.kind == "W" or op.defer_w)
+        if with_w:  # DeepSeek's count: phases 3 and 7 (P-r-1 each) and half of phase 6 (r+1)
+            assert len(ws) == 2 * (pp - r - 1) + r + 1
+
+
+def test_dualpipev_defers_where_deepseeks_phases_do():
+    """Rank 1 of 4, 8 micro-batches (chunks 1 and 6): phase 3 B6 W F6 twice; phase 6 (two B1 B0 pairs) defers from
+    its second pair's B1 on (rank odd), phase 7 W B1 twice, phase 8 W twice. Rank 2 (even): phase 6 defers from
+    its second pair's B0 on."""
+    def names(r):
+        return [f"{o.kind}{o.chunk}.{o.micro_batch}{'*' if o.defer_w else ''}" for o in schedule(r, 4, 8, "dualpipev")]
+    got = names(1)
+    assert got[8:14] == ["B6.0*", "W6.0", "F6.2", "B6.1*", "W6.1", "F6.3"]
+    assert got[-10:] == ["B6.6", "B1.4", "B6.7*", "B1.5*", "W6.7", "B1.6*", "W1.5", "B1.7*", "W1.6", "W1.7"]
+    assert names(2)[-11:] == ["B5.5", "B2.4", "B5.6", "B2.5*", "B5.7*", "B2.6*", "W2.5", "B2.7*", "W5.7", "W2.6",
+                              "W2.7"]
 
 
 @pytest.mark.parametrize("pp", [1, 2, 3, 4, 8])
@@ -66,32 +93,41 @@ def test_one_f_one_b_order_is_the_textbook_one():
 
 
 def test_dualpipev_order_follows_deepseeks_eight_phases():
-    """P 2, 4 micro-batches, rank 0 (chunks 0 and 3): F0 x 2 (phase 1), F0 F1 (2), B1 F1 (3), F0 B1 F1 B0 (4),
-    B1 F1 B0 (5), B1 B0 (6), B0 (7)."""
-    got = [f"{o.kind}{o.chunk}.{o.micro_batch}" for o in schedule(0, 2, 4, "dualpipev")]
-    assert got == ["F0.0", "F0.1", "F0.2", "F3.0", "B3.0", "F3.1", "F0.3", "B3.1", "F3.2", "B0.0", "B3.2", "F3.3",
-                   "B0.1", "B3.3", "B0.2", "B0.3"]
+    """P 2, 4 micro-batches, rank 0 (chunks 0 and 3): F0 x 2 (phase 1), F0 F1 (2), B1* W F1 (3), F0 B1 F1 B0 (4),
+    B1 F1 B0 (5), B1 B0* (6), W B0* (7), W (8); * defers its weights. Without the split: no W, no B defers."""
+    got = [f"{o.kind}{o.chunk}.{o.micro_batch}{'*' if o.defer_w else ''}" for o in schedule(0, 2, 4, "dualpipev")]
+    assert got == ["F0.0", "F0.1", "F0.2", "F3.0", "B3.0*", "W3.0", "F3.1", "F0.3", "B3.1", "F3.2", "B0.0", "B3.2",
+                   "F3.3", "B0.1", "B3.3", "B0.2*", "W0.2", "B0.3*", "W0.3"]
+    plain = [f"{o.kind}{o.chunk}.{o.micro_batch}{'*' if o.defer_w else ''}"
+             for o in schedule(0, 2, 4, "dualpipev", zero_bubble=False)]
+    assert plain == [op.rstrip("*") for op in got if not op.startswith("W")]
 
 
 @pytest.mark.parametrize("pp", [2, 4, 8])
 def test_bubbles_against_the_reports_table_2(pp):
     """1F1B's idle time per rank is (P-1)(F+B) exactly. DualPipeV, with the same work per rank (two chunks of half the
-    layers), idles less: below 1F1B's, and Table 2's (P_V/2-1)(F&B+B-3W) for its 2P stages with W = 0 (no zero-bubble
-    split here) and F&B = F+B (no overlap inside a pair) exactly when each F&B pair runs as one step, at most that
-    when a pair runs F then B (as the executor does today)."""
+    layers), idles less: below 1F1B's, and Table 2's (P_V/2-1)(F&B+B-3W) for its 2P stages with F&B = F+B (no
+    overlap inside a pair) exactly when each F&B pair runs as one step, at most that when a pair runs F then B (as
+    the executor does without `pp_overlap`); with the W split (B - W = F, the report's figure) and without it (W = 0),
+    the split idling less."""
     ps = pipeline_sim
     f, b, m = 2.0, 4.0, 4 * pp
     one_f_one_b = ps.simulate(ps.trainer_schedule("1f1b", pp, m), ps.ChunkTimes(f, b))
     assert [r.idle for r in one_f_one_b.ranks] == pytest.approx([(pp - 1) * (f + b)] * pp)
-    half = ps.ChunkTimes(f / 2, b / 2)  # each of the 2P chunks holds half a stage's layers
-    formula = (2 * pp / 2 - 1) * ((f / 2 + b / 2) + b / 2)
-    paired = ps.simulate(ps.trainer_schedule("dualpipev", pp, m), half)
-    in_turn = ps.simulate(ps.trainer_schedule("dualpipev", pp, m, overlap_pairs=False), half)
-    assert paired.bubble == pytest.approx(formula)
-    assert in_turn.bubble <= formula
-    for dual in (paired, in_turn):  # the same work, fewer idle seconds
-        assert dual.bubble < one_f_one_b.bubble
-        assert [r.busy for r in dual.ranks] == pytest.approx([r.busy for r in one_f_one_b.ranks])
+    half = ps.ChunkTimes(f / 2, b / 2, (b - f) / 2)  # each of the 2P chunks holds half a stage's layers
+    bubbles = {}
+    for zero_bubble in (True, False):
+        w = half.w if zero_bubble else 0.0
+        formula = (2 * pp / 2 - 1) * ((f / 2 + b / 2) + b / 2 - 3 * w)
+        paired = ps.simulate(ps.trainer_schedule("dualpipev", pp, m, zero_bubble=zero_bubble), half)
+        in_turn = ps.simulate(ps.trainer_schedule("dualpipev", pp, m, False, zero_bubble), half)
+        assert paired.bubble == pytest.approx(formula)
+        assert in_turn.bubble <= formula + 1e-9
+        for dual in (paired, in_turn):  # the same work, fewer idle seconds
+            assert dual.bubble < one_f_one_b.bubble
+            assert [r.busy for r in dual.ranks] == pytest.approx([r.busy for r in one_f_one_b.ranks])
+        bubbles[zero_bubble] = paired.bubble
+    assert bubbles[True] < bubbles[False]
 
 
 def test_too_few_micro_batches_are_refused_naming_the_minimum():

@@ -44,8 +44,8 @@ def test_dualpipe_bubbles_equal_table2(name, ranks):
     (B - W = F), W <= F, and an overlapped pair no slower than its parts in turn (every TIMES row). Outside
     them the schedule's real bubble differs from the formula, e.g. (F, B, W, F&B) = (1, 2, 0.5, 2.5) on 4
     DualPipe ranks idles 2.5, the formula says 3.0; the simulator is then the reference.
-    DualPipeV is the trainer's, with full backwards and no W pass: exact with W = 0 (every TIMES row has
-    F <= B <= F&B <= F + B)."""
+    DualPipeV is the trainer's, with its zero-bubble W split: exact likewise; without the split (full backwards, no
+    W pass) exact with W = 0 (every TIMES row has F <= B <= F&B <= F + B)."""
     if name == "dualpipe" and ranks % 2:
         pytest.skip("DualPipe needs an even rank count")
     stages = 2 * ranks if name == "dualpipev" else ranks
@@ -53,9 +53,12 @@ def test_dualpipe_bubbles_equal_table2(name, ranks):
         times = ps.ChunkTimes(f, b, w, fb)
         for n in (2 * ranks, 2 * ranks + 2, 5 * ranks + 2):
             res = ps.simulate(ps.build_schedule(name, ranks, n), times)
-            formula_times = ps.ChunkTimes(f, b, 0.0, fb) if name == "dualpipev" else times
-            expect = ps.table2(name, stages, formula_times)["bubble"]
+            expect = ps.table2(name, stages, times)["bubble"]
             assert abs(res.bubble - expect) < 1e-9, (name, ranks, n, (f, b, w, fb), res.bubble, expect)
+            if name == "dualpipev":
+                full = ps.simulate(ps.trainer_schedule(name, ranks, n, zero_bubble=False), times)
+                expect = ps.table2(name, stages, ps.ChunkTimes(f, b, 0.0, fb))["bubble"]
+                assert abs(full.bubble - expect) < 1e-9, (ranks, n, (f, b, w, fb), full.bubble, expect)
 
 
 @pytest.mark.parametrize("name", ps.SCHEDULES)
@@ -128,9 +131,9 @@ def test_long_runs_extrapolate_exactly():
 
 @pytest.mark.parametrize("name", ["1f1b", "dualpipev"])
 def test_orders_are_the_trainers_schedules(name):
-    """The simulator's 1F1B and DualPipeV are the trainer's op lists: the same ops in the same order, each F
-    marked `paired` one overlapped step with the B after it (and two steps, F then B, when pairs are not
-    overlapped), each chunk on the rank that holds it."""
+    """The simulator's 1F1B and DualPipeV are the trainer's op lists: the same ops in the same order (a B marked
+    `defer_w` a Bi), each F marked `paired` one overlapped step with the B after it (and two steps, F then B, when
+    pairs are not overlapped), each chunk on the rank that holds it."""
     for p in (2, 4):
         n = 2 * p + 2
         sched = ps.build_schedule(name, p, n)
@@ -138,7 +141,8 @@ def test_orders_are_the_trainers_schedules(name):
         assert all(path == [chunk_rank(c, p, name) for c in range(sched.stages)] for path in sched.paths.values())
         for r in range(p):
             ops = schedule(r, p, n, name)
-            theirs = [(op.kind, op.chunk, op.micro_batch) for op in ops]
+            theirs = [("Bi" if op.defer_w else op.kind, op.chunk, op.micro_batch) for op in ops]
+            assert (name == "dualpipev") == any(kind == "W" for kind, _, _ in theirs)
             assert [(t.kind, t.chunk, t.mb) for step in sched.orders[r] for t in step.tasks] == theirs
             pairs = [(i, i + 1) for i, op in enumerate(ops) if op.paired]
             assert [tuple((t.kind, t.chunk, t.mb) for t in step.tasks) for step in sched.orders[r]

@@ -1,6 +1,7 @@
 """The zero-bubble W split (`sourcelm.train.weight_grad`): a backward whose weight gradients are deferred, then run
 by the store, gives the bits of the plain backward: `ops.linear` (autocast or not, stacked weights), the routed
-experts' grouped GEMMs (`torch._grouped_mm` in fp32, the AMX kernel in bf16), FP8's Wgrad, and a whole model."""
+experts' grouped GEMMs (`torch._grouped_mm` in fp32, the AMX kernel in bf16), FP8's Wgrad, and a whole model (fp32,
+autocast bf16, FP8)."""
 
 import dataclasses
 
@@ -94,8 +95,8 @@ def test_experts_amx_bf16(monkeypatch):
     _same_bits(fn, params, x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_model_step_gives_the_plain_backwards_bits(dtype):
+@pytest.mark.parametrize("precision", ["fp32", "autocast bf16", "fp8 emulate"])
+def test_a_model_step_gives_the_plain_backwards_bits(precision):
     """Every parameter of a small model (attention, dense and MoE layers, MTP) gets the same gradient bits; the
     GEMM weights get theirs only when the W runs."""
     cfg = dataclasses.replace(load_config("tiny").model, num_hidden_layers=2)
@@ -105,10 +106,11 @@ def test_a_model_step_gives_the_plain_backwards_bits(dtype):
     for deferred in (False, True):
         model.zero_grad(set_to_none=True)
         store = WeightGradStore()
-        with store.recording((1, 3)) if deferred else torch.enable_grad():
-            with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = model(ids, labels=ids, return_logits=False)
-        out.loss.backward()
+        with ops.linear_precision("emulate" if precision == "fp8 emulate" else "off"):
+            with store.recording((1, 3)) if deferred else torch.enable_grad():
+                with torch.autocast("cpu", torch.bfloat16, enabled=precision == "autocast bf16"):
+                    out = model(ids, labels=ids, return_logits=False)
+            out.loss.backward()
         if deferred:
             store.seal((1, 3))
             waiting = {n for n, p in model.named_parameters() if p.grad is None}
