@@ -8,11 +8,14 @@ wall time of DualPipeV's F&B pairs, and the most micro-batch chunk states it hel
 (`sourcelm/train/pipeline.py`). DualPipeV runs twice: pairs in order (`parallel.pp_overlap=false`: F, then B) and
 overlapped (the default: the B in a second thread, on its own process groups).
 
+DualPipeV runs with the zero-bubble W split (the default, `parallel.pp_zero_bubble`: some B's compute only the input
+gradients, Bi, and W ops compute the weight gradients later) and, overlapped, once without it.
+
 The bubble measured is a rank's step time less its compute (for a pair, the time at least one of its two threads
-computed); the formulas take the measured mean F and B of an op run alone (one chunk) and F&B of a pair:
-1F1B (P-1)(F+B), a chunk = a stage; DualPipeV (P_stages/2 - 1)(F&B + B - 3W) over its 2P stages, W = 0 (no
-zero-bubble split). The simulator (`plan.pipeline_sim`) runs each rank's op list (pairs as one step of the measured
-F&B when overlapped) with free communication.
+computed); the formulas take the measured mean F, full B (inputs and weights; where none ran alone, a Bi plus its W)
+and W of an op run alone (one chunk) and F&B of a pair: 1F1B (P-1)(F+B), a chunk = a stage; DualPipeV
+(P_stages/2 - 1)(F&B + B - 3W) over its 2P stages, W = 0 without the split. The simulator (`plan.pipeline_sim`)
+runs each rank's op list (pairs as one step of the measured F&B when overlapped) with free communication.
 
 With --ep E each stage is E ranks of expert parallelism; --ranks-per-node sets the pretend nodes (default: one node
 per stage); --links ib=RATE,nvlink=RATE runs every node in its own shaped network namespace (root), so that
@@ -43,9 +46,10 @@ import pipeline_trace  # noqa: E402
 
 from sourcelm.plan import pipeline_sim  # noqa: E402
 
-# (P, schedule, F&B pairs overlapped)
-LAYOUTS = [(1, "1f1b", False), (2, "1f1b", False), (2, "dualpipev", False), (2, "dualpipev", True),
-           (4, "1f1b", False), (4, "dualpipev", False), (4, "dualpipev", True)]
+# (P, schedule, F&B pairs overlapped, zero-bubble W split)
+LAYOUTS = [(1, "1f1b", False, False), (2, "1f1b", False, False), (2, "dualpipev", False, True),
+           (2, "dualpipev", True, True), (2, "dualpipev", True, False), (4, "1f1b", False, False),
+           (4, "dualpipev", False, True), (4, "dualpipev", True, True), (4, "dualpipev", True, False)]
 
 
 def make_tokens(root: Path, vocab: int) -> None:
@@ -62,14 +66,15 @@ def make_tokens(root: Path, vocab: int) -> None:
                                + [1])
 
 
-def run(args, root: Path, pp: int, kind: str, overlap: bool) -> tuple[list[dict], Path]:
-    run_dir = root / f"pp{pp}_{kind}_{overlap}"
+def run(args, root: Path, pp: int, kind: str, overlap: bool, zb: bool) -> tuple[list[dict], Path]:
+    run_dir = root / f"pp{pp}_{kind}_{overlap}_{zb}"
     overrides = [f"model.num_hidden_layers={args.layers}", f"model.hidden_size={args.hidden}",
                  f"model.vocab_size={args.vocab}", f"data.seq_len={args.seq}", f"schedule.steps={args.steps}",
                  f"schedule.global_batch={args.global_batch}", "schedule.micro_batch=1", "checkpoint.every=1000",
                  "logging.valid_every=0", "logging.tensorboard=false", "logging.progress=false",
                  f"data.train=['{root / 'tokens' / 'train'}']", f"parallel.pp={pp}", f"parallel.pp_schedule={kind}",
-                 f"parallel.ep={args.ep}", f"parallel.pp_overlap={str(overlap).lower()}"]
+                 f"parallel.ep={args.ep}", f"parallel.pp_overlap={str(overlap).lower()}",
+                 f"parallel.pp_zero_bubble={str(zb).lower()}"]
     cmd = [sys.executable, "-m", "sourcelm", "train", "tiny", *overrides, "--run-dir", str(run_dir)]
     if pp * args.ep > 1:
         cmd += ["--nproc", str(pp * args.ep), "--ranks-per-node", str(args.ranks_per_node or args.ep)]
@@ -81,42 +86,41 @@ def run(args, root: Path, pp: int, kind: str, overlap: bool) -> tuple[list[dict]
     return records, run_dir / "trace"
 
 
-def summarise(records: list[dict], trace: Path, pp: int, kind: str, overlap: bool, micro_batches: int,
+def summarise(records: list[dict], trace: Path, pp: int, kind: str, overlap: bool, zb: bool, micro_batches: int,
               warm: int) -> dict:
     timed = records[warm:]
-    out = {"pp": pp, "schedule": kind, "overlap": overlap,
+    out = {"pp": pp, "schedule": kind, "overlap": overlap, "zero_bubble": zb,
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
            "a2a_bytes": statistics.mean(r.get("a2a_inter_node_bytes", 0) + r.get("a2a_intra_node_bytes", 0)
                                         for r in timed)}
     if pp == 1:
         return out
-    keys = ("pp_step_s", "pp_busy_s", "pp_wait_s", "pp_f_ms", "pp_b_ms", "pp_fb_ms", "ep_wait_s", "pp_in_flight",
-            "peak_rss_mb")
+    keys = ("pp_step_s", "pp_busy_s", "pp_wait_s", "pp_f_ms", "ep_wait_s", "pp_in_flight", "peak_rss_mb")
     # per rank (every process), mean over the timed steps
     ranks = range(len(timed[0]["pp_step_s"]))
     per = {k: [statistics.mean(r[k][i] for r in timed) for i in ranks] for k in keys if k in timed[0]}
-    f = statistics.mean(per["pp_f_ms"]) / 1e3
-    b = statistics.mean(per["pp_b_ms"]) / 1e3
-    fb = statistics.mean(per["pp_fb_ms"]) / 1e3 if kind == "dualpipev" else f + b
+    steps = pipeline_trace.read(trace, warm)
+    measured = pipeline_trace.MeasuredTimes.from_steps(steps)
+    f, b, w = measured.mean("F"), measured.full_backward(), measured.mean("W") if zb else 0.0
+    fb = measured.fb if kind == "dualpipev" else f + b
     bubble = [s - c for s, c in zip(per["pp_step_s"], per["pp_busy_s"])]
     if kind == "1f1b":
         formula = (pp - 1) * (f + b)
         activations = pp  # Table 2's activation column: micro-batches held per device
     else:
-        formula = (2 * pp / 2 - 1) * (fb + b)
+        formula = (2 * pp / 2 - 1) * (fb + b - 3 * w)
         activations = 2 * pp + 1  # PP + 1 over DualPipeV's 2P stages
-    order = pipeline_sim.trainer_schedule(kind, pp, micro_batches, overlap_pairs=overlap)
-    sim = pipeline_sim.simulate(order, pipeline_sim.ChunkTimes(f, b, fb=fb))  # the schedule's own bubble
-    # the same order fed with each chunk's measured F and B, the pairs' F&B and the measured message latency
-    steps = pipeline_trace.read(trace, warm)
+    order = pipeline_sim.trainer_schedule(kind, pp, micro_batches, overlap_pairs=overlap, zero_bubble=zb)
+    sim = pipeline_sim.simulate(order, pipeline_sim.ChunkTimes(f, b, w=w, fb=fb))  # the schedule's own bubble
+    # the same order fed with each chunk's measured op times, the pairs' F&B and the measured message latency
     lat = pipeline_trace.latencies(steps)
     p2p = statistics.median(lat) if lat else 0.0
-    measured_sim = pipeline_sim.simulate(order, pipeline_trace.MeasuredTimes.from_steps(steps), p2p=p2p)
+    measured_sim = pipeline_sim.simulate(order, measured, p2p=p2p)
     stage_of = {r: rec["stage"] for r, rec in steps[0].items()}
     # and each timed step replayed with its own ops' durations: what the means leave out is their spread
     replayed = [pipeline_sim.simulate(order, pipeline_trace.OpTimes.from_step(s), p2p=p2p) for s in steps]
-    out.update(f_ms=1e3 * f, b_ms=1e3 * b, fb_ms=1e3 * fb, f_ms_per_rank=per["pp_f_ms"],
-               b_ms_per_rank=per["pp_b_ms"], step_s=statistics.mean(per["pp_step_s"]), bubble_s=bubble,
+    out.update(f_ms=1e3 * f, b_ms=1e3 * b, w_ms=1e3 * w, fb_ms=1e3 * fb, f_ms_per_rank=per["pp_f_ms"],
+               step_s=statistics.mean(per["pp_step_s"]), bubble_s=bubble,
                bubble_mean_s=statistics.mean(bubble), formula_s=formula,
                simulated_s=statistics.mean(r.idle for r in sim.ranks), p2p_ms=1e3 * p2p, p2p_samples=len(lat),
                simulated_measured_s=[measured_sim.ranks[stage_of[r]].idle for r in sorted(stage_of)],
@@ -151,42 +155,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_tokens(root / "tokens", args.vocab)
-        for pp, kind, overlap in [layout for layout in LAYOUTS if layout[0] <= args.max_pp]:
-            records, trace = run(args, root, pp, kind, overlap)
-            rows.append(summarise(records, trace, pp, kind, overlap, args.global_batch // args.ep, args.warm))
+        for pp, kind, overlap, zb in [layout for layout in LAYOUTS if layout[0] <= args.max_pp]:
+            records, trace = run(args, root, pp, kind, overlap, zb)
+            rows.append(summarise(records, trace, pp, kind, overlap, zb, args.global_batch // args.ep, args.warm))
             r = rows[-1]
             if pp == 1:
-                print(f"no pipeline                      {r['tokens_per_s']:8.0f} tok/s")
+                print(f"no pipeline{'':33s} {r['tokens_per_s']:8.0f} tok/s")
                 continue
-            name = f"{kind} {'overlapped' if overlap else 'in order'}" if kind == "dualpipev" else kind
+            name = (f"{kind} {'overlapped' if overlap else 'in order'}{'' if zb else ', no W split'}"
+                    if kind == "dualpipev" else kind)
             if args.plot:
                 Path(args.plot).mkdir(parents=True, exist_ok=True)
                 pipeline_trace.plot(pipeline_trace.read(trace, args.steps - 1)[0],
                                     Path(args.plot) / f"pipeline_pp{pp}_{name.replace(' ', '_')}.png",
                                     f"PP {pp} {name}: the last step, per rank")
             ep_wait = f"  all-to-all wait {_ranks(r['ep_wait_s'], 3)} s" if r["a2a_bytes"] else ""
-            print(f"PP {pp} {name:25s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_s']:.3f} s  F {r['f_ms']:.1f} "
-                  f"ms  B {r['b_ms']:.1f} ms  F&B {r['fb_ms']:.1f} ms  receive wait {_ranks(r['wait_s'], 3)} s{ep_wait}"
+            print(f"PP {pp} {name:36s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_s']:.3f} s  F {r['f_ms']:.1f} "
+                  f"ms  B {r['b_ms']:.1f} ms  W {r['w_ms']:.1f} ms  F&B {r['fb_ms']:.1f} ms  receive wait "
+                  f"{_ranks(r['wait_s'], 3)} s{ep_wait}"
                   f"  bubble {r['bubble_mean_s']:.3f} s ({_ranks(r['bubble_s'], 3)})  formula {r['formula_s']:.3f} s"
                   f"  simulated {r['simulated_s']:.3f} s; with each chunk's measured times and the measured "
                   f"latency {r['p2p_ms']:.2f} ms ({r['p2p_samples']} messages): {_ranks(r['simulated_measured_s'], 3)}"
                   f" s  in flight {_ranks(r['in_flight'], 0)} (Table 2: {r['table2_activations']})  peak RSS "
                   f"{_ranks(r['peak_rss_mb'], 0)} MB")
     for pp in sorted({r["pp"] for r in rows} - {1}):
-        one = next(r for r in rows if r["pp"] == pp and r["schedule"] == "1f1b")
-        in_order, overlapped = (next(r for r in rows if r["pp"] == pp and r["schedule"] == "dualpipev"
-                                     and r["overlap"] == o) for o in (False, True))
+        at = [r for r in rows if r["pp"] == pp]
+        one = next(r for r in at if r["schedule"] == "1f1b")
+        in_order, overlapped, no_split = (next(r for r in at if r["schedule"] == "dualpipev" and r["overlap"] == o
+                                               and r["zero_bubble"] == z) for o, z in ((False, True), (True, True),
+                                                                                       (True, False)))
         bubble, simulated = ([r[k] / one[k] for r in (in_order, overlapped)] for k in ("bubble_mean_s", "simulated_s"))
         print(f"PP {pp}: DualPipeV's bubble / 1F1B's = {bubble[0]:.2f} in order, {bubble[1]:.2f} overlapped "
               f"(simulated {simulated[0]:.2f}, {simulated[1]:.2f}); overlapped / in order: step "
-              f"{overlapped['step_s'] / in_order['step_s']:.2f}, F&B "
-              f"{overlapped['fb_ms'] / in_order['fb_ms']:.2f}")
-        for r in rows:
-            if r["pp"] == pp:
-                print(f"  {r['schedule']} {'overlapped' if r['overlap'] else ''}: measured bubble / simulated, per "
-                      f"rank: with each chunk's mean times "
-                      f"{_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_measured_s'])], 2)}; with each "
-                      f"op's own time {_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_per_op_s'])], 2)}")
+              f"{overlapped['step_s'] / in_order['step_s']:.2f}, F&B {overlapped['fb_ms'] / in_order['fb_ms']:.2f}; "
+              f"W split / none (overlapped): bubble {overlapped['bubble_mean_s'] / no_split['bubble_mean_s']:.2f}, "
+              f"step {overlapped['step_s'] / no_split['step_s']:.2f}")
+        for r in at:
+            name = r["schedule"] + (" overlapped" if r["overlap"] else "") + (
+                " no W split" if r["schedule"] == "dualpipev" and not r["zero_bubble"] else "")
+            print(f"  {name}: measured bubble / formula {r['bubble_mean_s'] / r['formula_s']:.2f}; measured / "
+                  f"simulated, per rank: with each chunk's mean times "
+                  f"{_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_measured_s'])], 2)}; with each "
+                  f"op's own time {_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_per_op_s'])], 2)}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -12,6 +12,7 @@ its latency is hidden. The median of those is the p2p delay the simulator adds t
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,11 @@ def latencies(steps: list[dict[int, dict]]) -> list[float]:
 
 @dataclass
 class MeasuredTimes:
-    """Per chunk, the mean compute seconds of an F and of a B run alone (receive waits left out), and the mean wall
-    time of an F&B pair: the simulator's `times` (plan/pipeline_sim.py), fed with what the ranks measured."""
+    """Per (op kind, chunk), the mean compute seconds of that op run alone, not overlapped with another (receive waits
+    left out; kinds F, B, Bi and W), and the mean wall time of an F&B pair: the simulator's `times`
+    (plan/pipeline_sim.py), fed with what the ranks measured."""
 
-    f: dict[int, float]
-    b: dict[int, float]
+    alone: dict[tuple[str, int], float]
     fb: float
 
     @classmethod
@@ -59,23 +60,33 @@ class MeasuredTimes:
             for rec in step.values():
                 ops = [e for e in rec["events"] if "op" in e]
                 waits = [(e["start"], e["end"]) for e in rec["events"] if "recv" in e]
-                for e in ops:
-                    if not e["paired"]:  # its compute: its wall time less its receives' waits
-                        waited = sum(b - a for a, b in waits if e["start"] <= a and b <= e["end"])
-                        alone.setdefault((e["op"], e["chunk"]), []).append(e["end"] - e["start"] - waited)
                 paired = [e for e in ops if e["paired"]]
-                pairs += [max(a["end"], b["end"]) - min(a["start"], b["start"]) for a, b in zip(paired[::2],
-                                                                                               paired[1::2])]
-        f = {c: statistics.mean(v) for (k, c), v in alone.items() if k == "F"}
-        b = {c: statistics.mean(v) for (k, c), v in alone.items() if k == "B"}
-        fb = statistics.mean(pairs) if pairs else statistics.mean(f.values()) + statistics.mean(b.values())
-        return cls(f, b, fb)
+                in_order = []  # the halves of pairs run one after the other (parallel.pp_overlap=false) run alone
+                for a, b in zip(paired[::2], paired[1::2]):
+                    pairs.append(max(a["end"], b["end"]) - min(a["start"], b["start"]))
+                    if a["end"] <= b["start"] or b["end"] <= a["start"]:
+                        in_order += [a, b]
+                for e in [e for e in ops if not e["paired"]] + in_order:
+                    waited = sum(b - a for a, b in waits if e["start"] <= a and b <= e["end"])  # compute: wall - waits
+                    alone.setdefault((e["op"], e["chunk"]), []).append(e["end"] - e["start"] - waited)
+        means = {k: statistics.mean(v) for k, v in alone.items()}
+        return cls(means, statistics.mean(pairs) if pairs else math.nan)
+
+    def mean(self, kind: str) -> float:
+        """Over chunks, the mean of an op kind run alone; nan where it never ran alone."""
+        values = [t for (k, _), t in self.alone.items() if k == kind]
+        return statistics.mean(values) if values else math.nan
+
+    def full_backward(self) -> float:
+        """The report's B (inputs and weights): the full B's where some ran alone, else a Bi and its W."""
+        b = self.mean("B")
+        return b if not math.isnan(b) else self.mean("Bi") + self.mean("W")
 
     def duration(self, step) -> float:
         if len(step.tasks) == 2:
             return self.fb
         task = step.tasks[0]
-        return (self.f if task.kind == "F" else self.b)[task.chunk]
+        return self.alone[(task.kind, task.chunk)]
 
 
 @dataclass
@@ -107,8 +118,8 @@ class OpTimes:
 
 
 def plot(step: dict[int, dict], path: Path, title: str) -> None:
-    """One step's timeline: a row per rank, F and B bars per chunk (a pair's two halves in the upper and lower half
-    of the row), receive waits as thin grey bars."""
+    """One step's timeline: a row per rank, F, B, Bi and W bars per chunk (a pair's two halves in the upper and
+    lower half of the row), receive waits as thin grey bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +128,7 @@ def plot(step: dict[int, dict], path: Path, title: str) -> None:
     ranks = sorted(step)
     t0 = min(step[r]["start"] for r in ranks)
     fig, ax = plt.subplots(figsize=(12, 0.8 + 0.6 * len(ranks)))
-    colors = {"F": "tab:blue", "B": "tab:orange"}
+    colors = {"F": "tab:blue", "B": "tab:orange", "Bi": "tab:red", "W": "tab:green"}
     for row, r in enumerate(ranks):
         for e in step[r]["events"]:
             if "op" in e:
@@ -131,7 +142,8 @@ def plot(step: dict[int, dict], path: Path, title: str) -> None:
                                facecolors="grey")
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
     ax.invert_yaxis()
-    ax.set_xlabel("ms from the step's start (F blue, B orange, label chunk.micro-batch; grey: receive waiting)")
+    ax.set_xlabel("ms from the step's start (F blue, B orange, Bi red, W green, label chunk.micro-batch; grey: receive "
+                  "waiting)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

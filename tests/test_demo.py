@@ -36,7 +36,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert replay == []  # the walk alone; the demo's own verify ran the replay:
     assert "bit-identical" in proc.stdout
     state = json.loads((out / "train" / "checkpoints" / "step_000008" / "state.json").read_text())
-    assert state["launch"] == {"nproc": 4, "ranks_per_node": 2}
+    assert state["launch"] == {"nproc": 4, "ranks_per_node": 2, "threads": 1}  # torchrun gives each rank 1 thread
     assert state["config"]["parallel"]["ep"] == 4 and state["config"]["parallel"]["dispatcher"] == "two_hop"
     tok = json.loads((out / "tokenizer" / "manifest.json").read_text())
     assert state["config"]["model"]["vocab_size"] == tok["vocab_size"]

@@ -191,8 +191,8 @@ class PipelineExecutor:
         self._live = {}
         self._parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._counts = torch.zeros(self.n_rows, self.cfg.n_routed_experts, dtype=torch.int64, device=self.device)
-        self._timing = {"busy": 0.0, "wait": 0.0, "F": 0.0, "B": 0.0, "W": 0.0, "FB": 0.0, "n_F": 0, "n_B": 0,
-                        "n_W": 0, "n_FB": 0, "in_flight": 0}
+        self._timing = {k: 0.0 for k in ("busy", "wait", "F", "B", "Bi", "W", "FB")}
+        self._timing.update({f"n_{k}": 0 for k in ("F", "B", "Bi", "W", "FB")}, in_flight=0)
         if self.link_stats is not None:
             self.link_stats.take_wait()
         self._events = []
@@ -242,8 +242,9 @@ class PipelineExecutor:
             raise lane.error
         busy = covered(lane.busy())  # an op's compute: its wall time less the time its receives waited
         self._count(lane.end - lane.start - busy, busy)
-        self._timing[op.kind] += busy
-        self._timing[f"n_{op.kind}"] += 1
+        kind = "Bi" if op.defer_w else op.kind
+        self._timing[kind] += busy
+        self._timing[f"n_{kind}"] += 1
 
     def _pair(self, model, work: StepWork, f_op, b_op) -> None:
         """DualPipe's F&B: the backward in a second thread while this one runs the forward (module docstring), or
@@ -273,14 +274,14 @@ class PipelineExecutor:
     def stats(self) -> dict[str, float]:
         """This rank's figures of the last step: compute seconds (time at least one thread computed), pipeline
         receive-wait seconds (summed over both threads of a pair), all-to-all wait seconds (likewise), mean times of
-        F, B (with its weight gradients or, deferring, without) and W run alone and of F&B pairs (wall), the most
+        F, B (with its weight gradients), Bi (a B deferring them) and W run alone and of F&B pairs (wall), the most
         micro-batch chunk states alive at once (the activation memory the schedule holds), peak RSS."""
         t = self._timing
         if "step" not in t:
             return {}
         out = {"pp_step_s": t["step"], "pp_busy_s": t["busy"], "pp_wait_s": t["wait"],
                "pp_f_ms": 1e3 * t["F"] / max(t["n_F"], 1), "pp_b_ms": 1e3 * t["B"] / max(t["n_B"], 1),
-               "pp_w_ms": 1e3 * t["W"] / max(t["n_W"], 1),
+               "pp_bi_ms": 1e3 * t["Bi"] / max(t["n_Bi"], 1), "pp_w_ms": 1e3 * t["W"] / max(t["n_W"], 1),
                "pp_fb_ms": 1e3 * t["FB"] / max(t["n_FB"], 1), "pp_in_flight": t["in_flight"],
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if self.link_stats is not None:

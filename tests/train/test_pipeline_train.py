@@ -76,7 +76,8 @@ def test_dualpipev_zero_bubble_split_gives_the_bits_of_full_backwards(small_args
     final = "checkpoints/step_000020/model.safetensors"
     a, b = load_file(tmp_path / "split" / final), load_file(tmp_path / "full" / final)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert min(split[-1]["pp_w_ms"]) > 0 and max(full[-1]["pp_w_ms"]) == 0  # per rank: every rank ran W ops
+    for key in ("pp_bi_ms", "pp_w_ms"):  # per rank: every rank ran Bi and W ops with the split, none without
+        assert min(split[-1][key]) > 0 and max(full[-1][key]) == 0, key
 
 
 @pytest.mark.slow
