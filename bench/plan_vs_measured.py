@@ -7,10 +7,11 @@ For each layout the bench runs (the tiny preset, bf16 where the CPU has it):
              per link class the trainer's counters report;
   predicted  `sourcelm.plan` with this machine measured (`plan/measure.py`): step time, peak memory per
              rank, and the dispatch/combine bytes of a balanced routing sampled from the model's router;
-  exact      (expert-parallel layouts) the same training steps run again in-process with each rank's
-             routing recorded at the dispatcher: the bytes predicted from that routing must equal the
-             counters of the same steps exactly.
-Pipeline-parallel layouts are predicted only (their measured rows belong to the pipeline issue's bench).
+  exact      (expert-parallel layouts without a pipeline) the same training steps run again in-process with
+             each rank's routing recorded at the dispatcher: the bytes predicted from that routing must equal the
+             counters of the same steps exactly;
+  bubble     (pipeline layouts) each rank's idle time per step, measured (the executor's step less its compute,
+             `pp_step_s - pp_busy_s`) and predicted (the schedule simulator over the plan's chunk times).
 
     .venv/bin/python bench/plan_vs_measured.py [--steps 10 --warmup 3 --out bench/RESULTS_plan.md]
 """
@@ -37,18 +38,19 @@ class Run:
     ranks_per_node: int
     ep: int
     micro_batch: int  # sequences per rank and micro-batch; the global batch stays 8 x 256 tokens
+    pp: int = 1
+    schedule: str = "1f1b"
 
     def overrides(self, data: Path, steps: int) -> list[str]:
-        return [f"data.train=['{data}']", f"schedule.steps={steps + 100}", f"schedule.micro_batch={self.micro_batch}",
-                f"parallel.ep={self.ep}", "logging.tensorboard=false", "logging.progress=false",
-                "logging.valid_every=0", "checkpoint.every=100000"]
+        out = [f"data.train=['{data}']", f"schedule.steps={steps + 100}", f"schedule.micro_batch={self.micro_batch}",
+               f"parallel.ep={self.ep}", "logging.tensorboard=false", "logging.progress=false",
+               "logging.valid_every=0", "checkpoint.every=100000"]
+        return out + ([f"parallel.pp={self.pp}", f"parallel.pp_schedule={self.schedule}"] if self.pp > 1 else [])
 
 
-RUNS = [Run("1 process", 1, 1, 1, 8), Run("EP 4 (2 pretend nodes x 2)", 4, 2, 4, 2)]
-# predicted only: pipeline parallelism is issue 18, whose first part (1F1B, DualPipeV) landed while this bench was
-# written; its measured rows are that issue's bench to fill in
-PP_RUNS = [("PP 2 x EP 2 (2 pretend nodes x 2), 1F1B", "1f1b"),
-           ("PP 2 x EP 2 (2 pretend nodes x 2), DualPipeV", "dualpipev")]
+RUNS = [Run("1 process", 1, 1, 1, 8), Run("EP 4 (2 pretend nodes x 2)", 4, 2, 4, 2),
+        Run("PP 2 x EP 2 (2 pretend nodes x 2), 1F1B", 4, 2, 2, 1, pp=2),
+        Run("PP 2 x EP 2 (2 pretend nodes x 2), DualPipeV", 4, 2, 2, 1, pp=2, schedule="dualpipev")]
 
 
 def measure_training(run: Run, data: Path, steps: int, warmup: int, work: Path) -> dict:
@@ -123,23 +125,12 @@ def predict(run: Run, model, dtype: str, routing=None):
     from sourcelm.plan.measure import measure_cpu_box
 
     cluster, rate = measure_cpu_box(run.nproc, run.ranks_per_node, model, run.ep, run.micro_batch, 256, dtype)
-    lay = PlanLayout(pp=1, ep=run.ep, micro_batch=run.micro_batch, global_batch=8, seq_len=256, dtype=dtype,
-                     attention="materialised")
+    lay = PlanLayout(pp=run.pp, ep=run.ep, schedule=run.schedule, micro_batch=run.micro_batch, global_batch=8,
+                     seq_len=256, dtype=dtype, attention="materialised")
     plan = plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, recipe="sourcelm"))
     with_routing = plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, recipe="sourcelm",
                                                                 routing=routing)) if routing else None
     return plan, with_routing
-
-
-def predict_pipeline(model, dtype: str, schedule: str):
-    from sourcelm.plan.estimate import Assumptions, plan_layout
-    from sourcelm.plan.layout import PlanLayout
-    from sourcelm.plan.measure import measure_cpu_box
-
-    cluster, rate = measure_cpu_box(4, 2, model, 2, 1, 256, dtype)
-    lay = PlanLayout(pp=2, ep=2, schedule=schedule, micro_batch=1, global_batch=8, seq_len=256, dtype=dtype,
-                     attention="materialised")
-    return plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, recipe="sourcelm"))
 
 
 def main() -> int:
@@ -166,7 +157,8 @@ def main() -> int:
         work = Path(tmp)
         data = write_token_shard(work, 8192, tokens=400_000)
         for run in RUNS:
-            exact = exact_bytes(run, data, args.steps, work, model.hidden_size) if run.ep > 1 else None
+            # the recording worker runs the trainer without a pipeline
+            exact = exact_bytes(run, data, args.steps, work, model.hidden_size) if run.ep > 1 and run.pp == 1 else None
             routing = None
             if exact:
                 r = exact["rows_per_token"]
@@ -180,10 +172,9 @@ def main() -> int:
                 print(f"{run.name}: measured {meas['step_time']:.3f} s/step, predicted {plan.step_time:.3f}",
                       flush=True)
             rows.append((run, rounds, exact))
-        pp_rows = [(name, predict_pipeline(model, dtype, schedule)) for name, schedule in PP_RUNS]
     from sourcelm.plan.report import report_plan
 
-    text = render(rows, pp_rows, report_plan(), args, started, load_before, os.getloadavg(), dtype)
+    text = render(rows, report_plan(), args, started, load_before, os.getloadavg(), dtype)
     Path(args.out).write_text(text)
     print(text)
     return 0
@@ -205,7 +196,7 @@ scaled by the core share, the size of an idle process) the first version of the 
 (1 process) and 0.57 / 0.60 (EP 4) of the measured step time / peak memory, at 02:58 UTC the same day."""
 
 
-def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) -> str:
+def render(rows, ref, args, started, load_before, load_after, dtype) -> str:
     from sourcelm.plan import report
     from sourcelm.plan.output import report_figures
 
@@ -256,17 +247,22 @@ def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) ->
                 ratio = _ratio(with_routing.step_time, meas["step_time"])
                 lines += ["", f"With the recorded routing's rows per token instead of the sampled ones: step "
                               f"{with_routing.step_time:.3f} s (ratio {ratio})."]
-    lines += ["", "### Pipeline-parallel layouts: predicted, not measured", "",
-              "Pipeline parallelism is issue 18. Its first part (1F1B and DualPipeV through `parallel.pp`) landed "
-              "while this bench was being written; this bench does not run it, and the measured columns are left to "
-              "that issue's bench. The plan's predictions on this machine (4 processes, micro-batch 1, 4 "
-              "micro-batches):", "",
-              "| layout | step (s) | idle of the least busy rank (s): bubble and chunk imbalance | peak memory per "
-              "rank (MB) | chunk activations in flight (rank 0) |",
-              "|---|---|---|---|---|"]
-    for name, plan in pp_rows:
-        lines.append(f"| {name} | {plan.step_time:.3f} | {plan.pipeline.bubble:.3f} | "
-                     f"{plan.worst_memory.total / 1e6:.0f} | {plan.pipeline.peak_activations[0]} |")
+    pp_rows = [(run, rounds) for run, rounds, _ in rows if run.pp > 1]
+    if pp_rows:
+        lines += ["", "### Pipeline bubbles: predicted / measured", "",
+                  "Per rank, seconds per step a rank did not compute (median over the rounds' timed steps): measured "
+                  "as the executor's step less its compute (`pp_step_s - pp_busy_s`), predicted by the schedule "
+                  "simulator over the plan's chunk times. The predicted bubble holds no communication wait; the "
+                  "measured one holds every wait, messages and all-to-alls included.", "",
+                  "| layout | predicted idle per rank (s) | measured idle per rank (s) | chunk activations in flight, "
+                  "predicted / measured (rank 0) |", "|---|---|---|---|"]
+        for run, rounds in pp_rows:
+            meas, plan, _ = rounds[-1]
+            idle = [statistics.median(r["pp_step_s"][i] - r["pp_busy_s"][i] for m, _, _ in rounds
+                                      for r in m["records"]) for i in range(run.nproc)]
+            predicted = [plan.pipeline.idle[i * run.pp // run.nproc] for i in range(run.nproc)]  # stage: outermost
+            lines.append(f"| {run.name} | {_list(predicted)} | {_list(idle)} | {plan.pipeline.peak_activations[0]} / "
+                         f"{meas['records'][-1]['pp_in_flight'][0]} |")
     cl, eff = ref.cluster, ref.assumptions.efficiency
     mfu_180k = report.mfu_for(report.GPU_HOURS_PER_TRILLION, ref.flops_per_token, cl.peak("bf16"))
     figures = report_figures(ref)
@@ -290,6 +286,10 @@ def render(rows, pp_rows, ref, args, started, load_before, load_after, dtype) ->
         f"| pipeline bubble (DualPipe over the plan's chunk times) | Table 2 | {ref.pipeline.bubble:.2f} s per step |",
         f"| memory per GPU (80 GB) | fits | {worst.total / 1e9:.1f} GB (pipeline rank {worst.rank}) |"]
     return "\n".join(lines) + "\n"
+
+
+def _list(values) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
 
 
 def _ratio(pred: float, meas: float) -> str:
