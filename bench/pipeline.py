@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -75,7 +76,7 @@ def run(args, root: Path, pp: int, kind: str, overlap: bool, zb: bool) -> tuple[
                  f"data.train=['{root / 'tokens' / 'train'}']", f"parallel.pp={pp}", f"parallel.pp_schedule={kind}",
                  f"parallel.ep={args.ep}", f"parallel.pp_overlap={str(overlap).lower()}",
                  f"parallel.pp_zero_bubble={str(zb).lower()}"]
-    cmd = [sys.executable, "-m", "sourcelm", "train", "tiny", *overrides, "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "sourcelm", "train", "tiny", *overrides, *args.set, "--run-dir", str(run_dir)]
     if pp * args.ep > 1:
         cmd += ["--nproc", str(pp * args.ep), "--ranks-per-node", str(args.ranks_per_node or args.ep)]
     if args.links:
@@ -119,7 +120,10 @@ def summarise(records: list[dict], trace: Path, pp: int, kind: str, overlap: boo
     stage_of = {r: rec["stage"] for r, rec in steps[0].items()}
     # and each timed step replayed with its own ops' durations: what the means leave out is their spread
     replayed = [pipeline_sim.simulate(order, pipeline_trace.OpTimes.from_step(s), p2p=p2p) for s in steps]
+    chunks = sorted({c for _, c in measured.alone})
+    per_chunk = {k: [1e3 * measured.alone.get((k, c), math.nan) for c in chunks] for k in ("F", "B", "Bi", "W")}
     out.update(f_ms=1e3 * f, b_ms=1e3 * b, w_ms=1e3 * w, fb_ms=1e3 * fb, f_ms_per_rank=per["pp_f_ms"],
+               ms_per_chunk={k: v for k, v in per_chunk.items() if not all(map(math.isnan, v))},
                step_s=statistics.mean(per["pp_step_s"]), bubble_s=bubble,
                bubble_mean_s=statistics.mean(bubble), formula_s=formula,
                simulated_s=statistics.mean(r.idle for r in sim.ranks), p2p_ms=1e3 * p2p, p2p_samples=len(lat),
@@ -145,12 +149,15 @@ def main() -> None:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per stage")
     p.add_argument("--ranks-per-node", type=int, default=0, help="pretend node size (default: --ep)")
     p.add_argument("--links", help="shaped links, e.g. ib=200mbit,nvlink=640mbit (needs root)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further config override for every run, e.g. model.num_nextn_predict_layers=0")
     p.add_argument("--plot", help="draw each layout's last step, per rank, into this folder")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     print(f"{os.cpu_count()} cores; {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
           f"{args.global_batch // args.ep} micro-batches of 1 per step and rank, {args.steps} steps ({args.warm} left "
-          f"out); EP {args.ep}, {args.ranks_per_node or args.ep} rank(s) per node, links {args.links or 'unshaped'}")
+          f"out); EP {args.ep}, {args.ranks_per_node or args.ep} rank(s) per node, links {args.links or 'unshaped'}; "
+          f"overrides {' '.join(args.set) or 'none'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -176,7 +183,8 @@ def main() -> None:
                   f"  bubble {r['bubble_mean_s']:.3f} s ({_ranks(r['bubble_s'], 3)})  formula {r['formula_s']:.3f} s"
                   f"  simulated {r['simulated_s']:.3f} s; with each chunk's measured times and the measured "
                   f"latency {r['p2p_ms']:.2f} ms ({r['p2p_samples']} messages): {_ranks(r['simulated_measured_s'], 3)}"
-                  f" s  in flight {_ranks(r['in_flight'], 0)} (Table 2: {r['table2_activations']})  peak RSS "
+                  f" s  per chunk (ms): {'; '.join(f'{k} {_ranks(v, 1)}' for k, v in r['ms_per_chunk'].items())}"
+                  f"  in flight {_ranks(r['in_flight'], 0)} (Table 2: {r['table2_activations']})  peak RSS "
                   f"{_ranks(r['peak_rss_mb'], 0)} MB")
     for pp in sorted({r["pp"] for r in rows} - {1}):
         at = [r for r in rows if r["pp"] == pp]

@@ -312,6 +312,9 @@ class ParallelConfig:
     # weight gradients later, in time the rank would idle (sourcelm/train/weight_grad.py); false: every backward
     # computes both (the same bits either way)
     pp_zero_bubble: bool = True
+    # main layers per chunk, in chunk order (pp of them for 1f1b, 2 x pp for dualpipev), like Megatron's and
+    # torchtitan's manual split points; empty: contiguous ranges balancing forward FLOPs (pipeline_plan)
+    pp_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -372,6 +375,13 @@ class Config:
             raise ConfigError(f"parallel.pp = {pp} with {self.parallel.pp_schedule} cuts {chunks} chunks, more than "
                               f"the model.num_hidden_layers = {self.model.num_hidden_layers} main layers; set "
                               f"parallel.pp <= {self.model.num_hidden_layers // (chunks // pp)}")
+        layers = self.parallel.pp_layers
+        if layers and (pp == 1 or len(layers) != chunks or min(layers) < 1
+                       or sum(layers) != self.model.num_hidden_layers):
+            raise ConfigError(f"parallel.pp_layers = {layers}: give {chunks if pp > 1 else 'no'} layer counts, each >= "
+                              f"1, summing to model.num_hidden_layers = {self.model.num_hidden_layers} (one per "
+                              f"chunk of parallel.pp = {pp} with {self.parallel.pp_schedule}), or [] for the "
+                              f"FLOP-balanced cut")
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop", "two_hop_chunked"))
         if self.parallel.dispatch_chunk_rows < 0:
             raise ConfigError(f"parallel.dispatch_chunk_rows = {self.parallel.dispatch_chunk_rows}: use a positive "

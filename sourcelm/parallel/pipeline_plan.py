@@ -90,10 +90,13 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float]:
     return costs, tail
 
 
-def partition_layers(cfg: ModelConfig, chunks: int, seq_len: int) -> list[range]:
-    """Contiguous ranges of main layers, one per chunk, minimising the largest chunk cost (`layer_costs`, the tail
-    on the last chunk), each chunk at least one layer; ties go to the cut that puts fewer layers late (the last
-    chunk already carries the head)."""
+def partition_layers(cfg: ModelConfig, chunks: int, seq_len: int, counts: list[int] | None = None) -> list[range]:
+    """Contiguous ranges of main layers, one per chunk: `counts` layers each where given (parallel.pp_layers, checked
+    by the config), else minimising the largest chunk cost (`layer_costs`, the tail on the last chunk), each chunk
+    at least one layer; ties go to the cut that puts fewer layers late (the last chunk already carries the head)."""
+    if counts:
+        bounds = [sum(counts[:k]) for k in range(len(counts) + 1)]
+        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
     costs, tail = layer_costs(cfg, seq_len)
     n = len(costs)
     if chunks > n:

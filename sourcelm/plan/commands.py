@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks-per-node", type=int, default=0, help="cpu: pretend node size (default: all processes)")
     p.add_argument("--pp", type=int, default=1, help="parallel.pp: pipeline ranks")
     p.add_argument("--schedule", default="dualpipev", help="parallel.pp_schedule: 1f1b, zb1p, dualpipe, dualpipev")
+    p.add_argument("--pp-layers", default="", help="parallel.pp_layers: main layers per chunk, comma-separated "
+                                                    "(default: the FLOP-balanced cut)")
     p.add_argument("--ep", type=int, help="parallel.ep (default: the config's)")
     p.add_argument("--micro-batch", type=int, help="schedule.micro_batch (default: the config's)")
     p.add_argument("--global-batch", type=int, help="schedule.global_batch (default: the config's)")
@@ -68,7 +70,7 @@ def _layout(args, defaults, world: int, is_cpu: bool):
             dtype = "bf16"
     d = defaults
     return PlanLayout(
-        pp=args.pp, schedule=args.schedule,
+        pp=args.pp, schedule=args.schedule, pp_layers=tuple(int(n) for n in args.pp_layers.split(",") if n),
         ep=args.ep or (d.parallel.ep if d else 1),
         micro_batch=args.micro_batch or (d.schedule.micro_batch if d else 1),
         global_batch=args.global_batch or (d.schedule.global_batch if d else world),

@@ -27,6 +27,7 @@ class PlanLayout:
     pp: int = 1  # parallel.pp: pipeline ranks
     ep: int = 1  # parallel.ep
     schedule: str = "1f1b"  # parallel.pp_schedule (one of pipeline_sim.SCHEDULES); no effect at pp = 1
+    pp_layers: tuple[int, ...] = ()  # parallel.pp_layers: main layers per chunk; (): the FLOP-balanced cut
     micro_batch: int = 1  # schedule.micro_batch: sequences per micro-batch on one rank
     global_batch: int = 8  # schedule.global_batch: sequences per optimizer step
     seq_len: int = 4096  # data.seq_len
@@ -91,6 +92,11 @@ def resolve(layout: PlanLayout, model: ModelConfig, cluster: Cluster) -> Resolve
             f"parallel.pp = {lay.pp} cuts the model into {chunks} chunks"
             f"{' (dualpipev: 2 per rank)' if chunks != lay.pp else ''} but it has {model.num_hidden_layers} decoder "
             f"layers; choose parallel.pp among {[d for d in divisors(world) if d <= most]}")
+    if lay.pp_layers and (lay.pp == 1 or len(lay.pp_layers) != chunks or min(lay.pp_layers) < 1
+                          or sum(lay.pp_layers) != model.num_hidden_layers):
+        raise ConfigError(f"parallel.pp_layers = {list(lay.pp_layers)}: give {chunks if lay.pp > 1 else 'no'} layer "
+                          f"counts, each >= 1, summing to the model's {model.num_hidden_layers} decoder layers, or "
+                          f"none for the FLOP-balanced cut")
     dp = world // lay.pp
     if model.n_routed_experts % lay.ep:
         raise ConfigError(f"parallel.ep = {lay.ep} must divide model.n_routed_experts = {model.n_routed_experts}; "

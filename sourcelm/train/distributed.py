@@ -70,8 +70,8 @@ class DistributedContext:
         self.launch = {"nproc": lay.world, "ranks_per_node": lay.ranks_per_node, "threads": torch.get_num_threads()}
         self.dispatcher = None
         self.shards = {}
-        self.ranges = (partition_layers(cfg.model, n_chunks(lay.pp, par.pp_schedule), cfg.data.seq_len)
-                       if lay.pp > 1 else None)
+        self.ranges = (partition_layers(cfg.model, n_chunks(lay.pp, par.pp_schedule), cfg.data.seq_len,
+                                        par.pp_layers) if lay.pp > 1 else None)
         self.remote_biases: dict[str, torch.Tensor] = {}  # expert biases of the MoE layers other stages hold
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

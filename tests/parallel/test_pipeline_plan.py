@@ -156,6 +156,21 @@ def test_partition_refuses_more_chunks_than_layers():
         partition_layers(cfg, 8, 256)
 
 
+def test_layer_counts_given_by_hand_cut_there_and_bad_ones_are_refused():
+    cfg = load_config("tiny", ["model.num_hidden_layers=8"]).model
+    assert partition_layers(cfg, 4, 256, [1, 3, 3, 1]) == [range(0, 1), range(1, 4), range(4, 7), range(7, 8)]
+    ok = load_config("tiny", ["model.num_hidden_layers=8", "parallel.pp=2", "parallel.pp_schedule=dualpipev",
+                              "parallel.pp_layers=[1, 3, 3, 1]"])
+    assert ok.parallel.pp_layers == [1, 3, 3, 1]
+    for bad in ("[2, 2, 4]", "[0, 4, 3, 1]", "[2, 2, 2, 1]"):  # 3 chunks of 4; an empty chunk; 7 layers of 8
+        with pytest.raises(ConfigError, match=r"parallel.pp_layers = .*give 4 layer counts, each >= 1, summing to "
+                                              r"model.num_hidden_layers = 8"):
+            load_config("tiny", ["model.num_hidden_layers=8", "parallel.pp=2", "parallel.pp_schedule=dualpipev",
+                                 f"parallel.pp_layers={bad}"])
+    with pytest.raises(ConfigError, match="give no layer counts"):
+        load_config("tiny", ["parallel.pp_layers=[4]"])  # no pipeline
+
+
 def test_config_refuses_layouts_that_cannot_work():
     with pytest.raises(ConfigError, match="parallel.pp_schedule"):
         load_config("tiny", ["parallel.pp_schedule=gpipe"])

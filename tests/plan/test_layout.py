@@ -39,6 +39,8 @@ ONE_NODE = load_cluster("h100").with_nodes(1)  # 8 GPUs
     ({"pp": 2, "ep": 8}, r"parallel.ep = 8 must divide the 4 ranks of a pipeline stage"),
     ({"global_batch": 12}, r"schedule.global_batch = 12 must be a multiple of schedule.micro_batch x DP = 1 x 8"),
     ({"pp": 2, "schedule": "dualpipe", "global_batch": 8}, r"'dualpipe' needs .* at least 2 x pp = 4 \(got 2\)"),
+    ({"pp": 2, "pp_layers": (3, 2)}, r"parallel.pp_layers = \[3, 2\]: give 2 layer counts, each >= 1, summing to "
+                                     r"the model's 4 decoder layers"),
     ({"dtype": "fp16"}, r"train.dtype = 'fp16'"),
     ({"recompute": ("attention",)}, r"plan.recompute = 'attention'"),
 ])
@@ -46,6 +48,16 @@ def test_impossible_layouts_are_refused_naming_the_field(tiny, change, message):
     lay = dataclasses.replace(PlanLayout(micro_batch=1, global_batch=8, seq_len=256), **change)
     with pytest.raises(ConfigError, match=message):
         resolve(lay, tiny, ONE_NODE)
+
+
+def test_the_plan_cuts_chunks_where_the_layer_counts_say(tiny):
+    def layers_per_chunk(**change):
+        lay = dataclasses.replace(PlanLayout(pp=2, micro_batch=1, global_batch=32, seq_len=256), **change)
+        return [sum(s.kind in ("dense", "moe") for s in c) for c in plan_layout(tiny, ONE_NODE, lay).chunks]
+
+    assert layers_per_chunk(pp_layers=(3, 1)) == [3, 1]
+    assert layers_per_chunk(pp_layers=(1, 3)) == [1, 3]
+    assert layers_per_chunk(schedule="dualpipev", pp_layers=(1, 1, 1, 1)) == [1, 1, 1, 1]
 
 
 def test_deepseek_layouts_that_cannot_exist(v3):

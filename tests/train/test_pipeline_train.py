@@ -58,10 +58,11 @@ def test_a_pairs_busy_time_is_when_either_thread_computed():
     assert covered([]) == 0.0
 
 
-@pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
-def test_pp2_matches_one_process(kind, single, small_args, tmp_path):
-    got = _train(small_args, tmp_path, *STEPS, "parallel.pp=2", f"parallel.pp_schedule={kind}", nproc=2)
-    _assert_same_run(single, got, f"pp2 {kind}")
+@pytest.mark.parametrize("kind, cut", [("1f1b", []), ("dualpipev", []), ("dualpipev", [1, 3, 3, 1])])
+def test_pp2_matches_one_process(kind, cut, single, small_args, tmp_path):
+    got = _train(small_args, tmp_path, *STEPS, "parallel.pp=2", f"parallel.pp_schedule={kind}",
+                 f"parallel.pp_layers={cut}", nproc=2)
+    _assert_same_run(single, got, f"pp2 {kind} {cut or 'balanced'}")
 
 
 def test_dualpipev_zero_bubble_split_gives_the_bits_of_full_backwards(small_args, tmp_path):
