@@ -76,6 +76,9 @@ def run(args, root: Path, pp: int, kind: str, overlap: bool, zb: bool) -> tuple[
                  f"data.train=['{root / 'tokens' / 'train'}']", f"parallel.pp={pp}", f"parallel.pp_schedule={kind}",
                  f"parallel.ep={args.ep}", f"parallel.pp_overlap={str(overlap).lower()}",
                  f"parallel.pp_zero_bubble={str(zb).lower()}"]
+    chunks = 2 * pp if kind == "dualpipev" else pp
+    overrides += [f"parallel.pp_layers=[{c.split(':')[1]}]" for c in args.cut
+                  if c.split(":")[0] == kind and len(c.split(":")[1].split(",")) == chunks]
     cmd = [sys.executable, "-m", "sourcelm", "train", "tiny", *overrides, *args.set, "--run-dir", str(run_dir)]
     if pp * args.ep > 1:
         cmd += ["--nproc", str(pp * args.ep), "--ranks-per-node", str(args.ranks_per_node or args.ep)]
@@ -151,13 +154,16 @@ def main() -> None:
     p.add_argument("--links", help="shaped links, e.g. ib=200mbit,nvlink=640mbit (needs root)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further config override for every run, e.g. model.num_nextn_predict_layers=0")
+    p.add_argument("--cut", action="append", default=[], metavar="SCHEDULE:N,N,..",
+                   help="parallel.pp_layers for the runs of that schedule whose chunk count matches, e.g. "
+                        "dualpipev:4,5,4,3 (default: the FLOP-balanced cut)")
     p.add_argument("--plot", help="draw each layout's last step, per rank, into this folder")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     print(f"{os.cpu_count()} cores; {args.layers} layers, hidden {args.hidden}, seq {args.seq}, "
           f"{args.global_batch // args.ep} micro-batches of 1 per step and rank, {args.steps} steps ({args.warm} left "
           f"out); EP {args.ep}, {args.ranks_per_node or args.ep} rank(s) per node, links {args.links or 'unshaped'}; "
-          f"overrides {' '.join(args.set) or 'none'}")
+          f"overrides {' '.join(args.set) or 'none'}; cuts {' '.join(args.cut) or 'FLOP-balanced'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
