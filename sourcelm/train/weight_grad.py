@@ -84,6 +84,11 @@ class WeightGradStore:
             weights = [w for w, _ in filed]
             grads = [compute() for _, compute in filed]
             torch.autograd.backward(weights, grads)
+        # Emptied, not just dropped: every GEMM's autograd node holds its sink, the sink this list, the list each
+        # GEMM's compute(), and a compute() its input, whose graph leads back to the earlier GEMMs' nodes. That
+        # cycle runs through autograd's C++ nodes, which Python's collector cannot see, so it would keep every
+        # deferred forward's graph and inputs alive for good (a leak of a micro-batch's activations per W op).
+        filed.clear()
         return got
 
     def __len__(self) -> int:
