@@ -124,11 +124,11 @@ def predict(run: Run, model, dtype: str, routing=None):
     from sourcelm.plan.layout import PlanLayout
     from sourcelm.plan.measure import measure_cpu_box
 
-    cluster, rate = measure_cpu_box(run.nproc, run.ranks_per_node, model, run.ep, run.micro_batch, 256, dtype)
+    cluster, rate, head = measure_cpu_box(run.nproc, run.ranks_per_node, model, run.ep, run.micro_batch, 256, dtype)
     lay = PlanLayout(pp=run.pp, ep=run.ep, schedule=run.schedule, micro_batch=run.micro_batch, global_batch=8,
                      seq_len=256, dtype=dtype, attention="materialised")
-    plan = plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, recipe="sourcelm"))
-    with_routing = plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, recipe="sourcelm",
+    plan = plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, head_rate=head, recipe="sourcelm"))
+    with_routing = plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, head_rate=head, recipe="sourcelm",
                                                                 routing=routing)) if routing else None
     return plan, with_routing
 

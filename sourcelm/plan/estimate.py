@@ -3,7 +3,8 @@
 Time per optimizer step = the pipeline (or, without one, the micro-batches in turn) + the data-parallel
 reduction + the optimizer update + the trainer's per-step bookkeeping collectives.
   compute   a chunk's FLOPs (model_costs) x tokens of a micro-batch / (efficiency x peak of the dtype);
-            the efficiency is the one stated assumption about kernels (or, on the CPU box, measured)
+            the efficiency is the one stated assumption about kernels (or, on the CPU box, measured: a rate
+            for the output head's large GEMM and one for the rest)
   dispatch  rows per token per link class (comms: from a routing, measured or sampled) x hidden x element
             bytes / link bandwidth, plus the trainer's collectives x link latency; IB and NVLink overlap
             where the cluster's links run concurrently (DeepEP), else they add up
@@ -41,10 +42,15 @@ class Assumptions:
     dispatch_elem_bytes: float | None = None  # None: `element_bytes`
     combine_elem_bytes: float | None = None
     compute_rate: float | None = None  # measured FLOP/s per rank; overrides efficiency x peak (the CPU box)
+    # measured FLOP/s per rank of the output head's GEMM and fused loss (main and MTP passes); None: the rate of
+    # the rest. On the CPU box one large GEMM runs at several times the rate of the MoE layers' small ones
+    head_rate: float | None = None
 
     def describe(self) -> str:
         rate = (f"measured compute {self.compute_rate / 1e9:.0f} GFLOP/s per rank" if self.compute_rate
                 else f"compute at {self.efficiency:.0%} of the dtype's peak")
+        if self.head_rate:
+            rate += f", the head {self.head_rate / 1e9:.0f} GFLOP/s"
         return f"{rate}; {self.recipe} precision recipe"
 
 
@@ -155,6 +161,7 @@ def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, clu
     lay = res.layout
     tokens = lay.micro_batch * lay.seq_len
     rate = a.compute_rate or a.efficiency * cluster.peak(lay.dtype)
+    head_rate = a.head_rate or rate
     d_elem, c_elem = element_bytes(a, lay.dtype)
     calls_f, calls_b = moe_collectives(lay.dispatcher, lay.ep, res.ep_nodes, min(lay.ep, cluster.gpus_per_node))
     def transfer(elem_bytes: float) -> float:
@@ -177,9 +184,11 @@ def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, clu
         if "full" in lay.recompute:  # the recomputed forward dispatches and combines again
             b_comm += f_comm
         redo = sum(recompute_flops(model, s, lay.recompute) for s in chunk)  # recomputation runs in the backward
-        out.append(ChunkCost(sum(s.f_flops for s in chunk) * tokens / rate,
-                             (sum(s.bi_flops for s in chunk) + redo) * tokens / rate,
-                             sum(s.w_flops for s in chunk) * tokens / rate, f_comm, b_comm))
+        # the head's GEMM is 2 x head_matmul FLOPs per token in each of F, Bi and W
+        head = 2 * sum(s.head_matmul for s in chunk) * tokens * (1 / head_rate - 1 / rate)
+        out.append(ChunkCost(sum(s.f_flops for s in chunk) * tokens / rate + head,
+                             (sum(s.bi_flops for s in chunk) + redo) * tokens / rate + head,
+                             sum(s.w_flops for s in chunk) * tokens / rate + head, f_comm, b_comm))
     return out
 
 

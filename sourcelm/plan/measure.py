@@ -66,6 +66,27 @@ def matmul_peak(dtype: str, threads: int) -> float:
         return measure_cpu_peak(DTYPES[dtype])
 
 
+def head_rate(model: ModelConfig, micro_batch: int, seq_len: int, dtype: str, threads: int, repeats: int = 4) -> float:
+    """FLOP/s of the output head as the trainer runs it: the fused head GEMM and cross-entropy (`model.loss`) of
+    one micro-batch, forward and backward, i.e. its GEMM's F, Bi and W (6 x tokens x hidden x vocab FLOPs); the
+    fastest of `repeats` after a warm-up."""
+    from sourcelm.model.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[dtype]
+    h = torch.randn(micro_batch, seq_len, model.hidden_size, generator=g).to(dt).requires_grad_()
+    w = (0.02 * torch.randn(model.vocab_size, model.hidden_size, generator=g)).to(dt).requires_grad_()
+    labels = torch.randint(0, model.vocab_size, (micro_batch, seq_len), generator=g)
+    best = float("inf")
+    with _Threads(threads):
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            linear_cross_entropy(h, w, labels).backward()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+    return 6 * micro_batch * seq_len * model.hidden_size * model.vocab_size / best
+
+
 def memcpy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes copied per second (each byte read once and written once)."""
     src = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -200,12 +221,15 @@ def total_memory() -> float:
 
 
 def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int, micro_batch: int, seq_len: int,
-                    dtype: str) -> tuple[Cluster, float]:
+                    dtype: str) -> tuple[Cluster, float, float]:
     """(this machine as a cluster of `ranks` processes in pretend nodes of `ranks_per_node`, the compute rate
-    per rank in FLOP/s). The links, memory copy and matmul are measured directly; the compute rate and the
-    memory a process holds outside the plan's tensors are calibrated on the reduced model trained in the same
-    layout: its measured step less the plan's own communication and update times, its peak resident size less
-    the plan's own tensors. The full model is then predicted from its own FLOPs, tensors and traffic."""
+    per rank in FLOP/s, the output head's rate per rank). The links, memory copy, matmul and head are measured
+    directly; the compute rate and the memory a process holds outside the plan's tensors are calibrated on the
+    reduced model trained in the same layout: its measured step less the plan's own communication, update and
+    head times, its peak resident size less the plan's own tensors. The full model is then predicted from its own
+    FLOPs, tensors and traffic. The head has its own rate because it is one large GEMM and a fused loss, several
+    times faster per FLOP here than the MoE layers' small GEMMs: with one rate for both, the last pipeline stage
+    (head and MTP) was predicted 2.2x heavier than the first where it measured 1.2x."""
     from sourcelm.plan.estimate import Assumptions, plan_layout
     from sourcelm.plan.layout import PlanLayout
 
@@ -222,9 +246,12 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
     run = calibration_run(model, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype)
     lay = PlanLayout(ep=ep, micro_batch=micro_batch, global_batch=micro_batch * ranks, seq_len=seq_len, dtype=dtype,
                      attention="materialised")
-    small = plan_layout(reduced_model(model), links, lay, Assumptions(compute_rate=1.0))  # times in FLOPs
-    flops = small.time.pop("compute (micro-batches in turn)")
-    other = small.step_time  # communication, reduction, update: independent of the compute rate
-    rate = flops / max(run["step_time"] - other, run["step_time"] / 4)
+    head = head_rate(model, micro_batch, seq_len, dtype, threads) * share
+    small = plan_layout(reduced_model(model), links, lay, Assumptions(compute_rate=1.0, head_rate=head))
+    other = small.step_time - small.time["compute (micro-batches in turn)"]  # communication, reduction, update
+    layers = plan_layout(reduced_model(model), links, lay, Assumptions(compute_rate=1.0, head_rate=float("inf")))
+    flops = layers.time["compute (micro-batches in turn)"]  # at rate 1: the FLOPs outside the head
+    head_s = small.time["compute (micro-batches in turn)"] - flops  # the head's seconds at its measured rate
+    rate = flops / max(run["step_time"] - other - head_s, run["step_time"] / 4)
     overhead = max(run["peak_rss"] - small.worst_memory.total, runtime_rss())
-    return dataclasses.replace(links, runtime_bytes=overhead), rate
+    return dataclasses.replace(links, runtime_bytes=overhead), rate, head

@@ -41,6 +41,7 @@ class Slot:
     matmul: int  # matmul parameters one token multiplies (activated), head pass included for MTP
     attn_flops: float  # causal attention core, forward, per token
     copied: int = 0  # parameters the trainer keeps a compute-dtype copy of (`DeepseekV3.matmul_weights`)
+    head_matmul: int = 0  # of `matmul`, the output head's (one large GEMM and the fused loss: its own rate)
 
     @property
     def f_flops(self) -> float:
@@ -89,9 +90,10 @@ def model_slots(cfg: ModelConfig, seq_len: int) -> list[Slot]:
     for k, layer in enumerate(model.mtp):
         c = _count(layer, cfg)
         slots.append(Slot(f"mtp.{k}", "mtp", c["total"], experts(layer), c["matmul"] + head["matmul"], attn,
-                          copied(f"mtp.{k}", layer)))
+                          copied(f"mtp.{k}", layer), head["matmul"]))
     norm = _count(model.model.norm, cfg)
-    slots.append(Slot("head", "head", head["total"] + norm["total"], 0, head["matmul"], 0.0))
+    slots.append(Slot("head", "head", head["total"] + norm["total"], 0, head["matmul"], 0.0,
+                      head_matmul=head["matmul"]))
     return slots
 
 

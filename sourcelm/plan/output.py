@@ -36,7 +36,8 @@ def plan_dict(plan: Plan, tokens: float | None = None) -> dict:
                    "recompute": list(lay.recompute), "zero1": lay.zero1, "dispatcher": lay.dispatcher,
                    "chunks": [[s.name for s in c] for c in plan.chunks]},
         "assumptions": {"description": plan.assumptions.describe(), "efficiency": plan.assumptions.efficiency,
-                        "compute_rate": plan.assumptions.compute_rate, "recipe": plan.assumptions.recipe},
+                        "compute_rate": plan.assumptions.compute_rate, "head_rate": plan.assumptions.head_rate,
+                        "recipe": plan.assumptions.recipe},
         "memory": {"fits": plan.fits, "worst_rank": worst.rank, "worst_total_bytes": worst.total,
                    "capacity_bytes": cl.hbm_bytes, "largest_term": worst.largest[0],
                    "per_rank": [{"rank": m.rank, "chunks": m.chunks, "total_bytes": m.total, "terms": m.terms}

@@ -60,6 +60,21 @@ def test_the_plan_cuts_chunks_where_the_layer_counts_say(tiny):
     assert layers_per_chunk(schedule="dualpipev", pp_layers=(1, 1, 1, 1)) == [1, 1, 1, 1]
 
 
+def test_the_head_is_priced_at_its_own_rate(tiny):
+    """Assumptions.head_rate prices the head's GEMM (main and MTP passes: 2 x hidden x vocab FLOPs per token in each
+    of F, Bi and W) apart from the rest; left unset it is the rate of the rest."""
+    lay = PlanLayout(pp=2, micro_batch=1, global_batch=32, seq_len=256)
+    one = plan_layout(tiny, ONE_NODE, lay, Assumptions(compute_rate=1e9))
+    same = plan_layout(tiny, ONE_NODE, lay, Assumptions(compute_rate=1e9, head_rate=1e9))
+    free = plan_layout(tiny, ONE_NODE, lay, Assumptions(compute_rate=1e9, head_rate=float("inf")))
+    assert one.costs == same.costs
+    head = 2 * tiny.hidden_size * tiny.vocab_size * 256 / 1e9  # seconds of one head pass of a micro-batch, at 1e9
+    passes = 1 + tiny.num_nextn_predict_layers  # both on the last chunk
+    for kind in ("f_comp", "bi_comp", "w_comp"):
+        assert getattr(one.costs[0], kind) == getattr(free.costs[0], kind)  # no head on the first chunk
+        assert getattr(one.costs[1], kind) - getattr(free.costs[1], kind) == pytest.approx(passes * head)
+
+
 def test_deepseek_layouts_that_cannot_exist(v3):
     h800 = load_cluster("h800")
     base = PlanLayout(pp=16, ep=64, schedule="dualpipe", micro_batch=1, global_batch=15360, seq_len=4096)
