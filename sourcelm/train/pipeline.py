@@ -199,6 +199,7 @@ class PipelineExecutor:
         start = time.perf_counter()
         ops = schedule(self.topo.stage, self.pp, work.n_micro, self.kind, self.zero_bubble)
         self._store = WeightGradStore()
+        self._forwards = self._backwards = 0
         self._defers = {(op.chunk, op.micro_batch) for op in ops if op.defer_w}
         i = 0
         while i < len(ops):
@@ -208,7 +209,6 @@ class PipelineExecutor:
             else:
                 self._alone(model, work, ops[i])
                 i += 1
-            self._timing["in_flight"] = max(self._timing["in_flight"], sum(isinstance(k[0], int) for k in self._live))
         self._drain()
         if len(self._store):
             raise RuntimeError(f"{len(self._store)} deferred weight-gradient sets left after the step's ops")
@@ -296,6 +296,10 @@ class PipelineExecutor:
 
     def _forward(self, model, work: StepWork, c: int, m: int, lane: Lane) -> None:
         last, live = c == self.n_chunks - 1, {}
+        # chunk states held: forwards started less backwards ended (the simulator's count). Two counters, each
+        # written by one thread at a time: forwards run in the step's own thread, backwards one at a time
+        self._forwards += 1
+        self._timing["in_flight"] = max(self._timing["in_flight"], self._forwards - self._backwards)
         inputs, labels, token_mask = model_inputs(work.batch(m))  # every chunk: the padding mask (SFT) counts
         # a B that defers its weight gradients is decided here, where its GEMMs are built (train.weight_grad)
         defers = self._store.recording((c, m)) if (c, m) in self._defers else contextlib.nullcontext()
@@ -357,6 +361,7 @@ class PipelineExecutor:
                 self._send(grad_emb, 0, EMB_GRAD, 0, m)
         if work.n_micro > 1:  # summed in fp32 (the compute copies' gradients are bf16); deferred ones after their W
             work.fold_grads()
+        self._backwards += 1
 
     def _weights(self, work: StepWork, c: int, m: int) -> None:
         """The W op: the weight gradients the B of (c, m) deferred, the oldest waiting, into `.grad`, then folded."""

@@ -13,6 +13,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from sourcelm.plan import pipeline_sim
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.pipeline import Lane, covered
 
@@ -79,6 +80,9 @@ def test_dualpipev_zero_bubble_split_gives_the_bits_of_full_backwards(small_args
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     for key in ("pp_bi_ms", "pp_w_ms"):  # per rank: every rank ran Bi and W ops with the split, none without
         assert min(split[-1][key]) > 0 and max(full[-1][key]) == 0, key
+    # the chunk states each rank held at once: the schedule simulator's count for the same order (Table 2's PP + 1)
+    sim = pipeline_sim.simulate(pipeline_sim.trainer_schedule("dualpipev", 2, 8), pipeline_sim.ChunkTimes(1, 2, 1))
+    assert split[-1]["pp_in_flight"] == full[-1]["pp_in_flight"] == [r.peak_activations for r in sim.ranks] == [5, 5]
 
 
 @pytest.mark.slow
