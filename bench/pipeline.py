@@ -26,6 +26,7 @@ for a core (the output says how many cores there were), and two threads of a pai
 
     .venv/bin/python bench/pipeline.py [--steps 6 --layers 8 --hidden 128 --seq 128 --global-batch 16 --max-pp 4]
     .venv/bin/python bench/pipeline.py --max-pp 2 --ep 2 --ranks-per-node 1 --links ib=200mbit,nvlink=640mbit
+    .venv/bin/python bench/pipeline.py --max-pp 2 --layers 16 --hidden 256 --seq 256 --cut dualpipev:4,5,4,3
 """
 
 from __future__ import annotations

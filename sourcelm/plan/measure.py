@@ -229,7 +229,7 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
     head times, its peak resident size less the plan's own tensors. The full model is then predicted from its own
     FLOPs, tensors and traffic. The head has its own rate because it is one large GEMM and a fused loss, several
     times faster per FLOP here than the MoE layers' small GEMMs: with one rate for both, the last pipeline stage
-    (head and MTP) was predicted 2.2x heavier than the first where it measured 1.2x."""
+    (head and MTP) was predicted 2.7x as busy as the first where it measured 1.2x."""
     from sourcelm.plan.estimate import Assumptions, plan_layout
     from sourcelm.plan.layout import PlanLayout
 
