@@ -5,9 +5,10 @@
   links         gloo all-to-all between local processes, pairs of ranks at once as the dispatcher's hops
                 run: latency (tiny messages) and bandwidth (4 MB per peer). Every "link" is the loopback.
   compute rate  the model cut down to its dense layers and one MoE layer (no MTP), trained by `sourcelm
-                train` in the layout to predict (processes, pretend nodes, EP, micro-batch): model FLOPs per
-                second of its step once the plan's communication and update times are taken out; the whole
+                train` in the layout to predict (processes, pretend nodes, EP, micro-batch): FLOPs outside the head per
+                second of its step once the plan's communication, update and head times are taken out; the whole
                 model's compute time is then its FLOPs / this rate
+  head rate     the same cut trained again with a 256-token vocabulary: the head's FLOPs saved / the time saved
   runtime       that run's peak resident size less the plan's tensors for it: the interpreter, torch's code
                 pages, kernel caches, allocator slack (at least an idle process's size)
 Ranks share the cores: with more processes than cores each gets cores / processes of one thread (the peak and
@@ -64,27 +65,6 @@ def matmul_peak(dtype: str, threads: int) -> float:
 
     with _Threads(threads):
         return measure_cpu_peak(DTYPES[dtype])
-
-
-def head_rate(model: ModelConfig, micro_batch: int, seq_len: int, dtype: str, threads: int, repeats: int = 4) -> float:
-    """FLOP/s of the output head as the trainer runs it: the fused head GEMM and cross-entropy (`model.loss`) of
-    one micro-batch, forward and backward, i.e. its GEMM's F, Bi and W (6 x tokens x hidden x vocab FLOPs); the
-    fastest of `repeats` after a warm-up."""
-    from sourcelm.model.loss import linear_cross_entropy
-
-    g = torch.Generator().manual_seed(0)
-    dt = DTYPES[dtype]
-    h = torch.randn(micro_batch, seq_len, model.hidden_size, generator=g).to(dt).requires_grad_()
-    w = (0.02 * torch.randn(model.vocab_size, model.hidden_size, generator=g)).to(dt).requires_grad_()
-    labels = torch.randint(0, model.vocab_size, (micro_batch, seq_len), generator=g)
-    best = float("inf")
-    with _Threads(threads):
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            linear_cross_entropy(h, w, labels).backward()
-            if i:
-                best = min(best, time.perf_counter() - t0)
-    return 6 * micro_batch * seq_len * model.hidden_size * model.vocab_size / best
 
 
 def memcpy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -223,13 +203,14 @@ def total_memory() -> float:
 def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int, micro_batch: int, seq_len: int,
                     dtype: str) -> tuple[Cluster, float, float]:
     """(this machine as a cluster of `ranks` processes in pretend nodes of `ranks_per_node`, the compute rate
-    per rank in FLOP/s, the output head's rate per rank). The links, memory copy, matmul and head are measured
-    directly; the compute rate and the memory a process holds outside the plan's tensors are calibrated on the
-    reduced model trained in the same layout: its measured step less the plan's own communication, update and
-    head times, its peak resident size less the plan's own tensors. The full model is then predicted from its own
-    FLOPs, tensors and traffic. The head has its own rate because it is one large GEMM and a fused loss, several
-    times faster per FLOP here than the MoE layers' small GEMMs: with one rate for both, the last pipeline stage
-    (head and MTP) was predicted 2.7x as busy as the first where it measured 1.2x."""
+    per rank in FLOP/s, the output head's rate per rank). The links, memory copy and matmul are measured directly;
+    the rates and the memory a process holds outside the plan's tensors are calibrated on the reduced model trained
+    in the same layout, once with the model's vocabulary and once with 256 tokens: the difference of the two steps
+    (less the plan's own communication, reduction and update times) prices the head, the rest of the step the
+    other FLOPs, and the peak resident size less the plan's own tensors is the process's overhead. The full model
+    is then predicted from its own FLOPs, tensors and traffic. The head has its own rate because it is one large
+    GEMM and a fused loss, 2-4x faster per FLOP here than the MoE layers' small GEMMs: with one rate for both, the
+    last pipeline stage (head and MTP) was predicted 2.7x as busy as the first where it measured 1.2x."""
     from sourcelm.plan.estimate import Assumptions, plan_layout
     from sourcelm.plan.layout import PlanLayout
 
@@ -243,15 +224,27 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
         sources={"all": f"measured on this machine ({cores()} cores, {ranks} process(es), {threads} thread(s) each): "
                         f"gloo loopback, memory copy, matmul; compute rate and process overhead from a reduced model "
                         f"({reduced_model(model).num_hidden_layers} layers, no MTP) trained in the same layout"})
-    run = calibration_run(model, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype)
     lay = PlanLayout(ep=ep, micro_batch=micro_batch, global_batch=micro_batch * ranks, seq_len=seq_len, dtype=dtype,
                      attention="materialised")
-    head = head_rate(model, micro_batch, seq_len, dtype, threads) * share
-    small = plan_layout(reduced_model(model), links, lay, Assumptions(compute_rate=1.0, head_rate=head))
-    other = small.step_time - small.time["compute (micro-batches in turn)"]  # communication, reduction, update
-    layers = plan_layout(reduced_model(model), links, lay, Assumptions(compute_rate=1.0, head_rate=float("inf")))
-    flops = layers.time["compute (micro-batches in turn)"]  # at rate 1: the FLOPs outside the head
-    head_s = small.time["compute (micro-batches in turn)"] - flops  # the head's seconds at its measured rate
-    rate = flops / max(run["step_time"] - other - head_s, run["step_time"] / 4)
+
+    def calibrated(cfg: ModelConfig):
+        """The reduced model trained in the layout: (its run, its step less communication, reduction and update,
+        its head FLOPs, its FLOPs outside the head; FLOPs as the plan's seconds at rate 1)."""
+        run = calibration_run(cfg, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype)
+        every = plan_layout(reduced_model(cfg), links, lay, Assumptions(compute_rate=1.0))
+        rest = plan_layout(reduced_model(cfg), links, lay, Assumptions(compute_rate=1.0, head_rate=float("inf")))
+        flops, rest_flops = every.time["compute (micro-batches in turn)"], rest.time["compute (micro-batches in turn)"]
+        return run, every, run["step_time"] - (every.step_time - flops), flops - rest_flops, rest_flops
+
+    # the head's rate from the same cut trained with a 256-token vocabulary: the difference of the two steps is the
+    # difference of their heads, run as inside a step (the cores shared as in training, the loss's kernels)
+    run, small, compute_s, head_flops, flops = calibrated(model)
+    _, _, compute_small_vocab_s, head_flops_small_vocab, _ = calibrated(dataclasses.replace(model, vocab_size=256))
+    head_s = compute_s - compute_small_vocab_s
+    if head_s <= 0:  # noise larger than the head: price it as the rest
+        head = flops / max(compute_s, run["step_time"] / 4)
+    else:
+        head = (head_flops - head_flops_small_vocab) / head_s
+    rate = flops / max(compute_s - head_flops / head, run["step_time"] / 4)
     overhead = max(run["peak_rss"] - small.worst_memory.total, runtime_rss())
     return dataclasses.replace(links, runtime_bytes=overhead), rate, head
