@@ -38,6 +38,9 @@ gradient bits; the executor folds gradients after every B and every W (`fold_gra
 one micro-batch's gradient per parameter, in micro-batch order, and a step gives the same bits with the split or
 without (tests/train/test_pipeline_train.py). Each weight tensor must feed one GEMM per forward (true of this
 model): a weight used twice would have its two gradients accumulated separately.
+
+Where it has run: on the CPU only (fp32, bf16 with the AMX kernel, FP8 emulated). The `torch._grouped_mm` and
+FP8 "cuda" paths are written for GPUs and have not run on one.
 """
 
 from __future__ import annotations
