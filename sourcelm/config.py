@@ -375,13 +375,7 @@ class Config:
             raise ConfigError(f"parallel.pp = {pp} with {self.parallel.pp_schedule} cuts {chunks} chunks, more than "
                               f"the model.num_hidden_layers = {self.model.num_hidden_layers} main layers; set "
                               f"parallel.pp <= {self.model.num_hidden_layers // (chunks // pp)}")
-        layers = self.parallel.pp_layers
-        if layers and (pp == 1 or len(layers) != chunks or min(layers) < 1
-                       or sum(layers) != self.model.num_hidden_layers):
-            raise ConfigError(f"parallel.pp_layers = {layers}: give {chunks if pp > 1 else 'no'} layer counts, each >= "
-                              f"1, summing to model.num_hidden_layers = {self.model.num_hidden_layers} (one per "
-                              f"chunk of parallel.pp = {pp} with {self.parallel.pp_schedule}), or [] for the "
-                              f"FLOP-balanced cut")
+        check_pp_layers(self.parallel.pp_layers, pp, chunks, self.model.num_hidden_layers)
         _choice("parallel", "dispatcher", self.parallel.dispatcher, ("flat", "two_hop", "two_hop_chunked"))
         if self.parallel.dispatch_chunk_rows < 0:
             raise ConfigError(f"parallel.dispatch_chunk_rows = {self.parallel.dispatch_chunk_rows}: use a positive "
@@ -421,6 +415,14 @@ def check_batch_layout(cfg: Config, ranks: int) -> int:
                 f"{smallest // quantum}; set schedule.micro_batch to one of {fits or [1]} or raise "
                 f"schedule.global_batch")
     return quantum
+
+
+def check_pp_layers(counts, pp: int, chunks: int, layers: int) -> None:
+    """parallel.pp_layers: one count per pipeline chunk, each >= 1, summing to the main layers (or none)."""
+    if counts and (pp == 1 or len(counts) != chunks or min(counts) < 1 or sum(counts) != layers):
+        raise ConfigError(f"parallel.pp_layers = {list(counts)}: give {chunks if pp > 1 else 'no'} layer counts, each "
+                          f">= 1, summing to model.num_hidden_layers = {layers} (one per chunk of parallel.pp = {pp}), "
+                          f"or none for the FLOP-balanced cut")
 
 
 def divisors(n: int) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sourcelm.config import ConfigError, ModelConfig, divisors
+from sourcelm.config import ConfigError, ModelConfig, check_pp_layers, divisors
 from sourcelm.parallel.topology import validate_layout
 from sourcelm.plan.cluster import Cluster
 from sourcelm.plan.model_costs import RECOMPUTE
@@ -92,11 +92,7 @@ def resolve(layout: PlanLayout, model: ModelConfig, cluster: Cluster) -> Resolve
             f"parallel.pp = {lay.pp} cuts the model into {chunks} chunks"
             f"{' (dualpipev: 2 per rank)' if chunks != lay.pp else ''} but it has {model.num_hidden_layers} decoder "
             f"layers; choose parallel.pp among {[d for d in divisors(world) if d <= most]}")
-    if lay.pp_layers and (lay.pp == 1 or len(lay.pp_layers) != chunks or min(lay.pp_layers) < 1
-                          or sum(lay.pp_layers) != model.num_hidden_layers):
-        raise ConfigError(f"parallel.pp_layers = {list(lay.pp_layers)}: give {chunks if lay.pp > 1 else 'no'} layer "
-                          f"counts, each >= 1, summing to the model's {model.num_hidden_layers} decoder layers, or "
-                          f"none for the FLOP-balanced cut")
+    check_pp_layers(lay.pp_layers, lay.pp, chunks, model.num_hidden_layers)
     dp = world // lay.pp
     if model.n_routed_experts % lay.ep:
         raise ConfigError(f"parallel.ep = {lay.ep} must divide model.n_routed_experts = {model.n_routed_experts}; "

@@ -40,7 +40,7 @@ ONE_NODE = load_cluster("h100").with_nodes(1)  # 8 GPUs
     ({"global_batch": 12}, r"schedule.global_batch = 12 must be a multiple of schedule.micro_batch x DP = 1 x 8"),
     ({"pp": 2, "schedule": "dualpipe", "global_batch": 8}, r"'dualpipe' needs .* at least 2 x pp = 4 \(got 2\)"),
     ({"pp": 2, "pp_layers": (3, 2)}, r"parallel.pp_layers = \[3, 2\]: give 2 layer counts, each >= 1, summing to "
-                                     r"the model's 4 decoder layers"),
+                                     r"model.num_hidden_layers = 4"),
     ({"dtype": "fp16"}, r"train.dtype = 'fp16'"),
     ({"recompute": ("attention",)}, r"plan.recompute = 'attention'"),
 ])
