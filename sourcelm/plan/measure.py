@@ -222,14 +222,15 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
         ib_bw=bw, link_latency=latency, runtime_bytes=0.0, mem_bw=memcpy_bandwidth() * share,
         comm_overlaps_compute=False,
         sources={"all": f"measured on this machine ({cores()} cores, {ranks} process(es), {threads} thread(s) each): "
-                        f"gloo loopback, memory copy, matmul; compute rate and process overhead from a reduced model "
-                        f"({reduced_model(model).num_hidden_layers} layers, no MTP) trained in the same layout"})
+                        f"gloo loopback, memory copy, matmul; compute rate, head rate and process overhead from a "
+                        f"reduced model ({reduced_model(model).num_hidden_layers} layers, no MTP) trained in the "
+                        f"same layout, with the model's vocabulary and with 256 tokens"})
     lay = PlanLayout(ep=ep, micro_batch=micro_batch, global_batch=micro_batch * ranks, seq_len=seq_len, dtype=dtype,
                      attention="materialised")
 
     def calibrated(cfg: ModelConfig):
-        """The reduced model trained in the layout: (its run, its step less communication, reduction and update,
-        its head FLOPs, its FLOPs outside the head; FLOPs as the plan's seconds at rate 1)."""
+        """The reduced model trained in the layout: (its run, its plan, its step less communication, reduction and
+        update, its head FLOPs, its FLOPs outside the head; FLOPs as the plan's seconds at rate 1)."""
         run = calibration_run(cfg, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype)
         every = plan_layout(reduced_model(cfg), links, lay, Assumptions(compute_rate=1.0))
         rest = plan_layout(reduced_model(cfg), links, lay, Assumptions(compute_rate=1.0, head_rate=float("inf")))
