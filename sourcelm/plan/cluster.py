@@ -35,6 +35,9 @@ class Cluster:
     mem_bw: float | None = None  # bytes/s of device memory (HBM; a memory copy on the CPU box): memory-bound work
     # GPUs run the all-to-all on their own SMs (DeepEP) beside the compute; gloo on a CPU takes the same cores
     comm_overlaps_compute: bool = True
+    # the CPU box: every rank runs one thread on these shared cores, so a rank that waits gives its share to the
+    # busy ones; None: each rank has a device of its own
+    shared_cores: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -11,7 +11,8 @@ reduction + the optimizer update + the trainer's per-step bookkeeping collective
   overlap   a chunk alone exposes its communication; DualPipe's overlapped forward/backward pairs take
             max(compute, communication) of the pair (report §3.2.1) where the cluster's communication runs
             beside its compute (GPUs), the sum where it takes the same cores (gloo on a CPU)
-  bubble    the event simulator runs the schedule on these chunk times (pipeline_sim)
+  bubble    the event simulator runs the schedule on these chunk times (pipeline_sim); on the CPU box, whose
+            ranks share the cores, a stage computes faster while another waits (`core_speed`)
   DP        ring reduce-scatter / all-reduce of the gradients and all-gather of the weights, exposed
   optimizer the AdamW update is memory-bound: bytes it reads and writes / memory bandwidth
 MFU is reported against the BF16 dense peak with the main model's FLOPs per token (`sourcelm.model.flops`,
@@ -156,6 +157,20 @@ def moe_collectives(dispatcher: str, ep: int, ep_nodes: int, ep_local: int) -> t
     return 5 * hops, 3 * hops
 
 
+def core_speed(cluster: Cluster, world: int, pp: int):
+    """None where each rank has a device of its own; on the CPU box (`Cluster.shared_cores`), how fast a pipeline
+    rank computes while `busy` of the `pp` pipeline ranks compute, as a multiple of its calibrated rate, which was
+    measured with every process busy: the processes of a waiting stage give their share of the cores to the busy
+    ones, up to one core each (a rank runs one thread)."""
+    if not cluster.shared_cores:
+        return None
+
+    def share(processes: int) -> float:
+        return min(1.0, cluster.shared_cores / processes)
+
+    return lambda busy: share(busy * world // pp) / share(world)
+
+
 def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, cluster: Cluster, a: Assumptions,
                 routing: comms.RoutingStats | None, links_overlap: bool) -> list[ChunkCost]:
     lay = res.layout
@@ -232,7 +247,8 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assump
         p2p = tokens * model.hidden_size * act_bytes / (cluster.ib_bw if res.dp >= cluster.gpus_per_node
                                                          else cluster.nvlink_bw)
         times = StageTimes(costs, cluster.comm_overlaps_compute)
-        run = plan.pipeline = run_schedule(lay.schedule, lay.pp, res.n_micro, times, p2p=p2p)
+        run = plan.pipeline = run_schedule(lay.schedule, lay.pp, res.n_micro, times, p2p=p2p,
+                                           speed=core_speed(cluster, res.world, lay.pp))
         plan.time["pipeline (compute + exposed dispatch/combine)"] = run.makespan - run.bubble
         plan.time["pipeline bubble"] = run.bubble
         held, in_flight = run.chunks_held, run.peak_activations

@@ -12,7 +12,8 @@
   runtime       that run's peak resident size less the plan's tensors for it: the interpreter, torch's code
                 pages, kernel caches, allocator slack (at least an idle process's size)
 Ranks share the cores: with more processes than cores each gets cores / processes of one thread (the peak and
-the copy bandwidth are scaled so; the calibration run shares them for real).
+the copy bandwidth are scaled so; the calibration run shares them for real, every rank busy). A pipeline's ranks
+are not all busy: while some wait, the others get their share (`Cluster.shared_cores`, the planner's `core_speed`).
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
         name="this CPU box (measured)", nodes=ranks // ranks_per_node, gpus_per_node=ranks_per_node,
         hbm_bytes=total_memory() / ranks, peak_flops={dtype: matmul_peak(dtype, threads) * share}, nvlink_bw=bw,
         ib_bw=bw, link_latency=latency, runtime_bytes=0.0, mem_bw=memcpy_bandwidth() * share,
-        comm_overlaps_compute=False,
+        comm_overlaps_compute=False, shared_cores=cores() if ranks > 1 else None,
         sources={"all": f"measured on this machine ({cores()} cores, {ranks} process(es), {threads} thread(s) each): "
                         f"gloo loopback, memory copy, matmul; compute rate, head rate and process overhead from a "
                         f"reduced model ({reduced_model(model).num_hidden_layers} layers, no MTP) trained in the "

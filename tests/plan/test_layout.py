@@ -11,7 +11,7 @@ import pytest
 from sourcelm.cli import main
 from sourcelm.config import ConfigError, load_config
 from sourcelm.plan.cluster import load_cluster
-from sourcelm.plan.estimate import Assumptions, plan_layout
+from sourcelm.plan.estimate import Assumptions, core_speed, plan_layout
 from sourcelm.plan.layout import PlanLayout, resolve
 from sourcelm.plan.search import fixes, search
 
@@ -73,6 +73,22 @@ def test_the_head_is_priced_at_its_own_rate(tiny):
     for kind in ("f_comp", "bi_comp", "w_comp"):
         assert getattr(one.costs[0], kind) == getattr(free.costs[0], kind)  # no head on the first chunk
         assert getattr(one.costs[1], kind) - getattr(free.costs[1], kind) == pytest.approx(passes * head)
+
+
+def test_ranks_that_share_cores_compute_faster_while_others_wait(tiny):
+    """On the CPU box (`shared_cores`) a stage computes faster while the other waits, up to a core per process; its
+    busy time and bubble shrink, the work is the same. GPUs (no shared cores) keep the schedule's own timing."""
+    lay = PlanLayout(pp=2, ep=2, micro_batch=1, global_batch=8, seq_len=256)
+    box = dataclasses.replace(ONE_NODE, gpus_per_node=4, comm_overlaps_compute=False)
+    assert core_speed(box, 4, 2) is None
+    two_cores = dataclasses.replace(box, shared_cores=2)
+    speed = core_speed(two_cores, 4, 2)
+    assert (speed(1), speed(2)) == (2.0, 1.0)  # one stage's 2 processes alone on 2 cores; all 4 sharing them
+    assert core_speed(dataclasses.replace(box, shared_cores=4), 4, 2)(1) == 1.0  # one thread each: no faster
+    alone, shared = (plan_layout(tiny, c, lay, Assumptions(compute_rate=1e9)) for c in (box, two_cores))
+    assert alone.costs == shared.costs
+    assert shared.step_time < alone.step_time
+    assert all(s < a for s, a in zip(shared.pipeline.idle, alone.pipeline.idle))
 
 
 def test_deepseek_layouts_that_cannot_exist(v3):

@@ -97,9 +97,28 @@ def test_dualpipe_beats_1f1b_at_the_same_ranks_and_micro_batches():
         assert bubbles["dualpipe"] < bubbles["zb1p"] < bubbles["1f1b"]
 
 
+def test_ranks_sharing_cores_run_faster_while_others_wait():
+    """speed(k): every running step's pace while k ranks run. 1F1B on 2 ranks, 2 micro-batches, F = 1, B = 2, a
+    rank alone twice as fast: by hand, rank 0 runs F0 0-0.5, F1 0.5-1.5, B0 2.5-4.5 (half of it at pace 1 beside
+    rank 1's F1, half beside its B1), B1 5-6; rank 1 F0 0.5-1.5, B0 1.5-2.5, F1 2.5-3.5, B1 3.5-5. Alone the ranks
+    take 9 (Table 2: 2 x 3 + 3)."""
+    sched, times = ps.build_schedule("1f1b", 2, 2), ps.ChunkTimes(1.0, 2.0)
+    res = ps.simulate(sched, times, speed=lambda busy: 2.0 if busy == 1 else 1.0)
+    spans = [[(s.step.tasks[0].kind, s.step.tasks[0].mb, s.start, s.end) for s in r.slots] for r in res.ranks]
+    assert spans == [[("F", 0, 0.0, 0.5), ("F", 1, 0.5, 1.5), ("B", 0, 2.5, 4.5), ("B", 1, 5.0, 6.0)],
+                     [("F", 0, 0.5, 1.5), ("B", 0, 1.5, 2.5), ("F", 1, 2.5, 3.5), ("B", 1, 3.5, 5.0)]]
+    assert ps.simulate(sched, times).makespan == 9.0
+    # a pace that does not depend on the busy count scales every time by its inverse
+    for name in ps.SCHEDULES:
+        one, fast = (ps.simulate(ps.build_schedule(name, 4, 10), ps.ChunkTimes(1.0, 2.5, 0.5, 3.0), p2p=0.1 * c,
+                                 speed=lambda busy, c=c: 1 / c) for c in (1.0, 4.0))
+        assert abs(fast.makespan - 4 * one.makespan) < 1e-9, name
+
+
 def test_long_runs_extrapolate_exactly():
     """run_schedule simulates 4P and 4P + 2 micro-batches and extends the steady phase linearly; on
-    uneven chunk times and with a transfer delay it equals the full simulation."""
+    uneven chunk times, with a transfer delay, and with ranks that share cores it equals the full simulation (per
+    rank's idle time: within 1e-4 of the step with shared cores)."""
     rng = random.Random(3)
 
     class Uneven:
@@ -121,12 +140,17 @@ def test_long_runs_extrapolate_exactly():
             for _ in range(chunks):
                 f, w = rng.uniform(0.5, 2), rng.uniform(0.2, 1.5)
                 per.append((f, f + w + rng.uniform(0.2, 2), w))
-            for n in (4 * p + 6, 9 * p + 2):
-                full = ps.simulate(ps.build_schedule(name, p, n), Uneven(per), p2p=0.1)
-                run = ps.run_schedule(name, p, n, Uneven(per), p2p=0.1)
-                assert run.simulated_micro_batches != (n,)
-                assert abs(run.makespan - full.makespan) < 1e-9
-                assert all(abs(a - r.idle) < 1e-9 for a, r in zip(run.idle, full.ranks))
+            # each rank alone (None), and 2 cores shared by 4 processes per pipeline rank (the CPU box)
+            for speed in (None, lambda busy: min(1.0, 2 / (4 * busy)) / min(1.0, 2 / (4 * p))):
+                for n in (4 * p + 6, 9 * p + 2):
+                    full = ps.simulate(ps.build_schedule(name, p, n), Uneven(per), p2p=0.1, speed=speed)
+                    run = ps.run_schedule(name, p, n, Uneven(per), p2p=0.1, speed=speed)
+                    assert run.simulated_micro_batches != (n,)
+                    assert abs(run.makespan - full.makespan) < 1e-9 * full.makespan
+                    # shared cores: a rank's share of the work can settle later than the makespan's (ZB1P on 4
+                    # ranks: 2e-3 of 202 s on one rank)
+                    tol = 1e-9 if speed is None else 1e-4 * full.makespan
+                    assert all(abs(a - r.idle) < tol for a, r in zip(run.idle, full.ranks)), (name, p, n)
 
 
 @pytest.mark.parametrize("name", ["1f1b", "dualpipev"])
