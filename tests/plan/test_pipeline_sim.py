@@ -141,7 +141,7 @@ def test_long_runs_extrapolate_exactly():
                 f, w = rng.uniform(0.5, 2), rng.uniform(0.2, 1.5)
                 per.append((f, f + w + rng.uniform(0.2, 2), w))
             # each rank alone (None), and 2 cores shared by 4 processes per pipeline rank (the CPU box)
-            for speed in (None, lambda busy: min(1.0, 2 / (4 * busy)) / min(1.0, 2 / (4 * p))):
+            for speed in (None, lambda busy, p=p: min(1.0, 2 / (4 * busy)) / min(1.0, 2 / (4 * p))):
                 for n in (4 * p + 6, 9 * p + 2):
                     full = ps.simulate(ps.build_schedule(name, p, n), Uneven(per), p2p=0.1, speed=speed)
                     run = ps.run_schedule(name, p, n, Uneven(per), p2p=0.1, speed=speed)
