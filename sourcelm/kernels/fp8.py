@@ -200,12 +200,13 @@ class FP8Linear(torch.autograd.Function):
     the weight itself (already resident; it is requantized in backward, deterministically the same)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, sink=None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype,
+                sink=None) -> torch.Tensor:
         rows_multiple = TILE if backend == "cuda" else 1
         x2 = x.reshape(-1, x.shape[-1])
         qx = quantize_operand(x2, 1, rows_multiple)
         w = quantize_operand(weight, TILE)
-        y = _mm(qx, w, backend, x.dtype)
+        y = _mm(qx, w, backend, out_dtype)
         ctx.save_for_backward(qx.q, qx.scale, weight)
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.sink = backend, x.shape, x.dtype, sink
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -226,7 +227,7 @@ class FP8Linear(torch.autograd.Function):
             ctx.sink.file(lambda: _wgrad(xq, x_scale, g2, weight, backend))
         elif ctx.needs_input_grad[1]:
             grad_w = _wgrad(xq, x_scale, g2, weight, backend)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 def _wgrad(xq: torch.Tensor, x_scale: torch.Tensor, g2: torch.Tensor, weight: torch.Tensor,
@@ -242,7 +243,8 @@ def _wgrad(xq: torch.Tensor, x_scale: torch.Tensor, g2: torch.Tensor, weight: to
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", sink=None) -> torch.Tensor:
     """F.linear(x, weight) (no bias) in DeepSeek-V3's FP8 recipe. x [..., in] in any float dtype, weight
-    [out, in] (an fp32 master or a bf16 copy); the output has x's dtype, the weight gradient the weight's.
+    [out, in] (an fp32 master or a bf16 copy); the output has the dtype F.linear's would have (autocast's, e.g.
+    BF16, inside autocast; else x's), the input gradient x's, the weight gradient the weight's.
     backend: "emulate" (any device) or "cuda" (call `check_fp8_setting` once at start first). sink
     (`ops.WeightGradSink`, holding weight): backward files the Wgrad there instead of returning it."""
     if backend not in ("emulate", "cuda"):
@@ -252,7 +254,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", 
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x has {x.shape[-1]} input features, weight {list(weight.shape)} wants "
                          f"{weight.shape[1]}")
-    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, sink)
+    device = x.device.type
+    # as F.linear under autocast: a BF16 output even from an FP32 input (the residual stream's RMSNorm), so what
+    # follows the GEMM runs and saves for backward in BF16, as it does with FP8 off
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, out_dtype, sink)
 
 
 # ------------------------------------------------------------------------------------------ the setting

@@ -227,6 +227,19 @@ def test_dtypes_follow_the_input_and_the_weight():
         x.grad = None
 
 
+def test_the_output_dtype_is_f_linears_under_autocast():
+    """An FP32 input (the residual stream after RMSNorm) under BF16 autocast gives a BF16 output, as F.linear's, so
+    what follows the GEMM computes and saves in BF16 as with FP8 off; the input gradient stays FP32, x's dtype.
+    Without autocast the output has x's dtype."""
+    x, w = ranged(2, 5, 128).requires_grad_(), ranged(64, 128).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = fp8_linear(x, w), F.linear(x, w)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert fp8_linear(x, w).dtype == torch.float32
+
+
 def test_backward_keeps_the_fp8_activation_not_the_input():
     x, w = ranged(300, 200).bfloat16().requires_grad_(), ranged(64, 200).requires_grad_()
     saved = []
@@ -282,7 +295,7 @@ def test_cuda_path_layouts_pass_torchs_own_checks():
     (A scale in the wrong layout is refused, so this fails on a layout mistake; numerics need a GPU.)"""
     x = torch.randn(3, 37, 200, device="meta", requires_grad=True)
     w = torch.randn(80, 200, device="meta", requires_grad=True)
-    y = fp8.FP8Linear.apply(x.bfloat16(), w, "cuda")
+    y = fp8.FP8Linear.apply(x.bfloat16(), w, "cuda", torch.bfloat16)
     assert y.shape == (3, 37, 80) and y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape and w.grad.dtype == torch.float32
