@@ -196,49 +196,51 @@ def _mm(a: Operand, b: Operand, backend: str, out_dtype: torch.dtype) -> torch.T
 
 
 class FP8Linear(torch.autograd.Function):
-    """y = x·Wᵀ with the three GEMMs in FP8. Saved for backward: x's FP8 tiles and scales (not x) and
-    the weight itself (already resident; it is requantized in backward, deterministically the same)."""
+    """y = x·Wᵀ with the three GEMMs in FP8. Saved for backward: x's FP8 tiles and scales (not x), and a
+    resident weight (a parameter: requantized in backward, deterministically the same) or else the FP8 blocks
+    of a weight made for this call (the stacked q_a/kv_a and gate/up: 1 byte an element instead of 4)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype,
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype, resident: bool,
                 sink=None) -> torch.Tensor:
         rows_multiple = TILE if backend == "cuda" else 1
         x2 = x.reshape(-1, x.shape[-1])
         qx = quantize_operand(x2, 1, rows_multiple)
         w = quantize_operand(weight, TILE)
         y = _mm(qx, w, backend, out_dtype)
-        ctx.save_for_backward(qx.q, qx.scale, weight)
+        ctx.save_for_backward(qx.q, qx.scale, *((weight,) if resident else (w.q, w.scale)))
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.sink = backend, x.shape, x.dtype, sink
+        ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        xq, x_scale, weight = ctx.saved_tensors
-        backend, tokens = ctx.backend, grad_y.numel() // weight.shape[0]
+        xq, x_scale, *saved_w = ctx.saved_tensors
+        (out, k), backend = ctx.w_shape, ctx.backend
         rows_multiple = TILE if backend == "cuda" else 1
-        g2 = grad_y.reshape(tokens, weight.shape[0])
+        g2 = grad_y.reshape(-1, out)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy in 1×128 tiles along out; Wᵀ's blocks are W's, transposed
-            w = quantize_operand(weight, TILE)
-            wt = Operand(w.q.t().contiguous(), w.scale.t().contiguous(), weight.shape[1], TILE)
+            w = quantize_operand(saved_w[0], TILE) if len(saved_w) == 1 else Operand(*saved_w, out, TILE)
+            wt = Operand(w.q.t().contiguous(), w.scale.t().contiguous(), k, TILE)
             gq = quantize_operand(g2, 1, rows_multiple)
             grad_x = _mm(gq, wt, backend, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.sink is not None:  # the zero-bubble W split: Wgrad runs when the W op does
-            ctx.sink.file(lambda: _wgrad(xq, x_scale, g2, weight, backend))
+            ctx.sink.file(lambda: _wgrad(xq, x_scale, g2, k, ctx.w_dtype, backend))
         elif ctx.needs_input_grad[1]:
-            grad_w = _wgrad(xq, x_scale, g2, weight, backend)
-        return grad_x, grad_w, None, None, None
+            grad_w = _wgrad(xq, x_scale, g2, k, ctx.w_dtype, backend)
+        return grad_x, grad_w, None, None, None, None
 
 
-def _wgrad(xq: torch.Tensor, x_scale: torch.Tensor, g2: torch.Tensor, weight: torch.Tensor,
+def _wgrad(xq: torch.Tensor, x_scale: torch.Tensor, g2: torch.Tensor, k: int, dtype: torch.dtype,
            backend: str) -> torch.Tensor:
-    """Wgrad: reduce over tokens; dyᵀ and xᵀ in 1×128 tiles along tokens."""
+    """Wgrad [out, k] in `dtype`: reduce over tokens; dyᵀ and xᵀ in 1×128 tiles along tokens."""
     rows_multiple = TILE if backend == "cuda" else 1
-    tokens, k = g2.shape[0], weight.shape[1]
+    tokens = g2.shape[0]
     x_hat = dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k]
     xt = quantize_operand(x_hat.t(), 1, rows_multiple)
     gt = quantize_operand(g2.t(), 1, rows_multiple)
-    return _mm(gt, xt, backend, torch.float32).to(weight.dtype)
+    return _mm(gt, xt, backend, torch.float32).to(dtype)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", sink=None) -> torch.Tensor:
@@ -258,7 +260,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", 
     # as F.linear under autocast: a BF16 output even from an FP32 input (the residual stream's RMSNorm), so what
     # follows the GEMM runs and saves for backward in BF16, as it does with FP8 off
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, out_dtype, sink)
+    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, out_dtype, weight.is_leaf, sink)
 
 
 # ------------------------------------------------------------------------------------------ the setting

@@ -252,6 +252,23 @@ def test_backward_keeps_the_fp8_activation_not_the_input():
     assert fp8_bytes < 0.7 * x.numel() * x.element_size()  # (256 + 8) / (200 * 2) of the bf16 input
 
 
+def test_a_weight_made_for_the_call_is_kept_as_its_fp8_blocks():
+    """A weight stacked from two parameters (q_a with kv_a, gate with up) is a fresh tensor: backward keeps its
+    E4M3 blocks and scales, not its FP32 elements; the gradients are the same bits as through a resident weight."""
+    x = ranged(300, 200).bfloat16()
+    a, b = ranged(40, 200).requires_grad_(), (ranged(24, 200) * 0.5).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8_linear(x.requires_grad_(), torch.cat([a, b]))
+    assert [(t.dtype, tuple(t.shape)) for t in saved[2:]] == [(E4M3, (128, 256)), (torch.float32, (1, 2))]
+    y.float().square().sum().backward()
+    stacked = torch.cat([a, b]).detach().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    fp8_linear(x2, stacked).float().square().sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    assert torch.equal(torch.cat([a.grad, b.grad]), stacked.grad)
+
+
 def test_no_tokens():
     x, w = torch.zeros(0, 96, requires_grad=True), ranged(40, 96).requires_grad_()
     y = fp8_linear(x, w)
@@ -295,7 +312,7 @@ def test_cuda_path_layouts_pass_torchs_own_checks():
     (A scale in the wrong layout is refused, so this fails on a layout mistake; numerics need a GPU.)"""
     x = torch.randn(3, 37, 200, device="meta", requires_grad=True)
     w = torch.randn(80, 200, device="meta", requires_grad=True)
-    y = fp8.FP8Linear.apply(x.bfloat16(), w, "cuda", torch.bfloat16)
+    y = fp8.FP8Linear.apply(x.bfloat16(), w, "cuda", torch.bfloat16, True)
     assert y.shape == (3, 37, 80) and y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape and w.grad.dtype == torch.float32
