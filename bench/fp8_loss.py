@@ -14,6 +14,7 @@ counted by `torch.autograd.graph.saved_tensors_hooks` over one forward (each sto
     .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 [--variants bf16,fp8] [--steps 80]
     .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 --summarise-only
     .venv/bin/python bench/fp8_loss.py memory
+    .venv/bin/python bench/fp8_loss.py speed [--device cuda --preset small]   # tokens/s, MFU: FP8 vs BF16
 """
 
 from __future__ import annotations
@@ -163,6 +164,64 @@ def loss(args) -> None:
     summarise(args.out, variants, seeds)
 
 
+# ------------------------------------------------------------------------------ speed (CUDA: the issue's MFU row)
+
+
+def speed_worker(args) -> None:
+    """One timed run in this process: `sourcelm`'s trainer on random tokens; prints the peak device memory."""
+    import torch
+
+    from sourcelm.config import load_config
+    from sourcelm.train.loop import Trainer
+
+    overrides = [f"data.train=['{args.tokens}']", f"train.device={args.device}", "train.dtype=bfloat16",
+                 f"train.fp8={args.fp8}", f"schedule.micro_batch={args.batch}", f"schedule.global_batch={args.batch}",
+                 f"schedule.steps={args.steps + 100}", "logging.valid_every=0", "logging.tensorboard=false",
+                 "logging.progress=false", "checkpoint.every=100000"]
+    Trainer(load_config(args.preset, overrides), args.run_dir, progress=False).fit(stop_after=args.steps)
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else float("nan")
+    print(json.dumps({"peak_device_bytes": peak}))
+
+
+def speed(args) -> None:
+    """tokens/s, MFU and peak device memory of FP8 against BF16 on one device, the `small` preset on random tokens:
+    the variants alternate for --rounds rounds, each a fresh process; medians over the timed steps (after
+    --warmup) of every round. On a CPU the FP8 variant is the emulation (its cost, not FP8's speed)."""
+    import tempfile
+
+    from sourcelm.config import load_config
+    from sourcelm.plan.measure import write_token_shard
+
+    fp8 = "cuda" if args.device == "cuda" else "emulate"
+    cfg = load_config(args.preset)
+    rows: dict[str, list[dict]] = {"off": [], fp8: []}
+    peaks: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_token_shard(Path(tmp), cfg.model.vocab_size,
+                                 tokens=2 * (args.steps + 1) * args.batch * cfg.data.seq_len)
+        for r in range(args.rounds):
+            for variant in rows:
+                run = Path(tmp) / f"{variant}_{r}"
+                cmd = [sys.executable, __file__, "speed-worker", "--tokens", str(data), "--device", args.device,
+                       "--fp8", variant, "--preset", args.preset, "--batch", str(args.batch), "--steps",
+                       str(args.steps), "--run-dir", str(run)]
+                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+                peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_device_bytes"]
+                recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                rows[variant] += [x for x in recs if "step_time" in x][args.warmup:]
+    print(f"{args.preset} preset on {args.device}, batch {args.batch}, bf16 autocast; medians over "
+          f"{args.rounds} rounds x {args.steps - args.warmup} timed steps")
+    med = {v: {k: statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "mfu", "step_time")}
+           for v, rs in rows.items()}
+    for v, m in med.items():
+        memory = f"   peak device memory {peaks[v] / 2**30:.2f} GiB" if args.device == "cuda" else ""
+        print(f"  fp8={v:8s} {m['tokens_per_s']:10.0f} tokens/s   MFU {100 * m['mfu']:5.1f} %   step "
+              f"{m['step_time'] * 1e3:7.1f} ms{memory}")
+    print(f"  FP8 / BF16 tokens/s: {med[fp8]['tokens_per_s'] / med['off']['tokens_per_s']:.2f}")
+
+
 # ------------------------------------------------------------------------------ activation memory
 
 
@@ -248,10 +307,21 @@ def main() -> None:
     me = sub.add_parser("memory")
     me.add_argument("--preset", default="tiny")
     me.add_argument("--batch", type=int, default=8)
+    sp = sub.add_parser("speed")
+    sp.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    sp.add_argument("--preset", default="small")
+    sp.add_argument("--batch", type=int, default=8)
+    sp.add_argument("--steps", type=int, default=30)
+    sp.add_argument("--warmup", type=int, default=10)
+    sp.add_argument("--rounds", type=int, default=2)
+    sw = sub.add_parser("speed-worker")
+    for name, kind in (("--tokens", Path), ("--device", str), ("--fp8", str), ("--preset", str), ("--batch", int),
+                       ("--steps", int), ("--run-dir", Path)):
+        sw.add_argument(name, type=kind, required=True)
     args = p.parse_args()
-    if args.what == "worker":
+    if args.what in ("worker", "speed-worker"):
         sys.path.insert(0, str(ROOT))
-    {"loss": loss, "worker": worker, "memory": memory}[args.what](args)
+    {"loss": loss, "worker": worker, "memory": memory, "speed": speed, "speed-worker": speed_worker}[args.what](args)
 
 
 if __name__ == "__main__":
