@@ -145,6 +145,33 @@ def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
               + f"]   train {statistics.mean(rel_train):+.3f} [" + ", ".join(f"{x:+.3f}" for x in rel_train) + "]")
 
 
+def plot_curves(out: Path, variants: list[str], seeds: list[int], path: Path) -> None:
+    """Train main loss per step (a 10-step running mean), one line per run: colour by variant, style by seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, v in enumerate(variants):
+        for j, seed in enumerate(seeds):
+            metrics = out / f"{v}_s{seed}" / "metrics.jsonl"
+            if not metrics.exists():
+                continue
+            rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "main_loss" in r]
+            loss = [r["main_loss"] for r in rows]
+            smooth = [statistics.mean(loss[max(0, k - 9):k + 1]) for k in range(len(loss))]
+            ax.plot([r["step"] for r in rows], smooth, color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4],
+                    label=f"{v} seed {seed}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train main loss (10-step mean)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def loss(args) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
@@ -162,6 +189,8 @@ def loss(args) -> None:
                 sys.exit(f"a training run failed (exit {running[0].returncode}); see the logs in {args.out}")
             running.pop(0)
     summarise(args.out, variants, seeds)
+    if args.plot:
+        plot_curves(args.out, variants, seeds, args.plot)
 
 
 # ------------------------------------------------------------------------------ speed (CUDA: the issue's MFU row)
@@ -300,6 +329,7 @@ def main() -> None:
     lo.add_argument("--variants", default="bf16,fp8", help="bf16 first; then fp8 and/or fp8-no-" + "|".join(CLASSES))
     lo.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     lo.add_argument("--summarise-only", action="store_true")
+    lo.add_argument("--plot", type=Path, help="also draw the train loss curves to this PNG")
     w = sub.add_parser("worker")
     for name, kind in (("--variant", str), ("--seed", int), ("--tokens", Path), ("--steps", int), ("--preset", str),
                        ("--run-dir", Path)):
