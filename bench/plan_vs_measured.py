@@ -194,9 +194,10 @@ resident size less the plan's own tensors gives the memory a process holds outsi
 layers, MTP, two head passes: 2.2x the FLOPs, 4x the MoE layers) is then predicted from its own FLOPs, tensors
 and traffic. The calibration run keeps every process computing; in a pipeline a stage that waits leaves its
 share of the two cores to the busy stage, which the plan's simulator runs faster for it (`Cluster.shared_cores`,
-`estimate.core_speed`). The calibration is this machine's constant, like a GPU's efficiency: without it (the compute rate of the cut model in one process
-scaled by the core share, the size of an idle process) the first version of the plan predicted 0.76 / 0.81
-(1 process) and 0.57 / 0.60 (EP 4) of the measured step time / peak memory, at 02:58 UTC the same day."""
+`estimate.core_speed`). The calibration is this machine's constant, like a GPU's efficiency: without it (the
+compute rate of the cut model in one process scaled by the core share, the size of an idle process) the first
+version of the plan predicted 0.76 / 0.81 (1 process) and 0.57 / 0.60 (EP 4) of the measured step time / peak
+memory, at 02:58 UTC the same day."""
 
 
 def render(rows, ref, args, started, load_before, load_after, dtype) -> str:
