@@ -124,7 +124,8 @@ def predict(run: Run, model, dtype: str, routing=None):
     from sourcelm.plan.layout import PlanLayout
     from sourcelm.plan.measure import measure_cpu_box
 
-    cluster, rate, head = measure_cpu_box(run.nproc, run.ranks_per_node, model, run.ep, run.micro_batch, 256, dtype)
+    cluster, rate, head = measure_cpu_box(run.nproc, run.ranks_per_node, model, run.ep, run.micro_batch, 256, dtype,
+                                          run.pp, run.schedule, 8)
     lay = PlanLayout(pp=run.pp, ep=run.ep, schedule=run.schedule, micro_batch=run.micro_batch, global_batch=8,
                      seq_len=256, dtype=dtype, attention="materialised")
     plan = plan_layout(model, cluster, lay, Assumptions(compute_rate=rate, head_rate=head, recipe="sourcelm"))

@@ -95,7 +95,7 @@ def run_plan(args) -> int:
         rpn = args.ranks_per_node or args.nproc
         lay = _layout(args, defaults, args.nproc, True)
         cluster, rate, head = measure_cpu_box(args.nproc, rpn, model, lay.ep, lay.micro_batch, lay.seq_len,
-                                              lay.dtype)
+                                              lay.dtype, lay.pp, lay.schedule, lay.global_batch)
         assumptions = Assumptions(compute_rate=rate, head_rate=head, recipe=args.recipe)
     else:
         cluster = load_cluster(args.cluster).with_nodes(args.nodes)

@@ -10,7 +10,8 @@
                 model's compute time is then its FLOPs / this rate
   head rate     the same cut trained again with a 256-token vocabulary: the head's FLOPs saved / the time saved
   runtime       that run's peak resident size less the plan's tensors for it: the interpreter, torch's code
-                pages, kernel caches, allocator slack (at least an idle process's size)
+                pages, kernel caches, allocator slack (at least an idle process's size); for a pipeline, the
+                same from a cut with a layer per stage chunk trained under the schedule
 Ranks share the cores: with more processes than cores each gets cores / processes of one thread (the peak and
 the copy bandwidth are scaled so; the calibration run shares them for real, every rank busy). A pipeline's ranks
 are not all busy: while some wait, the others get their share (`Cluster.shared_cores`, the planner's `core_speed`).
@@ -130,19 +131,22 @@ def run_training(config: str, overrides: list[str], nproc: int, ranks_per_node: 
             "median_step_time": statistics.median(times), "peak_rss": rss, "records": timed}
 
 
-def calibration_run(model: ModelConfig, nproc: int, ranks_per_node: int, ep: int, micro_batch: int, seq_len: int,
-                    dtype: str, steps: int = 16, warmup: int = 4) -> dict:
-    """The trainer on `reduced_model(model)` in the layout to predict (the same processes, pretend nodes, EP,
-    micro-batch and dtype; one micro-batch per rank and step)."""
+def calibration_run(small: ModelConfig, nproc: int, ranks_per_node: int, ep: int, micro_batch: int, seq_len: int,
+                    dtype: str, steps: int = 16, warmup: int = 4, pp: int = 1, schedule: str = "1f1b",
+                    global_batch: int | None = None) -> dict:
+    """The trainer on `small` (a cut of the model) in the layout to predict: the same processes, pretend nodes, EP,
+    micro-batch and dtype; one micro-batch per rank and step, or a pipeline of `pp` ranks under `schedule`
+    taking `global_batch` sequences a step."""
     from sourcelm.config import load_config
 
-    small = reduced_model(model)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_token_shard(Path(tmp), small.vocab_size)
         cfg = load_config({
             "model": dataclasses.asdict(small), "data": {"train": [str(data)], "seq_len": seq_len},
-            "schedule": {"steps": steps + 100, "global_batch": micro_batch * nproc, "micro_batch": micro_batch},
-            "parallel": {"ep": ep}, "train": {"dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype], "device": "cpu"},
+            "schedule": {"steps": steps + 100, "global_batch": global_batch or micro_batch * nproc,
+                         "micro_batch": micro_batch},
+            "parallel": {"ep": ep, "pp": pp, "pp_schedule": schedule},
+            "train": {"dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype], "device": "cpu"},
             "logging": {"tensorboard": False, "progress": False, "valid_every": 0},
             "checkpoint": {"every": 10**9}})
         path = Path(tmp) / "reduced.json"
@@ -202,7 +206,8 @@ def total_memory() -> float:
 
 
 def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int, micro_batch: int, seq_len: int,
-                    dtype: str) -> tuple[Cluster, float, float]:
+                    dtype: str, pp: int = 1, schedule: str = "1f1b",
+                    global_batch: int | None = None) -> tuple[Cluster, float, float]:
     """(this machine as a cluster of `ranks` processes in pretend nodes of `ranks_per_node`, the compute rate
     per rank in FLOP/s, the output head's rate per rank). The links, memory copy and matmul are measured directly;
     the rates and the memory a process holds outside the plan's tensors are calibrated on the reduced model trained
@@ -211,7 +216,10 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
     other FLOPs, and the peak resident size less the plan's own tensors is the process's overhead. The full model
     is then predicted from its own FLOPs, tensors and traffic. The head has its own rate because it is one large
     GEMM and a fused loss, 2-4x faster per FLOP here than the MoE layers' small GEMMs: with one rate for both, the
-    last pipeline stage (head and MTP) was predicted 2.7x as busy as the first where it measured 1.2x."""
+    last pipeline stage (head and MTP) was predicted 2.7x as busy as the first where it measured 1.2x.
+    A pipeline layout (pp > 1) takes the process overhead from one more run: a cut with a layer per stage chunk,
+    trained under the schedule, because a pipeline rank holds more outside its tensors than a rank without one
+    (DualPipeV's second thread, with its own process groups and its own malloc heap: ~250 MB a rank here)."""
     from sourcelm.plan.estimate import Assumptions, plan_layout
     from sourcelm.plan.layout import PlanLayout
 
@@ -232,7 +240,7 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
     def calibrated(cfg: ModelConfig):
         """The reduced model trained in the layout: (its run, its plan, its step less communication, reduction and
         update, its head FLOPs, its FLOPs outside the head; FLOPs as the plan's seconds at rate 1)."""
-        run = calibration_run(cfg, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype)
+        run = calibration_run(reduced_model(cfg), ranks, ranks_per_node, ep, micro_batch, seq_len, dtype)
         every = plan_layout(reduced_model(cfg), links, lay, Assumptions(compute_rate=1.0))
         rest = plan_layout(reduced_model(cfg), links, lay, Assumptions(compute_rate=1.0, head_rate=float("inf")))
         flops, rest_flops = every.time["compute (micro-batches in turn)"], rest.time["compute (micro-batches in turn)"]
@@ -249,4 +257,12 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
         head = (head_flops - head_flops_small_vocab) / head_s
     rate = flops / max(compute_s - head_flops / head, run["step_time"] / 4)
     overhead = max(run["peak_rss"] - small.worst_memory.total, runtime_rss())
+    if pp > 1:
+        chunks = pp * (2 if schedule == "dualpipev" else 1)
+        cut = dataclasses.replace(reduced_model(model), num_hidden_layers=max(chunks, model.first_k_dense_replace + 1))
+        piped = dataclasses.replace(lay, pp=pp, schedule=schedule, global_batch=global_batch or lay.global_batch)
+        run = calibration_run(cut, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype, pp=pp, schedule=schedule,
+                              global_batch=piped.global_batch)
+        planned = plan_layout(cut, links, piped, Assumptions(compute_rate=1.0))
+        overhead = max(run["peak_rss"] - planned.worst_memory.total, runtime_rss())
     return dataclasses.replace(links, runtime_bytes=overhead), rate, head

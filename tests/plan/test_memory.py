@@ -71,3 +71,36 @@ def test_activation_bytes_per_token_track_autograd(dtype, attn, attention):
     formula = sum(activation_bytes(cfg, s.kind, 256, name, (), attention, residual_bytes=4)
                   for s in model_slots(cfg, 256))
     assert abs(formula / measured - 1) < 0.10, (formula, measured)
+
+
+def test_a_pipeline_takes_its_process_overhead_from_a_run_under_its_schedule(monkeypatch):
+    """On the CPU box the memory a process holds outside the plan's tensors is calibrated by training a cut of the
+    model in the layout; a pipeline layout takes it from one more run, a cut with a layer per stage chunk trained
+    under the schedule (DualPipeV's second thread holds its own heap and process groups), not from the run
+    without a pipeline."""
+    from sourcelm.plan import measure
+    from sourcelm.plan.estimate import Assumptions
+
+    calls = []
+
+    def calibration_run(small, nproc, ranks_per_node, ep, micro_batch, seq_len, dtype, pp=1, schedule="1f1b",
+                        global_batch=None):
+        calls.append((small.num_hidden_layers, small.num_nextn_predict_layers, pp, schedule, global_batch))
+        return {"step_time": 1.0 if small.vocab_size != 256 else 0.9, "peak_rss": 900e6 if pp > 1 else 600e6}
+
+    monkeypatch.setattr(measure, "calibration_run", calibration_run)
+    monkeypatch.setattr(measure, "loopback", lambda world: (1e-4, 1e9))
+    monkeypatch.setattr(measure, "matmul_peak", lambda dtype, threads: 1e11)
+    monkeypatch.setattr(measure, "memcpy_bandwidth", lambda: 1e10)
+    monkeypatch.setattr(measure, "runtime_rss", lambda: 1e8)
+    model = load_config("tiny").model
+    flat, _, _ = measure.measure_cpu_box(4, 2, model, 2, 1, 256, "bf16")
+    assert [c[2] for c in calls] == [1, 1]
+    piped, _, _ = measure.measure_cpu_box(4, 2, model, 2, 1, 256, "bf16", pp=2, schedule="dualpipev", global_batch=8)
+    assert calls[-1] == (4, 0, 2, "dualpipev", 8)  # 2 ranks x 2 chunks, a layer each; no MTP, as the other cuts
+    cut = dataclasses.replace(model, num_hidden_layers=4, num_nextn_predict_layers=0)
+    lay = PlanLayout(pp=2, schedule="dualpipev", ep=2, micro_batch=1, global_batch=8, seq_len=256, dtype="bf16",
+                     attention="materialised")
+    tensors = plan_layout(cut, dataclasses.replace(piped, runtime_bytes=0.0), lay, Assumptions(compute_rate=1.0))
+    assert piped.runtime_bytes == pytest.approx(900e6 - tensors.worst_memory.total)
+    assert flat.runtime_bytes < 600e6 < piped.runtime_bytes
