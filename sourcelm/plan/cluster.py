@@ -60,7 +60,8 @@ class Cluster:
     def describe(self) -> str:
         return (f"{self.name}: {self.nodes} x {self.gpus_per_node} = {self.world} ranks, "
                 f"{self.hbm_bytes / 1e9:.0f} GB each, peak {self.peak_flops.get('bf16', 0) / 1e12:.0f} TFLOP/s bf16, "
-                f"intra-node {self.nvlink_bw / 1e9:.0f} GB/s, inter-node {self.ib_bw / 1e9:.0f} GB/s")
+                f"intra-node {self.nvlink_bw / 1e9:.0f} GB/s, inter-node {self.ib_bw / 1e9:.0f} GB/s"
+                + (f", {self.shared_cores} cores shared by all ranks" if self.shared_cores else ""))
 
 
 def shipped_clusters() -> list[str]:
