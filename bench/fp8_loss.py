@@ -145,6 +145,9 @@ def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
               + f"]   train {statistics.mean(rel_train):+.3f} [" + ", ".join(f"{x:+.3f}" for x in rel_train) + "]")
 
 
+STYLES = ["-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2))]  # one per seed
+
+
 def plot_curves(out: Path, variants: list[str], seeds: list[int], path: Path) -> None:
     """Train main loss per step (a 10-step running mean), one line per run: colour by variant, style by seed."""
     import matplotlib
@@ -161,7 +164,7 @@ def plot_curves(out: Path, variants: list[str], seeds: list[int], path: Path) ->
             rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "main_loss" in r]
             loss = [r["main_loss"] for r in rows]
             smooth = [statistics.mean(loss[max(0, k - 9):k + 1]) for k in range(len(loss))]
-            ax.plot([r["step"] for r in rows], smooth, color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4],
+            ax.plot([r["step"] for r in rows], smooth, color=f"C{i}", linestyle=STYLES[j % len(STYLES)],
                     label=f"{v} seed {seed}")
     ax.set_xlabel("step")
     ax.set_ylabel("train main loss (10-step mean)")
