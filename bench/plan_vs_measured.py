@@ -183,22 +183,24 @@ def main() -> int:
 
 METHOD = """\
 Method. Measured: `sourcelm train` as a user runs it (commands below); the fastest step after the warm-up (the
-machine is shared with other jobs: the least disturbed step is the one that measures this job; medians below),
-the peak resident size of the largest process (the trainer, or its largest rank; a parent that imports nothing
-starts it, so no inherited size counts), the trainer's dispatch/combine counters. Predicted: `sourcelm plan
---cluster cpu` for the same layout. This machine is described by measuring the gloo loopback (latency and
-bandwidth of pairwise all-to-alls among the same number of processes), a memory copy and a matmul, and by
-training a 2-layer cut of the model (its dense layer and one MoE layer, no MTP) in the same layout, twice: with
-the model's vocabulary and with 256 tokens. The time the smaller head saves prices the head's FLOPs; the step less
-the plan's own communication, update and head times gives the compute rate per rank of the rest; the peak
-resident size less the plan's own tensors gives the memory a process holds outside them. The full model (4
-layers, MTP, two head passes: 2.2x the FLOPs, 4x the MoE layers) is then predicted from its own FLOPs, tensors
-and traffic. The calibration run keeps every process computing; in a pipeline a stage that waits leaves its
-share of the two cores to the busy stage, which the plan's simulator runs faster for it (`Cluster.shared_cores`,
-`estimate.core_speed`). The calibration is this machine's constant, like a GPU's efficiency: without it (the
-compute rate of the cut model in one process scaled by the core share, the size of an idle process) the first
-version of the plan predicted 0.76 / 0.81 (1 process) and 0.57 / 0.60 (EP 4) of the measured step time / peak
-memory, at 02:58 UTC the same day."""
+machine is shared with other jobs: the least disturbed step is the one that measures this job; medians below), the
+peak resident size of the largest process (the trainer, or its largest rank; a parent that imports nothing starts
+it, so no inherited size counts), the trainer's dispatch/combine counters. Predicted: `sourcelm plan --cluster cpu`
+for the same layout. This machine is described by measuring the gloo loopback (latency and bandwidth of pairwise
+all-to-alls among the same number of processes), a memory copy and a matmul, and by training a 2-layer cut of the
+model (its dense layer and one MoE layer, no MTP) in the same layout, twice: with the model's vocabulary and with
+256 tokens. The time the smaller head saves prices the head's FLOPs; the step less the plan's own communication,
+update and head times gives the compute rate per rank of the rest; the peak resident size less the plan's own
+tensors gives the memory a process holds outside them. The full model (4 layers, MTP, two head passes: 2.2x the
+FLOPs, 4x the MoE layers) is then predicted from its own FLOPs, tensors and traffic. The calibration run keeps
+every process computing; in a pipeline a stage that waits leaves its share of the two cores to the busy stage,
+which the plan's simulator runs faster for it (`Cluster.shared_cores`, `estimate.core_speed`). A pipeline rank
+holds more outside its tensors than a rank without one (DualPipeV's second thread, its process groups and heap), so
+for a pipeline layout that memory comes from a third run: a cut with a layer per stage chunk, trained under the
+schedule. The calibration is this machine's constant, like a GPU's efficiency: without it (the compute rate of the
+cut model in one process scaled by the core share, the size of an idle process) the first version of the plan
+predicted 0.76 / 0.81 (1 process) and 0.57 / 0.60 (EP 4) of the measured step time / peak memory, at 02:58 UTC the
+same day."""
 
 
 def render(rows, ref, args, started, load_before, load_after, dtype) -> str:
