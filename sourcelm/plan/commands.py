@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="preset (tiny, small, deepseek-v3-671b), TOML file, or HF model dir / config.json")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (presets and TOML only)")
     p.add_argument("--cluster", default="h800", help="h800, h100, h200, a cluster TOML file, or 'cpu' (this machine, "
-                                                     "measured, with a short training run of a 2-layer cut of the "
-                                                     "model; about a minute)")
+                                                     "measured, with short training runs of a 2-layer cut of the "
+                                                     "model, and with --pp one of a layer per stage chunk under "
+                                                     "the schedule; a minute or two)")
     p.add_argument("--nodes", type=int, help="node count (default: the cluster file's; on cpu: nproc / ranks-per-node)")
     p.add_argument("--nproc", type=int, default=1, help="cpu: local processes (as `sourcelm train --nproc`)")
     p.add_argument("--ranks-per-node", type=int, default=0, help="cpu: pretend node size (default: all processes)")
