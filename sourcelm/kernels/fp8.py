@@ -260,7 +260,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", 
     # as F.linear under autocast: a BF16 output even from an FP32 input (the residual stream's RMSNorm), so what
     # follows the GEMM runs and saves for backward in BF16, as it does with FP8 off
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, out_dtype, weight.is_leaf, sink)
+    # a parameter, or a view of a tensor that outlives the call (an expert's slice of the stacked experts), is kept
+    # for backward at no cost; a weight made for this call (a concatenation) is kept as its FP8 blocks instead
+    resident = weight.is_leaf or weight._base is not None
+    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, out_dtype, resident, sink)
 
 
 # ------------------------------------------------------------------------------------------ the setting

@@ -254,7 +254,8 @@ def test_backward_keeps_the_fp8_activation_not_the_input():
 
 def test_a_weight_made_for_the_call_is_kept_as_its_fp8_blocks():
     """A weight stacked from two parameters (q_a with kv_a, gate with up) is a fresh tensor: backward keeps its
-    E4M3 blocks and scales, not its FP32 elements; the gradients are the same bits as through a resident weight."""
+    E4M3 blocks and scales, not its FP32 elements; the gradients are the same bits as through a resident weight.
+    A parameter, or a view of a tensor that outlives the call (an expert's slice), is kept as it is."""
     x = ranged(300, 200).bfloat16()
     a, b = ranged(40, 200).requires_grad_(), (ranged(24, 200) * 0.5).requires_grad_()
     saved = []
@@ -267,6 +268,12 @@ def test_a_weight_made_for_the_call_is_kept_as_its_fp8_blocks():
     fp8_linear(x2, stacked).float().square().sum().backward()
     assert torch.equal(x.grad, x2.grad)
     assert torch.equal(torch.cat([a.grad, b.grad]), stacked.grad)
+    # a slice of a tensor that outlives the call (one expert of the stacked experts) is kept as it is: no FP8 copy
+    experts = torch.stack([a.detach(), a.detach() * 0.5]).requires_grad_()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fp8_linear(x, experts[1])
+    assert len(saved) == 3 and saved[2].untyped_storage().data_ptr() == experts.untyped_storage().data_ptr()
 
 
 def test_no_tokens():
