@@ -145,11 +145,8 @@ def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
               + f"]   train {statistics.mean(rel_train):+.3f} [" + ", ".join(f"{x:+.3f}" for x in rel_train) + "]")
 
 
-STYLES = ["-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2))]  # one per seed
-
-
 def plot_curves(out: Path, variants: list[str], seeds: list[int], path: Path) -> None:
-    """Train main loss per step (a 10-step running mean), one line per run: colour by variant, style by seed."""
+    """Train main loss per step (a 10-step running mean), one line per run, coloured by variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,11 +161,11 @@ def plot_curves(out: Path, variants: list[str], seeds: list[int], path: Path) ->
             rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "main_loss" in r]
             loss = [r["main_loss"] for r in rows]
             smooth = [statistics.mean(loss[max(0, k - 9):k + 1]) for k in range(len(loss))]
-            ax.plot([r["step"] for r in rows], smooth, color=f"C{i}", linestyle=STYLES[j % len(STYLES)],
-                    label=f"{v} seed {seed}")
+            ax.plot([r["step"] for r in rows], smooth, color=f"C{i}", alpha=0.7, linewidth=1,
+                    label=f"{v} ({len(seeds)} seeds)" if j == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("train main loss (10-step mean)")
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
