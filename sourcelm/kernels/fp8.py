@@ -197,8 +197,9 @@ def _mm(a: Operand, b: Operand, backend: str, out_dtype: torch.dtype) -> torch.T
 
 class FP8Linear(torch.autograd.Function):
     """y = x·Wᵀ with the three GEMMs in FP8. Saved for backward: x's FP8 tiles and scales (not x), and a
-    resident weight (a parameter: requantized in backward, deterministically the same) or else the FP8 blocks
-    of a weight made for this call (the stacked q_a/kv_a and gate/up: 1 byte an element instead of 4)."""
+    resident weight (a parameter or a view of one, e.g. an expert's slice: requantized in backward,
+    deterministically the same) or else the FP8 blocks of a weight made for this call (the stacked q_a/kv_a
+    and gate/up: 1 byte an element instead of 4)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype, resident: bool,

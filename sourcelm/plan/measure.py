@@ -256,13 +256,14 @@ def measure_cpu_box(ranks: int, ranks_per_node: int, model: ModelConfig, ep: int
     else:
         head = (head_flops - head_flops_small_vocab) / head_s
     rate = flops / max(compute_s - head_flops / head, run["step_time"] / 4)
-    overhead = max(run["peak_rss"] - small.worst_memory.total, runtime_rss())
-    if pp > 1:
+    if pp == 1:
+        overhead = max(run["peak_rss"] - small.worst_memory.total, runtime_rss())
+    else:
         chunks = pp * (2 if schedule == "dualpipev" else 1)
         cut = dataclasses.replace(reduced_model(model), num_hidden_layers=max(chunks, model.first_k_dense_replace + 1))
         piped = dataclasses.replace(lay, pp=pp, schedule=schedule, global_batch=global_batch or lay.global_batch)
-        run = calibration_run(cut, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype, pp=pp, schedule=schedule,
-                              global_batch=piped.global_batch)
+        piped_run = calibration_run(cut, ranks, ranks_per_node, ep, micro_batch, seq_len, dtype, pp=pp,
+                                    schedule=schedule, global_batch=piped.global_batch)
         planned = plan_layout(cut, links, piped, Assumptions(compute_rate=1.0))
-        overhead = max(run["peak_rss"] - planned.worst_memory.total, runtime_rss())
+        overhead = max(piped_run["peak_rss"] - planned.worst_memory.total, runtime_rss())
     return dataclasses.replace(links, runtime_bytes=overhead), rate, head
