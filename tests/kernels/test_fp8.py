@@ -97,6 +97,15 @@ def test_round_trip_error_is_within_the_e4m3_bound(rows_per_block):
     assert (err[normal] / x.abs()[normal]).max() > 0.9 * REL
 
 
+def test_the_e4m3_table_gives_torchs_cast_for_every_bit_pattern():
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3).view(16, 16)
+    got, want = fp8.e4m3_to_fp32(q), q.float()
+    assert got.dtype == torch.float32 and got.shape == (16, 16)
+    assert torch.equal(got.isnan(), want.isnan()) and int(want.isnan().sum()) == 2  # 0x7f, 0xff
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # the same bits, -0.0 and the NaNs too
+    assert torch.equal(fp8.e4m3_to_fp32(q.t()).view(torch.int32), q.t().float().view(torch.int32))  # a view
+
+
 def test_all_zero_tile_quantizes_to_zeros_without_nan():
     x = ranged(4, 256)
     x[1, 128:] = 0.0
