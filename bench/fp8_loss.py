@@ -8,11 +8,18 @@ class of GEMMs kept in BF16 through a local wrapper of `ops.linear` / `ops.exper
 which quantization costs the most. Classes: `attention` (q_a, q_b, kv_a, kv_b, o of every layer), `dense` (the dense
 layer's FFN and the MoE layers' shared experts), `experts` (the routed experts' grouped GEMMs).
 
+`spikes`: how often a run's loss jumps in the learning rate's warm-up, FP8 against BF16, over many seeds: each run
+trains the first `--stop-after` steps of a `--steps` schedule (the same warm-up and learning rates as the `loss`
+runs, so seeds they share spike at the same steps), and a step whose main loss exceeds the lowest of the 5 before it
+by more than `--threshold` nats is a spike. Prints the spiking seeds per variant and Fisher's exact test of the two
+rates.
+
 `memory`: activation bytes one decoder layer saves for backward (dense and MoE layer), FP8 against BF16 autocast,
 counted by `torch.autograd.graph.saved_tensors_hooks` over one forward (each storage once, parameters left out).
 
     .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 [--variants bf16,fp8] [--steps 80]
     .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 --summarise-only
+    .venv/bin/python bench/fp8_loss.py spikes --tokens TOKENS --out /tmp/spikes --seeds 0-39 [--stop-after 40]
     .venv/bin/python bench/fp8_loss.py memory
     .venv/bin/python bench/fp8_loss.py speed [--device cuda --preset small]   # tokens/s, MFU: FP8 vs BF16
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -98,7 +106,7 @@ def worker(args) -> None:
                       progress=False)
     if args.variant.startswith("fp8-no-"):
         keep_class_in_bf16(trainer.model, args.variant.removeprefix("fp8-no-"))
-    trainer.fit()
+    trainer.fit(stop_after=args.stop_after or None)
 
 
 # ------------------------------------------------------------------------------ the loss comparison
@@ -107,7 +115,7 @@ def worker(args) -> None:
 def launch(args, variant: str, seed: int) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "worker", "--variant", variant, "--seed", str(seed), "--tokens",
            str(args.tokens), "--steps", str(args.steps), "--preset", args.preset, "--run-dir",
-           str(args.out / f"{variant}_s{seed}")]
+           str(args.out / f"{variant}_s{seed}"), "--stop-after", str(getattr(args, "stop_after", 0))]
     log = open(args.out / f"{variant}_s{seed}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -172,25 +180,80 @@ def plot_curves(out: Path, variants: list[str], seeds: list[int], path: Path) ->
     print(f"wrote {path}")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2" or "0-39" (inclusive) or a mix: "0-9,20"."""
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds += range(int(first), int(last or first) + 1)
+    return seeds
+
+
+def run_all(args, todo: list[tuple[str, int]]) -> None:
+    """Every (variant, seed) run, `args.parallel` at a time, each in its own process."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    running: list[subprocess.Popen] = []
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            running.append(launch(args, *todo.pop(0)))
+        running[0].wait()
+        if running[0].returncode:
+            sys.exit(f"a training run failed (exit {running[0].returncode}); see the logs in {args.out}")
+        running.pop(0)
+
+
 def loss(args) -> None:
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     variants = args.variants.split(",")
     if variants[0] != "bf16":
         sys.exit("--variants must start with bf16, the reference")
     if not args.summarise_only:
-        args.out.mkdir(parents=True, exist_ok=True)
-        todo = [(v, s) for v in variants[::-1] for s in seeds]  # the slow FP8 runs first, so the pairs finish together
-        running: list[subprocess.Popen] = []
-        while todo or running:
-            while todo and len(running) < args.parallel:
-                running.append(launch(args, *todo.pop(0)))
-            running[0].wait()
-            if running[0].returncode:
-                sys.exit(f"a training run failed (exit {running[0].returncode}); see the logs in {args.out}")
-            running.pop(0)
+        run_all(args, [(v, s) for v in variants[::-1] for s in seeds])  # the slow FP8 runs first: pairs end together
     summarise(args.out, variants, seeds)
     if args.plot:
         plot_curves(args.out, variants, seeds, args.plot)
+
+
+# ------------------------------------------------------------------------------ loss spikes in the warm-up
+
+
+def spike_steps(losses: list[float], threshold: float, window: int = 5) -> list[tuple[int, float]]:
+    """(step, jump) where losses[step - 1] exceeds the lowest of the `window` losses before it by jump > threshold."""
+    jumps = [(k + 1, losses[k] - min(losses[max(0, k - window):k])) for k in range(1, len(losses))]
+    return [(step, jump) for step, jump in jumps if jump > threshold]
+
+
+def fisher_exact(a: int, n_a: int, b: int, n_b: int) -> float:
+    """Two-sided p-value of Fisher's exact test for a of n_a against b of n_b: the probability, with the margins
+    fixed, of a table no more likely than the one seen."""
+    total, k = n_a + n_b, a + b
+    def prob(x: int) -> float:
+        return math.comb(n_a, x) * math.comb(n_b, k - x) / math.comb(total, k)
+    seen = prob(a)
+    return min(1.0, sum(p for x in range(max(0, k - n_b), min(k, n_a) + 1) if (p := prob(x)) <= seen * (1 + 1e-9)))
+
+
+def spikes(args) -> None:
+    seeds, variants = parse_seeds(args.seeds), ["bf16", "fp8"]
+
+    def losses(v: str, seed: int) -> list[float]:
+        metrics = args.out / f"{v}_s{seed}" / "metrics.jsonl"
+        rows = map(json.loads, metrics.read_text().splitlines()) if metrics.exists() else []
+        return [r["main_loss"] for r in rows if "main_loss" in r]
+
+    # a run already there (a rerun with more seeds) is not run again
+    run_all(args, [(v, s) for v in variants[::-1] for s in seeds if len(losses(v, s)) < args.stop_after])
+    print(f"loss spikes in the first {args.stop_after} steps of a {args.steps}-step schedule (warm-up "
+          f"{max(args.steps // 10, 1)} steps): main loss > {args.threshold} nats above the lowest of the 5 before")
+    counts = {}
+    for v in variants:
+        spiking = {s: x for s in seeds if (x := spike_steps(losses(v, s), args.threshold))}
+        counts[v] = len(spiking)
+        print(f"  {v:5s} {len(spiking)} of {len(seeds)} seeds: " + "; ".join(
+            f"seed {s} at " + ", ".join(f"step {step} (+{jump:.2f})" for step, jump in x) for s, x in spiking.items()))
+    p = fisher_exact(counts["fp8"], len(seeds), counts["bf16"], len(seeds))
+    print(f"  FP8 {counts['fp8']}/{len(seeds)} against BF16 {counts['bf16']}/{len(seeds)}: Fisher's exact test, "
+          f"two-sided p = {p:.3f}")
 
 
 # ------------------------------------------------------------------------------ speed (CUDA: the issue's MFU row)
@@ -330,10 +393,20 @@ def main() -> None:
     lo.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     lo.add_argument("--summarise-only", action="store_true")
     lo.add_argument("--plot", type=Path, help="also draw the train loss curves to this PNG")
+    sk = sub.add_parser("spikes")
+    sk.add_argument("--tokens", type=Path, required=True, help="token dir with train/ and valid/ (tokenizer/ beside)")
+    sk.add_argument("--out", type=Path, required=True)
+    sk.add_argument("--preset", default="tiny")
+    sk.add_argument("--steps", type=int, default=400, help="the schedule's length (its warm-up is a tenth)")
+    sk.add_argument("--stop-after", type=int, default=40, help="steps each run trains")
+    sk.add_argument("--seeds", default="0-39")
+    sk.add_argument("--threshold", type=float, default=1.0, help="nats above the 5 steps before that make a spike")
+    sk.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     w = sub.add_parser("worker")
     for name, kind in (("--variant", str), ("--seed", int), ("--tokens", Path), ("--steps", int), ("--preset", str),
                        ("--run-dir", Path)):
         w.add_argument(name, type=kind, required=True)
+    w.add_argument("--stop-after", type=int, default=0, help="train this many steps of the schedule (0: all)")
     me = sub.add_parser("memory")
     me.add_argument("--preset", default="tiny")
     me.add_argument("--batch", type=int, default=8)
@@ -351,7 +424,8 @@ def main() -> None:
     args = p.parse_args()
     if args.what in ("worker", "speed-worker"):
         sys.path.insert(0, str(ROOT))
-    {"loss": loss, "worker": worker, "memory": memory, "speed": speed, "speed-worker": speed_worker}[args.what](args)
+    {"loss": loss, "spikes": spikes, "worker": worker, "memory": memory, "speed": speed,
+     "speed-worker": speed_worker}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training with `train.fp8 = "emulate"`: the linear layers' GEMMs in DeepSeek-V3's FP8 recipe through the model's
 one linear dispatch point. It trains (finite, falling loss), differs from the BF16 run only by FP8's rounding,
 resumes bit for bit, and EP 4 on 4 processes equals the same layout hosted by one process bit for bit (EP 1 in one
-process: within 1e-3, the sums' order moving FP8 roundings)."""
+process: within 1e-3, the sums' order moving FP8 roundings, about as far as BF16 autocast's drift)."""
 
 import json
 import math
@@ -72,32 +72,39 @@ def test_fp8_resume_is_bit_identical(small_config, digest, tmp_path):
 
 @pytest.mark.slow
 def test_fp8_expert_parallel_matches_one_process(small_args, tmp_path):
-    """EP 4 over 2 pretend nodes against one process with FP8. The first two steps agree to 1e-5, as without FP8;
-    after that they do not: the layouts sum in another order (last bits), an FP8 rounding that a last bit moves
-    across an E4M3 boundary changes a value by up to 2^-4 of its size, and that flips routing decisions (measured:
-    the max violations differ from step 2, the losses by 2e-5 to 3e-4 over steps 3-10; without FP8 they stay within
-    1e-5 for 20 steps). So the runs stay close (1e-3) but not equal. What differs is the order of the sums, not the
-    processes: the same EP 4 layout hosted by one process (4 virtual ranks, the reductions of 4 processes) is
-    bit-identical to the 4-process run, FP8 and all."""
-    def train(run_dir, *launch, module=("sourcelm", "train")):
+    """EP 4 over 2 pretend nodes against one process with FP8. The first two steps agree to 1e-5, as in fp32; after
+    that they drift apart by up to a few 1e-4, as BF16 autocast's runs do: the layouts sum in another order (last
+    bits), and a rounding that a last bit moves across a boundary of the format's grid changes a value by up to its
+    rounding unit (FP8 2^-4, BF16 2^-8), which later steps carry on and which can flip a routing decision. Measured
+    over 10 steps (max relative loss difference, EP 4 against one process): fp32 6e-8, BF16 autocast 1.4e-4, FP8
+    3e-4, FP8 with BF16 autocast 4e-4. So 1e-5 holds only in fp32; FP8 drifts about as far as BF16, asserted here
+    as within FP8's rounding unit over BF16's (16x). What differs is the order of the sums, not the processes: the
+    same EP 4 layout hosted by one process (4 virtual ranks, the reductions of 4 processes) is bit-identical to the
+    4-process run, FP8 and all."""
+    def train(run_dir, precision, *launch, module=("sourcelm", "train")):
         cmd = [sys.executable, "-m", *module, *small_args, "schedule.steps=10", "checkpoint.every=100",
-               "schedule.micro_batch=1", "train.dtype=float32", "train.fp8=emulate", *launch, "--run-dir",
-               str(run_dir)]
+               "schedule.micro_batch=1", *precision, *launch, "--run-dir", str(run_dir)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         return _losses(run_dir)
 
-    single = train(tmp_path / "single", "parallel.ep=1")
-    ep = train(tmp_path / "ep4", "parallel.ep=4", "--nproc", "4", "--ranks-per-node", "2")
-    hosted = train(tmp_path / "hosted", "parallel.ep=4", "--virtual-ranks", "4", "--ranks-per-node", "2",
+    def drift(a, b):
+        assert len(a) == len(b) == 10
+        return [abs(x["loss"] / y["loss"] - 1) for x, y in zip(a, b)]
+
+    fp8, bf16 = ("train.dtype=float32", "train.fp8=emulate"), ("train.dtype=bfloat16", "train.fp8=off")
+    ep4 = ("parallel.ep=4", "--nproc", "4", "--ranks-per-node", "2")
+    single = train(tmp_path / "single", fp8, "parallel.ep=1")
+    ep = train(tmp_path / "ep4", fp8, *ep4)
+    hosted = train(tmp_path / "hosted", fp8, "parallel.ep=4", "--virtual-ranks", "4", "--ranks-per-node", "2",
                    module=("sourcelm.train",))
-    assert len(single) == len(ep) == len(hosted) == 10
     assert [r["loss"] for r in hosted] == [r["loss"] for r in ep]
     assert [r["grad_norm"] for r in hosted] == [r["grad_norm"] for r in ep]
-    for a, b in zip(single[:2], ep[:2]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
-    for a, b in zip(single, ep):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), a["step"]
+    fp8_drift = drift(single, ep)
+    bf16_drift = drift(train(tmp_path / "single_bf16", bf16, "parallel.ep=1"), train(tmp_path / "ep4_bf16", bf16, *ep4))
+    assert max(fp8_drift[:2]) < 1e-5
+    assert max(fp8_drift) < 1e-3
+    assert max(fp8_drift) < 16 * max(bf16_drift), (fp8_drift, bf16_drift)
 
 
 def test_fp8_cuda_without_a_gpu_fails_at_start_naming_the_setting(small_config, tmp_path):
