@@ -6,14 +6,17 @@ What runs in FP8 and what does not, per the report (§3.3; `reference/deepseek_v
 |---|---|
 | attention q_a, q_b (or q), kv_a, kv_b, o; dense FFN; routed and shared experts | E4M3, all three GEMMs (1) |
 | the activations those GEMMs keep for backward | E4M3 1×128 tiles + FP32 scales (2) |
+| an FFN's SwiGLU: its input (gate, up) kept for backward, its output recomputed from it | E4M3 1×128 tiles (3) |
 | embedding; output head; MTP `eh_proj` and shared head | BF16 (the release keeps `eh_proj` BF16) |
 | MoE gate (router) | BF16 in, FP32 scores (ours: FP32, as transformers) |
 | RMSNorms; the softmax(QKᵀ)V attention core; SwiGLU; the losses | BF16 storage, FP32 math |
 | master weights; weight gradients; AdamW moments | FP32; FP32; BF16 |
 
 (1) `fp8_linear`: FP32 accumulation promoted every 128 of K; BF16 output (FP32 for Wgrad). Everything
-else is the caller's plain linear / op. (2) The report's E5M6 o_proj input, SwiGLU recompute and FP8
-dispatch are not done here.
+else is the caller's plain linear / op. (2) The report's E5M6 o_proj input and its FP8 dispatch are not done
+here: o_proj keeps E4M3 tiles like the other projections, the attention core its own BF16 output, and tokens
+travel to the experts in the compute dtype. (3) `fp8_swiglu_linear`, the down projection with its SwiGLU: the
+report does this for the MoE's SwiGLUs; here every FFN's (the dense layers' too), one op for all three kinds.
 
 Granularity (report §3.3.2): activations and activation gradients in 1×128 tiles (one token, 128
 channels of the GEMM's reduction dim K), weights in 128×128 blocks. Scale = amax / 448 per tile or
@@ -207,53 +210,130 @@ def _mm(a: Operand, b: Operand, backend: str, out_dtype: torch.dtype) -> torch.T
 # ------------------------------------------------------------------------------------------- FP8 linear
 
 
+def _weight_to_keep(weight: torch.Tensor, w: Operand, resident: bool) -> tuple[torch.Tensor, ...]:
+    """What backward keeps of a GEMM's weight: a resident one (a parameter or a view of one, e.g. an expert's
+    slice) as it is, requantized in backward (deterministically the same); else the FP8 blocks of a weight made
+    for the call (the stacked q_a/kv_a and gate/up: 1 byte an element instead of 4)."""
+    return (weight,) if resident else (w.q, w.scale)
+
+
+def _kept_weight(kept: list[torch.Tensor], out: int) -> Operand:
+    return quantize_operand(kept[0], TILE) if len(kept) == 1 else Operand(*kept, out, TILE)
+
+
+def _dgrad(g2: torch.Tensor, w: Operand, k: int, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """Dgrad [tokens, k]: dy in 1×128 tiles along out; Wᵀ's blocks are W's, transposed."""
+    wt = Operand(w.q.t().contiguous(), w.scale.t().contiguous(), k, TILE)
+    gq = quantize_operand(g2, 1, TILE if backend == "cuda" else 1)
+    return _mm(gq, wt, backend, dtype)
+
+
+def _wgrad(x_hat: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """Wgrad [out, k] in `dtype`: reduce over tokens; dyᵀ and xᵀ in 1×128 tiles along tokens. x_hat [tokens, k]
+    is the input as backward has it: dequantized from its FP8 tiles, or recomputed from cached FP8 inputs."""
+    rows_multiple = TILE if backend == "cuda" else 1
+    xt = quantize_operand(x_hat.t(), 1, rows_multiple)
+    gt = quantize_operand(g2.t(), 1, rows_multiple)
+    return _mm(gt, xt, backend, torch.float32).to(dtype)
+
+
+def _file_or_run_wgrad(ctx, wgrad) -> torch.Tensor | None:
+    """The weight gradient: filed with the zero-bubble W split's sink to run when the W op does, else now."""
+    if ctx.sink is not None:
+        ctx.sink.file(wgrad)
+        return None
+    return wgrad() if ctx.needs_input_grad[1] else None
+
+
 class FP8Linear(torch.autograd.Function):
-    """y = x·Wᵀ with the three GEMMs in FP8. Saved for backward: x's FP8 tiles and scales (not x), and a
-    resident weight (a parameter or a view of one, e.g. an expert's slice: requantized in backward,
-    deterministically the same) or else the FP8 blocks of a weight made for this call (the stacked q_a/kv_a
-    and gate/up: 1 byte an element instead of 4)."""
+    """y = x·Wᵀ with the three GEMMs in FP8. Saved for backward: x's FP8 tiles and scales (not x), and the weight
+    as `_weight_to_keep` says."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype, resident: bool,
                 sink=None) -> torch.Tensor:
-        rows_multiple = TILE if backend == "cuda" else 1
         x2 = x.reshape(-1, x.shape[-1])
-        qx = quantize_operand(x2, 1, rows_multiple)
+        qx = quantize_operand(x2, 1, TILE if backend == "cuda" else 1)
         w = quantize_operand(weight, TILE)
         y = _mm(qx, w, backend, out_dtype)
-        ctx.save_for_backward(qx.q, qx.scale, *((weight,) if resident else (w.q, w.scale)))
+        ctx.save_for_backward(qx.q, qx.scale, *_weight_to_keep(weight, w, resident))
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.sink = backend, x.shape, x.dtype, sink
         ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        xq, x_scale, *saved_w = ctx.saved_tensors
+        xq, x_scale, *kept = ctx.saved_tensors
         (out, k), backend = ctx.w_shape, ctx.backend
-        rows_multiple = TILE if backend == "cuda" else 1
         g2 = grad_y.reshape(-1, out)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # Dgrad: dy in 1×128 tiles along out; Wᵀ's blocks are W's, transposed
-            w = quantize_operand(saved_w[0], TILE) if len(saved_w) == 1 else Operand(*saved_w, out, TILE)
-            wt = Operand(w.q.t().contiguous(), w.scale.t().contiguous(), k, TILE)
-            gq = quantize_operand(g2, 1, rows_multiple)
-            grad_x = _mm(gq, wt, backend, ctx.x_dtype).reshape(ctx.x_shape)
-        if ctx.sink is not None:  # the zero-bubble W split: Wgrad runs when the W op does
-            ctx.sink.file(lambda: _wgrad(xq, x_scale, g2, k, ctx.w_dtype, backend))
-        elif ctx.needs_input_grad[1]:
-            grad_w = _wgrad(xq, x_scale, g2, k, ctx.w_dtype, backend)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _dgrad(g2, _kept_weight(kept, out), k, backend, ctx.x_dtype).reshape(ctx.x_shape)
+        tokens = g2.shape[0]
+        grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(
+            dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k], g2, ctx.w_dtype, backend))
         return grad_x, grad_w, None, None, None, None
 
 
-def _wgrad(xq: torch.Tensor, x_scale: torch.Tensor, g2: torch.Tensor, k: int, dtype: torch.dtype,
-           backend: str) -> torch.Tensor:
-    """Wgrad [out, k] in `dtype`: reduce over tokens; dyᵀ and xᵀ in 1×128 tiles along tokens."""
-    rows_multiple = TILE if backend == "cuda" else 1
-    tokens = g2.shape[0]
-    x_hat = dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k]
-    xt = quantize_operand(x_hat.t(), 1, rows_multiple)
-    gt = quantize_operand(g2.t(), 1, rows_multiple)
-    return _mm(gt, xt, backend, torch.float32).to(dtype)
+class FP8SwiGLULinear(torch.autograd.Function):
+    """y = swiglu(gu)·Wᵀ: an FFN's down projection on its SwiGLU, under the report's rule for the SwiGLU's input
+    (§3.3.2, "inputs of the SwiGLU operator in MoE"): backward keeps gu as E4M3 1×128 tiles and recomputes
+    h = swiglu(gu) from them, for the down projection's Wgrad and the SwiGLU's own gradient. Nothing of h is kept
+    (FP8Linear on h would keep h's tiles, and the SwiGLU gu itself). The forward is FP8Linear's on the exact h,
+    the same bits; backward sees gu as FP8 rounded it."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: str, out_dtype: torch.dtype,
+                resident: bool, sink=None) -> torch.Tensor:
+        h = swiglu(gu).reshape(-1, weight.shape[1])
+        qh = quantize_operand(h, 1, TILE if backend == "cuda" else 1)
+        w = quantize_operand(weight, TILE)
+        y = _mm(qh, w, backend, out_dtype)
+        qgu = quantize_operand(gu.reshape(-1, gu.shape[-1]), 1)
+        ctx.save_for_backward(qgu.q, qgu.scale, *_weight_to_keep(weight, w, resident))
+        ctx.swiglu, ctx.backend, ctx.gu_shape, ctx.gu_dtype, ctx.sink = swiglu, backend, gu.shape, gu.dtype, sink
+        ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
+        return y.reshape(*gu.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        guq, gu_scale, *kept = ctx.saved_tensors
+        (out, k), backend = ctx.w_shape, ctx.backend
+        rows, width = guq.shape[0], ctx.gu_shape[-1]
+        gu_hat = dequantize_operand(Operand(guq, gu_scale, rows, 1))[:, :width].to(ctx.gu_dtype).requires_grad_()
+        with torch.enable_grad():
+            h = ctx.swiglu(gu_hat)
+        g2 = grad_y.reshape(-1, out)
+        grad_gu = None
+        if ctx.needs_input_grad[0]:
+            dh = _dgrad(g2, _kept_weight(kept, out), k, backend, h.dtype)
+            grad_gu = torch.autograd.grad(h, gu_hat, dh)[0].reshape(ctx.gu_shape)
+        h = h.detach()  # the W op, run later, holds h (as many bytes as gu's tiles in BF16), not its graph
+        grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(h.float(), g2, ctx.w_dtype, backend))
+        return grad_gu, grad_w, None, None, None, None, None
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """F.linear's under autocast: BF16 even from an FP32 input (the residual stream's RMSNorm), so what follows the
+    GEMM runs and saves for backward in BF16, as it does with FP8 off; else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _is_resident(weight: torch.Tensor) -> bool:
+    """A parameter, or a view of a tensor that outlives the call (an expert's slice of the stacked experts), is
+    kept for backward at no cost; a weight made for this call (a concatenation) is kept as its FP8 blocks."""
+    return weight.is_leaf or weight._base is not None
+
+
+def _check_call(x: torch.Tensor, features: int, weight: torch.Tensor, backend: str, what: str, x_is: str) -> None:
+    if backend not in ("emulate", "cuda"):
+        raise ValueError(f"{what} backend {backend!r}: expected 'emulate' or 'cuda'")
+    if backend == "cuda" and not x.is_cuda:
+        raise ValueError(f"{what} backend 'cuda' needs CUDA tensors; {x_is} is on {x.device}")
+    if features != weight.shape[1]:
+        raise ValueError(f"{what}: {x_is} has {features} input features, weight {list(weight.shape)} wants "
+                         f"{weight.shape[1]}")
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", sink=None) -> torch.Tensor:
@@ -262,21 +342,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", 
     BF16, inside autocast; else x's), the input gradient x's, the weight gradient the weight's.
     backend: "emulate" (any device) or "cuda" (call `check_fp8_setting` once at start first). sink
     (`ops.WeightGradSink`, holding weight): backward files the Wgrad there instead of returning it."""
-    if backend not in ("emulate", "cuda"):
-        raise ValueError(f"fp8_linear backend {backend!r}: expected 'emulate' or 'cuda'")
-    if backend == "cuda" and not x.is_cuda:
-        raise ValueError(f"fp8_linear backend 'cuda' needs CUDA tensors; x is on {x.device}")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fp8_linear: x has {x.shape[-1]} input features, weight {list(weight.shape)} wants "
-                         f"{weight.shape[1]}")
-    device = x.device.type
-    # as F.linear under autocast: a BF16 output even from an FP32 input (the residual stream's RMSNorm), so what
-    # follows the GEMM runs and saves for backward in BF16, as it does with FP8 off
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    # a parameter, or a view of a tensor that outlives the call (an expert's slice of the stacked experts), is kept
-    # for backward at no cost; a weight made for this call (a concatenation) is kept as its FP8 blocks instead
-    resident = weight.is_leaf or weight._base is not None
-    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, out_dtype, resident, sink)
+    _check_call(x, x.shape[-1], weight, backend, "fp8_linear", "x")
+    return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, _output_dtype(x),
+                           _is_resident(weight), sink)
+
+
+def fp8_swiglu_linear(gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: str = "emulate",
+                      sink=None) -> torch.Tensor:
+    """fp8_linear(swiglu(gu), weight) with the SwiGLU's input, not its output, kept for backward in FP8
+    (`FP8SwiGLULinear`). gu [..., 2I] = [gate | up], weight [out, I]; `swiglu` the SwiGLU op to run and to
+    recompute (`ops.swiglu`)."""
+    _check_call(gu, gu.shape[-1] // 2, weight, backend, "fp8_swiglu_linear", "swiglu(gu)")
+    return FP8SwiGLULinear.apply(gu, weight if sink is None else weight.detach(), swiglu, backend,
+                                 _output_dtype(gu), _is_resident(weight), sink)
 
 
 # ------------------------------------------------------------------------------------------ the setting

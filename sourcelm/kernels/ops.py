@@ -12,6 +12,7 @@ backend that takes it and logs each (op, backend, device, dtype) choice once:
 | `expert_ffn` | AMX grouped matmul, bmm (equal groups), `torch._grouped_mm`, per-expert loop | `reference.grouped_linear_loop` |
 | `causal_attention` | AMX, bmm (short, CPU), sdpa; or as `model.attn_impl` says | `reference.eager_causal_attention` |
 | `linear` (and `expert_ffn` under FP8) | FP8 (`train.fp8`: `fp8.fp8_linear`), torch | `F.linear` |
+| `swiglu_linear` (an FFN's down projection) | FP8 (`fp8.fp8_swiglu_linear`), `swiglu` then `linear` | both |
 | `adamw_backend` | C (`cpu_adamw`), torch's fused AdamW | `torch._fused_adamw_` |
 
 The C and AMX kernels run on the CPU only; CUDA runs torch's own kernels (flash attention, grouped_mm,
@@ -164,10 +165,10 @@ def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, 
     w13, w2 = torch.cat([w1.to(dt), w3.to(dt)], dim=1), w2.to(dt)  # [E, 2I, H]
     if x_grouped.shape[0] == 0:
         return x_grouped.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())  # keep the graph
-    if _linear_precision != "off":  # each expert's two GEMMs through the FP8 linear, expert by expert
+    if _linear_precision != "off":  # each expert's GEMMs through the FP8 linear, expert by expert
         _chose("expert_ffn", f"fp8 {_linear_precision}, per expert", x_grouped)
-        h = swiglu(reference.grouped_linear_loop(x_grouped, w13, counts, linear))
-        return reference.grouped_linear_loop(h, w2, counts, linear)
+        gu = reference.grouped_linear_loop(x_grouped, w13, counts, linear)
+        return reference.grouped_linear_loop(gu, w2, counts, swiglu_linear)
     if mode() == "auto" and amx.grouped_linear_takes(x_grouped, w13, counts):
         _chose("expert_ffn", "AMX", x_grouped)
         h = swiglu(amx.grouped_linear(x_grouped, w13, counts, _weight_grad_sink(x_grouped, w13)))
@@ -262,6 +263,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x, sink.weight = _autocast_operands(x, weight)
     with torch.autocast(x.device.type, enabled=False):
         return _DeferredLinear.apply(x, sink.weight.detach(), sink)
+
+
+def swiglu_linear(gu: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """linear(swiglu(gu), weight): an FFN's down projection on its SwiGLU (gu = [gate | up]). Under FP8 one op
+    that keeps the SwiGLU's input for backward as E4M3 tiles and recomputes its output there, as the report does
+    (`fp8.fp8_swiglu_linear`); otherwise the two ops."""
+    if _linear_precision == "off":
+        return linear(swiglu(gu), weight)
+    from sourcelm.kernels import fp8
+
+    _chose("swiglu_linear", f"fp8 {_linear_precision}", gu)
+    return fp8.fp8_swiglu_linear(gu, weight, swiglu, _linear_precision, _weight_grad_sink(gu, weight))
 
 
 # ------------------------------------------------------------------------ deferred weight gradients

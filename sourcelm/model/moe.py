@@ -46,7 +46,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        return self.down_proj(ops.swiglu(ops.linear(x, gate_up)))
+        return ops.swiglu_linear(ops.linear(x, gate_up), self.down_proj.weight)
 
 
 class Router(nn.Module):

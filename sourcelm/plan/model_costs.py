@@ -15,7 +15,8 @@ attention output and its softmax statistics, the routed and shared experts' inte
 what the chosen recomputation drops, with the FP8 caching of the report (§3.3.2) when the layout
 trains in FP8:
   "norm_up_proj"  recompute RMSNorm outputs and MLA's up-projections (q, k, v) in backward (report §3.2.3)
-  "swiglu"        recompute the SwiGLU outputs of the experts from their (cached) inputs (report §3.3.2)
+  "swiglu"        recompute the SwiGLU outputs of the experts from their (cached) inputs (report §3.3.2); FP8
+                  training always does (`fp8.fp8_swiglu_linear`)
   "full"          keep only each layer's input and recompute the layer
 Pipeline chunks are cut as the trainer cuts them (`cut_chunks`).
 """
@@ -114,11 +115,14 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
     act = DTYPE_BYTES[dtype]
     res = act if residual_bytes is None else residual_bytes
     mm_in = FP8_BYTES if dtype == "fp8" else act  # a matmul input cached for its weight gradient
+    if dtype == "fp8" and "swiglu" not in recompute:
+        recompute = (*recompute, "swiglu")  # FP8 training recomputes the SwiGLU from its cached FP8 input
     h = cfg.hidden_size
     if kind == "embed":
         return {}
     if kind == "head":
-        return {"final norm input": h * res, "head input": h * mm_in, "loss: gradient of the head input": h * 4}
+        # the head and MTP's eh_proj stay BF16 under FP8 (the recipe's table, `sourcelm.kernels.fp8`)
+        return {"final norm input": h * res, "head input": h * act, "loss: gradient of the head input": h * 4}
     if "full" in recompute:  # only the layer input survives; the layer runs again in backward
         return {"layer input (recomputed)": h * res}
     drop_norm_up = "norm_up_proj" in recompute
@@ -153,7 +157,7 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
         t.update(_swiglu_terms("shared expert", cfg.moe_intermediate_size * cfg.n_shared_experts, 1, h, act, mm_in,
                                recompute))
     if kind == "mtp":
-        t["MTP merge: normed embedding and hidden state (eh_proj input)"] = 2 * h * mm_in
+        t["MTP merge: normed embedding and hidden state (eh_proj input)"] = 2 * h * act
         t["MTP merge: norm inputs"] = 2 * h * res
         t.update({f"MTP head: {name}": b
                   for name, b in activation_terms(cfg, "head", seq_len, dtype, residual_bytes=res).items()})
@@ -163,7 +167,7 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
 def _swiglu_terms(what: str, inner: int, copies: int, h: int, act: float, mm_in: float,
                   recompute: tuple[str, ...]) -> dict[str, float]:
     # gate and up outputs feed SwiGLU (cached in FP8 when training in FP8, report §3.3.2); its output
-    # feeds the down projection and is recomputed under "swiglu"
+    # feeds the down projection and is recomputed under "swiglu", as FP8 training always does
     out = {f"{what}: gate/up outputs": copies * 2 * inner * mm_in}
     if "swiglu" not in recompute:
         out[f"{what}: SwiGLU output (down-projection input)"] = copies * inner * mm_in

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sourcelm.config import ConfigError
-from sourcelm.kernels import fp8
+from sourcelm.kernels import fp8, reference
 from sourcelm.kernels.fp8 import (
     E4M3,
     check_fp8_setting,
@@ -283,6 +283,39 @@ def test_a_weight_made_for_the_call_is_kept_as_its_fp8_blocks():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fp8_linear(x, experts[1])
     assert len(saved) == 3 and saved[2].untyped_storage().data_ptr() == experts.untyped_storage().data_ptr()
+
+
+def test_the_swiglu_and_down_projection_keep_the_swiglus_input_in_fp8():
+    """`fp8_swiglu_linear`: the forward is fp8_linear on swiglu(gu), bit for bit; backward keeps gu's E4M3 tiles
+    (nothing of the SwiGLU's output) and recomputes the SwiGLU from them: the input gradient is the SwiGLU's
+    backward at the FP8-rounded gu times FP8Linear's Dgrad, the weight gradient the FP8 Wgrad of the recomputed
+    output, both bit for bit; and both stay within FP8's error of the fp32 composition."""
+    gu, w, dy = ranged(300, 192, seed=3, spread=0.0), ranged(80, 96, seed=4, spread=0.0) * 0.1, ranged(300, 80)
+    gu8, w8 = gu.clone().requires_grad_(), w.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8.fp8_swiglu_linear(gu8, w8, reference.swiglu)
+    assert torch.equal(y, fp8_linear(reference.swiglu(gu), w))
+    assert [(t.dtype, tuple(t.shape)) for t in saved] == [(E4M3, (300, 256)), (torch.float32, (300, 2)),
+                                                         (torch.float32, (80, 96))]
+    y.backward(dy)
+
+    gu_hat = dequantize_tiles(*quantize_tiles(gu)).requires_grad_()
+    h_hat = reference.swiglu(gu_hat)
+    probe = torch.zeros(300, 96, requires_grad=True)  # FP8Linear's Dgrad does not read its input
+    fp8_linear(probe, w).backward(dy)
+    assert torch.equal(gu8.grad, torch.autograd.grad(h_hat, gu_hat, probe.grad)[0])
+    assert torch.equal(w8.grad, fp8._wgrad(h_hat.detach(), dy, torch.float32, "emulate"))
+
+    gu32, w32 = gu.clone().requires_grad_(), w.clone().requires_grad_()
+    F.linear(reference.swiglu(gu32), w32).backward(dy)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(gu8.grad, gu32.grad) < 0.06 and rel(w8.grad, w32.grad) < 0.06  # measured 0.047, 0.049 (unfused 0.037)
+    with pytest.raises(ValueError, match=r"swiglu\(gu\) has 96 input features"):
+        fp8.fp8_swiglu_linear(gu, ranged(80, 128), reference.swiglu)
 
 
 def test_no_tokens():

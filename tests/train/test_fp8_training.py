@@ -22,21 +22,29 @@ def _losses(run_dir):
 
 
 def test_fp8_reaches_every_projection_and_the_experts(small_config, tmp_path, monkeypatch):
-    """One step: every GEMM of the linear layers, the routed experts' included, goes through the FP8 linear;
-    the head and the gate do not (the report keeps them in BF16/FP32)."""
+    """One step: every GEMM of the linear layers, the routed experts' included, goes through the FP8 linear, the
+    FFNs' down projections through the FP8 SwiGLU + linear (which keeps the SwiGLU's input for backward); the head
+    and the gate do not (the report keeps them in BF16/FP32)."""
     from sourcelm.kernels import fp8
 
-    calls = []
-    real = fp8.fp8_linear
-    monkeypatch.setattr(fp8, "fp8_linear", lambda x, w, backend: calls.append(tuple(w.shape)) or real(x, w, backend))
+    calls, down = [], []
+    linear, swiglu_linear = fp8.fp8_linear, fp8.fp8_swiglu_linear
+    monkeypatch.setattr(fp8, "fp8_linear", lambda x, w, *a: calls.append(tuple(w.shape)) or linear(x, w, *a))
+    monkeypatch.setattr(fp8, "fp8_swiglu_linear",
+                        lambda gu, w, *a: down.append(tuple(w.shape)) or swiglu_linear(gu, w, *a))
     t = Trainer(small_config("train.fp8=emulate", "train.dtype=float32"), tmp_path, progress=False)
     t.train_step()
     cfg = t.cfg.model
     shapes = set(calls)
     assert (cfg.hidden_size, cfg.num_attention_heads * cfg.v_head_dim) in shapes  # o_proj
     assert (2 * cfg.moe_intermediate_size, cfg.hidden_size) in shapes  # an expert's stacked gate and up
-    assert (cfg.hidden_size, cfg.moe_intermediate_size) in shapes  # an expert's down
-    assert (cfg.vocab_size, cfg.hidden_size) not in shapes  # the head stays out
+    assert (2 * cfg.intermediate_size, cfg.hidden_size) in shapes  # the dense layer's stacked gate and up
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    shared = (cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+    # every expert (the loop skips an expert with no rows), the shared experts and the dense layers' FFNs
+    assert down.count((cfg.hidden_size, cfg.moe_intermediate_size)) >= moe_layers * (cfg.n_routed_experts // 2)
+    assert down.count(shared) >= moe_layers and (cfg.hidden_size, cfg.intermediate_size) in down
+    assert (cfg.vocab_size, cfg.hidden_size) not in shapes | set(down)  # the head stays out
     assert (cfg.n_routed_experts, cfg.hidden_size) not in shapes  # the gate stays out
     assert ops._linear_precision == "off"  # only inside the trainer's compute
 

@@ -1,7 +1,7 @@
 """The zero-bubble W split (`sourcelm.train.weight_grad`): a backward whose weight gradients are deferred, then run
 by the store, gives the bits of the plain backward: `ops.linear` (autocast or not, stacked weights), the routed
-experts' grouped GEMMs (`torch._grouped_mm` in fp32, the AMX kernel in bf16), FP8's Wgrad, and a whole model (fp32,
-autocast bf16, FP8)."""
+experts' grouped GEMMs (`torch._grouped_mm` in fp32, the AMX kernel in bf16), FP8's Wgrads (the linear's, the
+SwiGLU + down projection's), and a whole model (fp32, autocast bf16, FP8)."""
 
 import dataclasses
 import gc
@@ -67,6 +67,17 @@ def test_fp8_linear_wgrad():
             return ops.linear(x, w)
 
     _same_bits(fn, [w], x)
+
+
+def test_fp8_swiglu_linear_wgrad():
+    (w,) = _params((128, 96))
+    gu = torch.randn(2, 64, 192)
+
+    def fn(gu):
+        with ops.linear_precision("emulate"):
+            return ops.swiglu_linear(gu, w)
+
+    _same_bits(fn, [w], gu)
 
 
 def _expert_ffn(counts, dtype, seed=0):
