@@ -129,6 +129,13 @@ def final_losses(run: Path) -> tuple[float, float]:
     return valid[-1], statistics.mean(train[-10:])
 
 
+def finished(run: Path, steps: int) -> bool:
+    """Whether the run reached `steps` and validated there (a rerun with more seeds or variants keeps it)."""
+    metrics = run / "metrics.jsonl"
+    return metrics.exists() and any(r.get("step") == steps and r.get("valid_loss") is not None
+                                    for r in map(json.loads, metrics.read_text().splitlines()))
+
+
 def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
     runs = {(v, s): final_losses(out / f"{v}_s{s}") for v in variants for s in seeds if (out / f"{v}_s{s}").exists()}
     rows = map(json.loads, (out / f"bf16_s{seeds[0]}" / "metrics.jsonl").read_text().splitlines())
@@ -207,8 +214,9 @@ def loss(args) -> None:
     variants = args.variants.split(",")
     if variants[0] != "bf16":
         sys.exit("--variants must start with bf16, the reference")
-    if not args.summarise_only:
-        run_all(args, [(v, s) for v in variants[::-1] for s in seeds])  # the slow FP8 runs first: pairs end together
+    if not args.summarise_only:  # the slow FP8 runs first, so the pairs end together; a finished run is kept
+        todo = [(v, s) for v in variants[::-1] for s in seeds]
+        run_all(args, [(v, s) for v, s in todo if not finished(args.out / f"{v}_s{s}", args.steps)])
     summarise(args.out, variants, seeds)
     if args.plot:
         plot_curves(args.out, variants, seeds, args.plot)
