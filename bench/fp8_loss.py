@@ -12,7 +12,10 @@ layer's FFN and the MoE layers' shared experts), `experts` (the routed experts' 
 trains the first `--stop-after` steps of a `--steps` schedule (the same warm-up and learning rates as the `loss`
 runs, so seeds they share spike at the same steps), and a step whose main loss exceeds the lowest of the 5 before it
 by more than `--threshold` nats is a spike. Prints the spiking seeds per variant and Fisher's exact test of the two
-rates.
+rates. `spike-origin`: where one spike comes from: from the FP8 run's state two steps before its spike, the
+step before it is taken once in FP8 and once in BF16, and each result's loss on the spiking step's batch is printed.
+If the BF16 step spikes too, the spike was in the state the run had reached (weights and AdamW moments), not in that
+step's FP8 gradients.
 
 `memory`: activation bytes one decoder layer saves for backward (dense and MoE layer), FP8 against BF16 autocast,
 counted by `torch.autograd.graph.saved_tensors_hooks` over one forward (each storage once, parameters left out).
@@ -20,6 +23,7 @@ counted by `torch.autograd.graph.saved_tensors_hooks` over one forward (each sto
     .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 [--variants bf16,fp8] [--steps 80]
     .venv/bin/python bench/fp8_loss.py loss --tokens TOKENS --out /tmp/fp8 --summarise-only
     .venv/bin/python bench/fp8_loss.py spikes --tokens TOKENS --out /tmp/spikes --seeds 0-39 [--stop-after 40]
+    .venv/bin/python bench/fp8_loss.py spike-origin --tokens TOKENS --out /tmp/origin --seed 0 --spike 27
     .venv/bin/python bench/fp8_loss.py memory
     .venv/bin/python bench/fp8_loss.py speed [--device cuda --preset small]   # tokens/s, MFU: FP8 vs BF16
 """
@@ -264,6 +268,44 @@ def spikes(args) -> None:
           f"two-sided p = {p:.3f}")
 
 
+def spike_origin(args) -> None:
+    import torch
+
+    from sourcelm.config import load_config
+    from sourcelm.train.executor import model_inputs
+    from sourcelm.train.loop import Trainer
+    from sourcelm.train.lr_schedule import global_batch_size
+
+    torch.set_num_threads(1)
+
+    def trainer(variant: str, run_dir: Path) -> Trainer:
+        fp8 = "off" if variant == "bf16" else "emulate"
+        return Trainer(load_config(args.preset, overrides(args.tokens, args.steps, args.seed, fp8)), run_dir,
+                       progress=False)
+
+    def loss_on_next_batch(t: Trainer) -> float:
+        """Main loss, with the weights as they are, of the batch the next step would train on."""
+        s, q = t.state, t.quantum
+        losses = []
+        with torch.no_grad(), t._compute():
+            for m in range(global_batch_size(s.step, t.cfg.schedule, q) // q):
+                inputs, labels, _ = model_inputs(t.train_data.batch(s.consumed_samples + m * q, q, 0, 1))
+                losses.append(t.model(inputs, labels=labels, return_logits=False).main_loss.item())
+        return statistics.mean(losses)
+
+    base = trainer("fp8", args.out / "fp8_base")
+    for _ in range(args.spike - 2):
+        record = base.train_step()
+    checkpoint = base.save()
+    print(f"seed {args.seed}: FP8 to step {args.spike - 2} (main loss {record['main_loss']:.3f}); from there")
+    for variant in ("fp8", "bf16"):
+        t = trainer(variant, args.out / f"step_{variant}")
+        assert t.resume(checkpoint)
+        record = t.train_step()
+        print(f"  step {args.spike - 1} in {variant:4s}: main loss {record['main_loss']:.3f}, gradient norm "
+              f"{record['grad_norm']:.3f}; then the main loss on step {args.spike}'s batch {loss_on_next_batch(t):.3f}")
+
+
 # ------------------------------------------------------------------------------ speed (CUDA: the issue's MFU row)
 
 
@@ -415,6 +457,13 @@ def main() -> None:
                        ("--run-dir", Path)):
         w.add_argument(name, type=kind, required=True)
     w.add_argument("--stop-after", type=int, default=0, help="train this many steps of the schedule (0: all)")
+    so = sub.add_parser("spike-origin")
+    so.add_argument("--tokens", type=Path, required=True, help="token dir with train/ and valid/ (tokenizer/ beside)")
+    so.add_argument("--out", type=Path, required=True)
+    so.add_argument("--preset", default="tiny")
+    so.add_argument("--steps", type=int, default=400, help="the schedule's length, as the spiking run's")
+    so.add_argument("--seed", type=int, required=True)
+    so.add_argument("--spike", type=int, required=True, help="the step whose loss spiked in the FP8 run")
     me = sub.add_parser("memory")
     me.add_argument("--preset", default="tiny")
     me.add_argument("--batch", type=int, default=8)
@@ -430,9 +479,9 @@ def main() -> None:
                        ("--steps", int), ("--run-dir", Path)):
         sw.add_argument(name, type=kind, required=True)
     args = p.parse_args()
-    if args.what in ("worker", "speed-worker"):
+    if args.what in ("worker", "speed-worker", "spike-origin"):
         sys.path.insert(0, str(ROOT))
-    {"loss": loss, "spikes": spikes, "worker": worker, "memory": memory, "speed": speed,
+    {"loss": loss, "spikes": spikes, "spike-origin": spike_origin, "worker": worker, "memory": memory, "speed": speed,
      "speed-worker": speed_worker}[args.what](args)
 
 
