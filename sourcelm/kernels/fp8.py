@@ -9,7 +9,7 @@ What runs in FP8 and what does not, per the report (§3.3; `reference/deepseek_v
 | an FFN's SwiGLU: its input (gate, up) kept for backward, its output recomputed from it | E4M3 1×128 tiles (3) |
 | embedding; output head; MTP `eh_proj` and shared head | BF16 (the release keeps `eh_proj` BF16) |
 | MoE gate (router) | BF16 in, FP32 scores (ours: FP32, as transformers) |
-| RMSNorms; the softmax(QKᵀ)V attention core; SwiGLU; the losses | BF16 storage, FP32 math |
+| RMSNorms; the softmax(QKᵀ)V attention core; SwiGLU's math; the losses | BF16 storage, FP32 math |
 | master weights; weight gradients; AdamW moments | FP32; FP32; BF16 |
 
 (1) `fp8_linear`: FP32 accumulation promoted every 128 of K; BF16 output (FP32 for Wgrad). Everything
@@ -278,9 +278,9 @@ class FP8Linear(torch.autograd.Function):
 class FP8SwiGLULinear(torch.autograd.Function):
     """y = swiglu(gu)·Wᵀ: an FFN's down projection on its SwiGLU, under the report's rule for the SwiGLU's input
     (§3.3.2, "inputs of the SwiGLU operator in MoE"): backward keeps gu as E4M3 1×128 tiles and recomputes
-    h = swiglu(gu) from them, for the down projection's Wgrad and the SwiGLU's own gradient. Nothing of h is kept
-    (FP8Linear on h would keep h's tiles, and the SwiGLU gu itself). The forward is FP8Linear's on the exact h,
-    the same bits; backward sees gu as FP8 rounded it."""
+    h = swiglu(gu) from them, for the down projection's Wgrad and the SwiGLU's own gradient. Nothing of h is kept,
+    where the two ops apart would keep h's E4M3 tiles (FP8Linear) and gu in BF16 (the SwiGLU). The forward is
+    FP8Linear's on the exact h, the same bits; backward sees gu as FP8 rounded it."""
 
     @staticmethod
     def forward(ctx, gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: str, out_dtype: torch.dtype,
