@@ -162,6 +162,23 @@ def summarise(out: Path, variants: list[str], seeds: list[int]) -> None:
         spread = f" ± {statistics.stdev(rel):.3f} (std over seeds)" if len(rel) > 1 else ""
         print(f"  {v:16s} validation {statistics.mean(rel):+.3f}{spread} [" + ", ".join(f"{x:+.3f}" for x in rel)
               + f"]   train {statistics.mean(rel_train):+.3f} [" + ", ".join(f"{x:+.3f}" for x in rel_train) + "]")
+        if len(rel) > 2:
+            low, high = bootstrap_interval(rel)
+            verdict = "inside" if -REPORT_BOUND <= low and high <= REPORT_BOUND else "not inside"
+            print(f"  {'':16s} mean {statistics.mean(rel):+.3f} %, median {statistics.median(rel):+.3f} %, standard "
+                  f"error {statistics.stdev(rel) / len(rel) ** 0.5:.3f}; 95 % bootstrap interval of the mean "
+                  f"[{low:+.3f}, {high:+.3f}] %: {verdict} ±{REPORT_BOUND} %")
+
+
+def bootstrap_interval(values: list[float], resamples: int = 10000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over seeds (resampled with a fixed generator: the same bits each
+    run)."""
+    import random
+
+    rng = random.Random(0)
+    means = sorted(statistics.mean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return means[int(tail * resamples)], means[int((1 - tail) * resamples) - 1]
 
 
 def plot_curves(out: Path, variants: list[str], seeds: list[int], path: Path) -> None:
