@@ -221,6 +221,13 @@ def _kept_weight(kept: list[torch.Tensor], out: int) -> Operand:
     return quantize_operand(kept[0], TILE) if len(kept) == 1 else Operand(*kept, out, TILE)
 
 
+def _fprop(x2: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype):
+    """Fprop: x [tokens, in] in 1×128 tiles along in, W in 128×128 blocks -> (x's operand, W's, y [tokens, out])."""
+    qx = quantize_operand(x2, 1, TILE if backend == "cuda" else 1)
+    w = quantize_operand(weight, TILE)
+    return qx, w, _mm(qx, w, backend, out_dtype)
+
+
 def _dgrad(g2: torch.Tensor, w: Operand, k: int, backend: str, dtype: torch.dtype) -> torch.Tensor:
     """Dgrad [tokens, k]: dy in 1×128 tiles along out; Wᵀ's blocks are W's, transposed."""
     wt = Operand(w.q.t().contiguous(), w.scale.t().contiguous(), k, TILE)
@@ -252,10 +259,7 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype, resident: bool,
                 sink=None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        qx = quantize_operand(x2, 1, TILE if backend == "cuda" else 1)
-        w = quantize_operand(weight, TILE)
-        y = _mm(qx, w, backend, out_dtype)
+        qx, w, y = _fprop(x.reshape(-1, x.shape[-1]), weight, backend, out_dtype)
         ctx.save_for_backward(qx.q, qx.scale, *_weight_to_keep(weight, w, resident))
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.sink = backend, x.shape, x.dtype, sink
         ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
@@ -285,10 +289,7 @@ class FP8SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: str, out_dtype: torch.dtype,
                 resident: bool, sink=None) -> torch.Tensor:
-        h = swiglu(gu).reshape(-1, weight.shape[1])
-        qh = quantize_operand(h, 1, TILE if backend == "cuda" else 1)
-        w = quantize_operand(weight, TILE)
-        y = _mm(qh, w, backend, out_dtype)
+        _, w, y = _fprop(swiglu(gu).reshape(-1, weight.shape[1]), weight, backend, out_dtype)
         qgu = quantize_operand(gu.reshape(-1, gu.shape[-1]), 1)
         ctx.save_for_backward(qgu.q, qgu.scale, *_weight_to_keep(weight, w, resident))
         ctx.swiglu, ctx.backend, ctx.gu_shape, ctx.gu_dtype, ctx.sink = swiglu, backend, gu.shape, gu.dtype, sink
