@@ -235,12 +235,15 @@ def _dgrad(g2: torch.Tensor, w: Operand, k: int, backend: str, dtype: torch.dtyp
     return _mm(gq, wt, backend, dtype)
 
 
-def _wgrad(x_hat: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """Wgrad [out, k] in `dtype`: reduce over tokens; dyᵀ and xᵀ in 1×128 tiles along tokens. x_hat [tokens, k]
-    is the input as backward has it: dequantized from its FP8 tiles, or recomputed from cached FP8 inputs."""
-    rows_multiple = TILE if backend == "cuda" else 1
-    xt = quantize_operand(x_hat.t(), 1, rows_multiple)
-    gt = quantize_operand(g2.t(), 1, rows_multiple)
+def _transposed_tiles(x_hat: torch.Tensor, backend: str) -> Operand:
+    """xᵀ in 1×128 tiles along tokens, Wgrad's operand: x_hat [tokens, k] is the input as backward has it,
+    dequantized from its FP8 tiles or recomputed from cached FP8 inputs."""
+    return quantize_operand(x_hat.t(), 1, TILE if backend == "cuda" else 1)
+
+
+def _wgrad(xt: Operand, g2: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """Wgrad [out, k] in `dtype`: reduce over tokens; dyᵀ in 1×128 tiles along tokens against xᵀ's."""
+    gt = quantize_operand(g2.t(), 1, TILE if backend == "cuda" else 1)
     return _mm(gt, xt, backend, torch.float32).to(dtype)
 
 
@@ -274,8 +277,8 @@ class FP8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _dgrad(g2, _kept_weight(kept, out), k, backend, ctx.x_dtype).reshape(ctx.x_shape)
         tokens = g2.shape[0]
-        grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(
-            dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k], g2, ctx.w_dtype, backend))
+        grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(_transposed_tiles(
+            dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k], backend), g2, ctx.w_dtype, backend))
         return grad_x, grad_w, None, None, None, None
 
 
@@ -284,7 +287,9 @@ class FP8SwiGLULinear(torch.autograd.Function):
     (§3.3.2, "inputs of the SwiGLU operator in MoE"): backward keeps gu as E4M3 1×128 tiles and recomputes
     h = swiglu(gu) from them, for the down projection's Wgrad and the SwiGLU's own gradient. Nothing of h is kept,
     where the two ops apart would keep h's E4M3 tiles (FP8Linear) and gu in BF16 (the SwiGLU). The forward is
-    FP8Linear's on the exact h, the same bits; backward sees gu as FP8 rounded it."""
+    FP8Linear's on the exact h, the same bits; backward sees gu as FP8 rounded it. gu's 1×128 tiles run along
+    [gate | up]; where I is not a multiple of 128 (the tiny presets) a tile spans the two halves, which DeepSeek-V3's
+    widths never do."""
 
     @staticmethod
     def forward(ctx, gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: str, out_dtype: torch.dtype,
@@ -301,16 +306,22 @@ class FP8SwiGLULinear(torch.autograd.Function):
         guq, gu_scale, *kept = ctx.saved_tensors
         (out, k), backend = ctx.w_shape, ctx.backend
         rows, width = guq.shape[0], ctx.gu_shape[-1]
-        gu_hat = dequantize_operand(Operand(guq, gu_scale, rows, 1))[:, :width].to(ctx.gu_dtype).requires_grad_()
-        with torch.enable_grad():
-            h = ctx.swiglu(gu_hat)
+        gu_hat = dequantize_operand(Operand(guq, gu_scale, rows, 1))[:, :width].to(ctx.gu_dtype)
         g2 = grad_y.reshape(-1, out)
-        grad_gu = None
+        grad_gu = grad_w = None
         if ctx.needs_input_grad[0]:
+            gu_hat.requires_grad_()
+            with torch.enable_grad():
+                h = ctx.swiglu(gu_hat)
             dh = _dgrad(g2, _kept_weight(kept, out), k, backend, h.dtype)
             grad_gu = torch.autograd.grad(h, gu_hat, dh)[0].reshape(ctx.gu_shape)
-        h = h.detach()  # the W op, run later, holds h (as many bytes as gu's tiles in BF16), not its graph
-        grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(h.float(), g2, ctx.w_dtype, backend))
+            h = h.detach()
+        elif ctx.sink is not None or ctx.needs_input_grad[1]:
+            h = ctx.swiglu(gu_hat)
+        if ctx.sink is not None or ctx.needs_input_grad[1]:
+            # Wgrad's operand made now, so that a deferred W op holds h's E4M3 tiles (1 byte an element), not h
+            xt = _transposed_tiles(h.float(), backend)
+            grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(xt, g2, ctx.w_dtype, backend))
         return grad_gu, grad_w, None, None, None, None, None
 
 
@@ -353,6 +364,8 @@ def fp8_swiglu_linear(gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: s
     """fp8_linear(swiglu(gu), weight) with the SwiGLU's input, not its output, kept for backward in FP8
     (`FP8SwiGLULinear`). gu [..., 2I] = [gate | up], weight [out, I]; `swiglu` the SwiGLU op to run and to
     recompute (`ops.swiglu`)."""
+    if gu.shape[-1] % 2:
+        raise ValueError(f"fp8_swiglu_linear: gu has {gu.shape[-1]} features, not [gate | up] of two equal halves")
     _check_call(gu, gu.shape[-1] // 2, weight, backend, "fp8_swiglu_linear", "swiglu(gu)")
     return FP8SwiGLULinear.apply(gu, weight if sink is None else weight.detach(), swiglu, backend,
                                  _output_dtype(gu), _is_resident(weight), sink)

@@ -305,7 +305,8 @@ def test_the_swiglu_and_down_projection_keep_the_swiglus_input_in_fp8():
     probe = torch.zeros(300, 96, requires_grad=True)  # FP8Linear's Dgrad does not read its input
     fp8_linear(probe, w).backward(dy)
     assert torch.equal(gu8.grad, torch.autograd.grad(h_hat, gu_hat, probe.grad)[0])
-    assert torch.equal(w8.grad, fp8._wgrad(h_hat.detach(), dy, torch.float32, "emulate"))
+    assert torch.equal(w8.grad, fp8._wgrad(fp8._transposed_tiles(h_hat.detach(), "emulate"), dy, torch.float32,
+                                           "emulate"))
 
     gu32, w32 = gu.clone().requires_grad_(), w.clone().requires_grad_()
     F.linear(reference.swiglu(gu32), w32).backward(dy)
@@ -316,6 +317,8 @@ def test_the_swiglu_and_down_projection_keep_the_swiglus_input_in_fp8():
     assert rel(gu8.grad, gu32.grad) < 0.06 and rel(w8.grad, w32.grad) < 0.06  # measured 0.047, 0.049 (unfused 0.037)
     with pytest.raises(ValueError, match=r"swiglu\(gu\) has 96 input features"):
         fp8.fp8_swiglu_linear(gu, ranged(80, 128), reference.swiglu)
+    with pytest.raises(ValueError, match="two equal halves"):
+        fp8.fp8_swiglu_linear(gu[:, :191], w, reference.swiglu)
 
 
 def test_no_tokens():
@@ -389,15 +392,18 @@ def test_cuda_setting_probes_blockwise_scaled_mm():
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("op", ["linear", "swiglu_linear"])
 @pytest.mark.parametrize("shape,n", [((4, 96, 256), 384), ((300, 200), 80)])
-def test_cuda_backend_matches_the_emulation(shape, n):
+def test_cuda_backend_matches_the_emulation(shape, n, op):
     if fp8.blockwise_scaled_mm_problem(torch.device("cuda", torch.cuda.current_device())):
         pytest.skip("torch's blockwise scaled_mm does not run on this GPU")
-    x, w, gy = ranged(*shape).cuda(), ranged(n, shape[-1], seed=9).cuda(), ranged(*shape[:-1], n).cuda()
+    in_features = shape[-1] if op == "linear" else shape[-1] // 2  # the SwiGLU halves [gate | up]
+    x, w, gy = ranged(*shape).cuda(), ranged(n, in_features, seed=9).cuda(), ranged(*shape[:-1], n).cuda()
     results = {}
     for backend in ("emulate", "cuda"):
         xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fp8_linear(xb.bfloat16(), wb, backend)
+        y = (fp8_linear(xb.bfloat16(), wb, backend) if op == "linear"
+             else fp8.fp8_swiglu_linear(xb.bfloat16(), wb, reference.swiglu, backend))
         y.float().backward(gy.bfloat16().float())
         results[backend] = (y.float(), xb.grad, wb.grad)
     for got, want in zip(results["cuda"], results["emulate"]):
