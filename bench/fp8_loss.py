@@ -35,6 +35,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,9 +118,12 @@ def worker(args) -> None:
 
 
 def launch(args, variant: str, seed: int) -> subprocess.Popen:
+    """One run from its first step: what an unfinished earlier run left in its directory goes first."""
+    run_dir = args.out / f"{variant}_s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, __file__, "worker", "--variant", variant, "--seed", str(seed), "--tokens",
-           str(args.tokens), "--steps", str(args.steps), "--preset", args.preset, "--run-dir",
-           str(args.out / f"{variant}_s{seed}"), "--stop-after", str(getattr(args, "stop_after", 0))]
+           str(args.tokens), "--steps", str(args.steps), "--preset", args.preset, "--run-dir", str(run_dir),
+           "--stop-after", str(getattr(args, "stop_after", 0))]
     log = open(args.out / f"{variant}_s{seed}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -289,10 +293,13 @@ def spike_origin(args) -> None:
     import torch
 
     from sourcelm.config import load_config
+    from sourcelm.kernels import ops
     from sourcelm.train.executor import model_inputs
     from sourcelm.train.loop import Trainer
     from sourcelm.train.lr_schedule import global_batch_size
 
+    if args.spike < 3:
+        sys.exit(f"--spike {args.spike}: must be 3 or later (the run trains to two steps before the spike)")
     torch.set_num_threads(1)
 
     def trainer(variant: str, run_dir: Path) -> Trainer:
@@ -301,10 +308,11 @@ def spike_origin(args) -> None:
                        progress=False)
 
     def loss_on_next_batch(t: Trainer) -> float:
-        """Main loss, with the weights as they are, of the batch the next step would train on."""
+        """Main loss, with the weights as they are, of the batch the next step would train on; in BF16 whichever
+        precision the step took, so that only the step differs."""
         s, q = t.state, t.quantum
         losses = []
-        with torch.no_grad(), t._compute():
+        with torch.no_grad(), t._compute(), ops.linear_precision("off"):
             for m in range(global_batch_size(s.step, t.cfg.schedule, q) // q):
                 inputs, labels, _ = model_inputs(t.train_data.batch(s.consumed_samples + m * q, q, 0, 1))
                 losses.append(t.model(inputs, labels=labels, return_logits=False).main_loss.item())
