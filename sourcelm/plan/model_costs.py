@@ -101,6 +101,12 @@ def model_slots(cfg: ModelConfig, seq_len: int) -> list[Slot]:
 # ------------------------------------------------------------------------------------ activations
 
 
+def effective_recompute(dtype: str, recompute: tuple[str, ...]) -> tuple[str, ...]:
+    """What backward recomputes: the layout's choice, and under FP8 the SwiGLU too (FP8 training always recomputes
+    it from its cached FP8 input, `fp8.fp8_swiglu_linear`)."""
+    return recompute if dtype != "fp8" or "swiglu" in recompute else (*recompute, "swiglu")
+
+
 def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, recompute: tuple[str, ...] = (),
                      attention: str = "flash", expert_outputs: bool = True,
                      residual_bytes: float | None = None) -> dict[str, float]:
@@ -115,8 +121,7 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
     act = DTYPE_BYTES[dtype]
     res = act if residual_bytes is None else residual_bytes
     mm_in = FP8_BYTES if dtype == "fp8" else act  # a matmul input cached for its weight gradient
-    if dtype == "fp8" and "swiglu" not in recompute:
-        recompute = (*recompute, "swiglu")  # FP8 training recomputes the SwiGLU from its cached FP8 input
+    recompute = effective_recompute(dtype, recompute)
     h = cfg.hidden_size
     if kind == "embed":
         return {}

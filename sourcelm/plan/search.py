@@ -16,6 +16,7 @@ from sourcelm.config import ConfigError, ModelConfig, divisors
 from sourcelm.plan.cluster import Cluster
 from sourcelm.plan.estimate import Assumptions, Plan, plan_layout
 from sourcelm.plan.layout import PlanLayout
+from sourcelm.plan.model_costs import effective_recompute
 from sourcelm.plan.pipeline_sim import SCHEDULES
 
 RECOMPUTE_CHOICES = ((), ("norm_up_proj",), ("norm_up_proj", "swiglu"), ("full",))
@@ -37,8 +38,16 @@ def candidates(model: ModelConfig, cluster: Cluster, base: PlanLayout, max_micro
         for schedule in (SCHEDULES if pp > 1 else ("1f1b",)):
             for ep in eps:
                 for mb in mbs:
-                    for rc in RECOMPUTE_CHOICES:
+                    for rc in _distinct_recompute_choices(base.dtype):
                         yield dataclasses.replace(base, pp=pp, schedule=schedule, ep=ep, micro_batch=mb, recompute=rc)
+
+
+def _distinct_recompute_choices(dtype: str) -> list[tuple[str, ...]]:
+    """The recomputation choices that give different runs in `dtype` (under FP8 "swiglu" is always on)."""
+    seen: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for rc in RECOMPUTE_CHOICES:
+        seen.setdefault(tuple(sorted(effective_recompute(dtype, rc))), rc)
+    return list(seen.values())
 
 
 def search(model: ModelConfig, cluster: Cluster, base: PlanLayout, assumptions: Assumptions, top: int = 10,
@@ -71,8 +80,8 @@ def fixes(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assumptions:
             sched = layout.schedule if layout.pp > 1 else "1f1b"
             changed = dataclasses.replace(layout, pp=pp, schedule=sched)
             trials.append((f"parallel.pp = {pp} ({sched})", changed, cluster))
-    for rc in RECOMPUTE_CHOICES:
-        if set(rc) - set(layout.recompute):
+    for rc in _distinct_recompute_choices(layout.dtype):
+        if set(effective_recompute(layout.dtype, rc)) - set(effective_recompute(layout.dtype, layout.recompute)):
             trials.append((f"plan.recompute = {'+'.join(rc)}", dataclasses.replace(layout, recompute=rc), cluster))
     for mb in (1, 2, 4):
         if mb < layout.micro_batch:

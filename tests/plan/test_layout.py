@@ -13,6 +13,7 @@ from sourcelm.config import ConfigError, load_config
 from sourcelm.plan.cluster import load_cluster
 from sourcelm.plan.estimate import Assumptions, core_speed, plan_layout
 from sourcelm.plan.layout import PlanLayout, resolve
+from sourcelm.plan.model_costs import effective_recompute
 from sourcelm.plan.search import fixes, search
 
 
@@ -145,3 +146,16 @@ def test_search_ranks_the_layouts_that_fit(tiny):
     layouts = {(p.res.layout.pp, p.res.layout.ep, p.res.layout.schedule) for p in result.fitting}
     assert {(1, 8, "1f1b"), (2, 4, "dualpipe"), (4, 2, "zb1p"), (2, 2, "dualpipev")} <= layouts
     assert not any(pp == 8 for pp, _, _ in layouts)
+
+
+def test_fp8_search_lists_each_run_once(tiny):
+    """FP8 training always recomputes the SwiGLU, so under FP8 "norm_up_proj" and "norm_up_proj + swiglu" are the same
+    run: the search lists it once (in BF16 they differ, and both appear)."""
+    for dtype, per_layout in (("fp8", 3), ("bf16", 4)):
+        base = PlanLayout(micro_batch=1, global_batch=16, seq_len=256, dtype=dtype)
+        result = search(tiny, ONE_NODE, base, Assumptions(), top=10000)
+        keys = [(p.res.layout.pp, p.res.layout.ep, p.res.layout.schedule, p.res.layout.micro_batch,
+                 p.res.layout.recompute) for p in result.fitting]
+        runs = [(*k[:4], tuple(sorted(effective_recompute(dtype, k[4])))) for k in keys]
+        assert len(set(runs)) == len(runs)
+        assert max(sum(k[:4] == r[:4] for k in keys) for r in keys) == per_layout
