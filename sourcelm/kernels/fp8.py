@@ -309,6 +309,7 @@ class FP8SwiGLULinear(torch.autograd.Function):
         gu_hat = dequantize_operand(Operand(guq, gu_scale, rows, 1))[:, :width].to(ctx.gu_dtype)
         g2 = grad_y.reshape(-1, out)
         grad_gu = grad_w = None
+        wants_wgrad = ctx.sink is not None or ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0]:
             gu_hat.requires_grad_()
             with torch.enable_grad():
@@ -316,9 +317,9 @@ class FP8SwiGLULinear(torch.autograd.Function):
             dh = _dgrad(g2, _kept_weight(kept, out), k, backend, h.dtype)
             grad_gu = torch.autograd.grad(h, gu_hat, dh)[0].reshape(ctx.gu_shape)
             h = h.detach()
-        elif ctx.sink is not None or ctx.needs_input_grad[1]:
+        elif wants_wgrad:
             h = ctx.swiglu(gu_hat)
-        if ctx.sink is not None or ctx.needs_input_grad[1]:
+        if wants_wgrad:
             # Wgrad's operand made now, so that a deferred W op holds h's E4M3 tiles (1 byte an element), not h
             xt = _transposed_tiles(h.float(), backend)
             grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(xt, g2, ctx.w_dtype, backend))
