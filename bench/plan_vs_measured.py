@@ -77,9 +77,9 @@ def _recording_worker(rank: int, world: int, ranks_per_node: int, overrides: lis
     calls: list = []
     original = ctx.dispatcher.dispatch_async
 
-    def recording(x, topk_idx, topk_weights):
+    def recording(x, topk_idx, topk_weights, fp8=False):
         calls.append(topk_idx.detach().clone())
-        return original(x, topk_idx, topk_weights)
+        return original(x, topk_idx, topk_weights, fp8)
 
     ctx.dispatcher.dispatch_async = recording
     out = []

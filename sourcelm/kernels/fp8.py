@@ -88,10 +88,11 @@ class Operand(NamedTuple):
     block_rows: int
 
 
-def quantize_operand(x: torch.Tensor, block_rows: int, row_multiple: int = 1) -> Operand:
+def quantize_operand(x: torch.Tensor, block_rows: int, row_multiple: int = 1, pow2: bool = False) -> Operand:
     """x [R, K] (any float dtype) in tiles of block_rows × 128 along K; rows are padded to a multiple of
     max(block_rows, row_multiple) and K to a multiple of 128 with zeros, which leaves each scale the amax
-    of its real elements / 448."""
+    of its real elements / 448. pow2: each scale rounded up to a power of 2 (the report's scales for the MoE
+    dispatch, `fp8_comm`), so that a tile already on that grid quantizes again to the same values."""
     rows, k = x.shape
     rows_p, k_p = _round_up(rows, max(block_rows, row_multiple)), _round_up(k, TILE)
     # contiguous (a transposed x for Wgrad is copied): the GEMMs read q row-major
@@ -100,10 +101,19 @@ def quantize_operand(x: torch.Tensor, block_rows: int, row_multiple: int = 1) ->
     # max(max, -min) rather than abs().max(): no full-size temporary; both propagate NaN. Exact in any dtype.
     amax = torch.maximum(tiles.amax(dim=3), tiles.amin(dim=3).neg_()).amax(dim=1).float()
     scale = amax.clamp_min_(AMAX_FLOOR).div_(E4M3_MAX)
+    if pow2:
+        scale = _pow2_ceil(scale)
     # x / scale is computed in fp32 and stays within 448 * (1 + 2^-23), which rounds to 448 whether the
     # cast saturates or not: no clamp needed. A NaN (from an inf/NaN tile) stays NaN.
     q = (tiles / scale[:, None, :, None]).to(E4M3)
     return Operand(q.view(rows_p, k_p), scale, rows, block_rows)
+
+
+def _pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of 2 >= each finite scale (exact: frexp, not log2); inf and NaN stay as they are."""
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    up = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).int())
+    return torch.where(torch.isfinite(scale), up, scale)
 
 
 # every E4M3 bit pattern's value (NaN for 0x7f/0xff), for `e4m3_to_fp32`
@@ -221,9 +231,10 @@ def _kept_weight(kept: list[torch.Tensor], out: int) -> Operand:
     return quantize_operand(kept[0], TILE) if len(kept) == 1 else Operand(*kept, out, TILE)
 
 
-def _fprop(x2: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype):
-    """Fprop: x [tokens, in] in 1×128 tiles along in, W in 128×128 blocks -> (x's operand, W's, y [tokens, out])."""
-    qx = quantize_operand(x2, 1, TILE if backend == "cuda" else 1)
+def _fprop(x2: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype, pow2: bool = False):
+    """Fprop: x [tokens, in] in 1×128 tiles along in (pow2: power-of-2 scales), W in 128×128 blocks -> (x's operand,
+    W's, y [tokens, out])."""
+    qx = quantize_operand(x2, 1, TILE if backend == "cuda" else 1, pow2)
     w = quantize_operand(weight, TILE)
     return qx, w, _mm(qx, w, backend, out_dtype)
 
@@ -261,8 +272,8 @@ class FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: str, out_dtype: torch.dtype, resident: bool,
-                sink=None) -> torch.Tensor:
-        qx, w, y = _fprop(x.reshape(-1, x.shape[-1]), weight, backend, out_dtype)
+                sink=None, pow2: bool = False) -> torch.Tensor:
+        qx, w, y = _fprop(x.reshape(-1, x.shape[-1]), weight, backend, out_dtype, pow2)
         ctx.save_for_backward(qx.q, qx.scale, *_weight_to_keep(weight, w, resident))
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.sink = backend, x.shape, x.dtype, sink
         ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
@@ -279,7 +290,7 @@ class FP8Linear(torch.autograd.Function):
         tokens = g2.shape[0]
         grad_w = _file_or_run_wgrad(ctx, lambda: _wgrad(_transposed_tiles(
             dequantize_operand(Operand(xq, x_scale, tokens, 1))[:tokens, :k], backend), g2, ctx.w_dtype, backend))
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 class FP8SwiGLULinear(torch.autograd.Function):
@@ -349,15 +360,18 @@ def _check_call(x: torch.Tensor, features: int, weight: torch.Tensor, backend: s
                          f"{weight.shape[1]}")
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", sink=None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulate", sink=None,
+               pow2_scales: bool = False) -> torch.Tensor:
     """F.linear(x, weight) (no bias) in DeepSeek-V3's FP8 recipe. x [..., in] in any float dtype, weight
     [out, in] (an fp32 master or a bf16 copy); the output has the dtype F.linear's would have (autocast's, e.g.
     BF16, inside autocast; else x's), the input gradient x's, the weight gradient the weight's.
     backend: "emulate" (any device) or "cuda" (call `check_fp8_setting` once at start first). sink
-    (`ops.WeightGradSink`, holding weight): backward files the Wgrad there instead of returning it."""
+    (`ops.WeightGradSink`, holding weight): backward files the Wgrad there instead of returning it. pow2_scales:
+    x's tiles take power-of-2 scales (the routed experts' up projection, whose input arrives on that grid:
+    `fp8_comm`)."""
     _check_call(x, x.shape[-1], weight, backend, "fp8_linear", "x")
     return FP8Linear.apply(x, weight if sink is None else weight.detach(), backend, _output_dtype(x),
-                           _is_resident(weight), sink)
+                           _is_resident(weight), sink, pow2_scales)
 
 
 def fp8_swiglu_linear(gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: str = "emulate",

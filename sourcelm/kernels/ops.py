@@ -167,7 +167,9 @@ def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, 
         return x_grouped.new_zeros(0, w2.shape[1]) + 0 * (w13.sum() + w2.sum())  # keep the graph
     if _linear_precision != "off":  # each expert's GEMMs through the FP8 linear, expert by expert
         _chose("expert_ffn", f"fp8 {_linear_precision}, per expert", x_grouped)
-        gu = reference.grouped_linear_loop(x_grouped, w13, counts, linear)
+        # the input came through the FP8 dispatch's power-of-2 tiles (`fp8_comm`): quantized on that grid again,
+        # the up projection's Fprop takes the dispatched tiles as they are
+        gu = reference.grouped_linear_loop(x_grouped, w13, counts, lambda x, w: linear(x, w, pow2_scales=True))
         return reference.grouped_linear_loop(gu, w2, counts, swiglu_linear)
     if mode() == "auto" and amx.grouped_linear_takes(x_grouped, w13, counts):
         _chose("expert_ffn", "AMX", x_grouped)
@@ -243,19 +245,19 @@ def linear_precision(fp8: str):
         _linear_precision = previous
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
     """x W^T for every projection of the model that is a plain matmul (attention's, the dense and shared FFNs', and
     the routed experts' through `expert_ffn`): the one place where their precision is chosen. Stacked weights (q_a
     with kv_a, gate with up) are quantized as one matrix, so a 128x128 block may straddle the two where a width is
     not a multiple of 128 (the tiny preset; not DeepSeek-V3, whose widths are). Inside `deferring_weight_grads`
-    backward leaves the weight gradient for later (`_DeferredLinear`)."""
+    backward leaves the weight gradient for later (`_DeferredLinear`). pow2_scales: under FP8, x's tiles take
+    power-of-2 scales (`fp8.fp8_linear`)."""
     sink = _weight_grad_sink(x, weight)
     if _linear_precision != "off":
         from sourcelm.kernels import fp8
 
         _chose("linear", f"fp8 {_linear_precision}", x)
-        return (fp8.fp8_linear(x, weight, _linear_precision) if sink is None
-                else fp8.fp8_linear(x, weight, _linear_precision, sink))
+        return fp8.fp8_linear(x, weight, _linear_precision, sink, pow2_scales)
     if sink is None:
         return F.linear(x, weight)
     # the casts autocast would apply inside F.linear, made here so they stay in the weight's own graph (the part
@@ -263,6 +265,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x, sink.weight = _autocast_operands(x, weight)
     with torch.autocast(x.device.type, enabled=False):
         return _DeferredLinear.apply(x, sink.weight.detach(), sink)
+
+
+def fp8_dispatch() -> bool:
+    """Whether the routed experts' tokens travel in FP8 (under `train.fp8`, as the report's recipe does)."""
+    return _linear_precision != "off"
+
+
+def routed_experts_input(x: torch.Tensor) -> torch.Tensor:
+    """The routed experts' input as the dispatch delivers it: under FP8 rounded through the dispatch's E4M3 tiles
+    (`fp8_comm.round_input`), on every layout; else x."""
+    if _linear_precision == "off":
+        return x
+    from sourcelm.kernels import fp8_comm
+
+    return fp8_comm.round_input(x)
+
+
+def routed_experts_output(y: torch.Tensor) -> torch.Tensor:
+    """The routed experts' combined output; under FP8 its gradient is rounded as the FP8 combine-backward delivers
+    it (`fp8_comm.round_output_grad`), on every layout."""
+    if _linear_precision == "off":
+        return y
+    from sourcelm.kernels import fp8_comm
+
+    return fp8_comm.round_output_grad(y)
 
 
 def swiglu_linear(gu: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

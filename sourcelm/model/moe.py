@@ -96,11 +96,15 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 overlap: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, H], topk_idx [N, K] int64, topk_weights [N, K] -> sum_k w_k * expert_{idx_k}(x), plus
-        `overlap()` when given (a distributed version runs it while its all-to-all is in flight)."""
+        `overlap()` when given (a distributed version runs it while its all-to-all is in flight). Under FP8 x and the
+        output's gradient are rounded as the FP8 dispatch would deliver them (`ops.routed_experts_input`), so
+        that one process computes what expert parallelism does."""
+        x = ops.routed_experts_input(x)
         if self.impl == "loop":
             out = self._forward_loop(x, topk_idx, topk_weights)
         else:
             out = self._forward_grouped(x, topk_idx, topk_weights)
+        out = ops.routed_experts_output(out)
         return out + overlap() if overlap is not None else out
 
     def _forward_grouped(self, x, topk_idx, topk_weights):

@@ -15,6 +15,11 @@
 * Autograd: dispatch's backward is a combine of the gradients (the weights' too), combine's backward
   is a dispatch with the cached route. The backward transfers run on the topology's backward-lane groups
   (the forward groups themselves unless DualPipeV's overlapped pairs asked for a lane: topology.py).
+* FP8 (`fp8=True`, under `train.fp8`): dispatch and combine's backward, the two transfers that carry tokens or
+  their gradients to the experts, send each row as E4M3 1×128 tiles with power-of-2 scales (`fp8_comm`); the
+  forward combine and dispatch's backward stay in the compute dtype, as in the report (§3.3.3). The rows were
+  already rounded to that grid (`ops.routed_experts_input` / `routed_experts_output`), so the FP8 wire delivers
+  them bit for bit, and the byte counters count the packed rows.
 * Overlap: `dispatch_async` / `combine_async` return once the first (inter-node) all-to-all is in
   flight; `.wait()` finishes it. Work done in between (the shared expert) runs during the transfer.
   Backward is split the same way: the second Function's backward starts the transfer and the first
@@ -43,6 +48,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from sourcelm.kernels import fp8_comm
 from sourcelm.parallel.chunked import ChunkedTwoHopRoute
 from sourcelm.parallel.topology import Topology
 from sourcelm.parallel.transport import Hop, LinkStats, Pending, Route, exchange_counts
@@ -53,8 +59,9 @@ log = logging.getLogger("sourcelm.parallel")
 class Handle:
     """What combine (and every backward) needs from one dispatch: the route and the receive layout."""
 
-    def __init__(self, route: Route, n_tokens: int):
-        self.route, self.n_tokens = route, n_tokens
+    def __init__(self, route: Route, n_tokens: int, hidden: int, fp8: bool = False):
+        self.route, self.n_tokens, self.hidden = route, n_tokens, hidden
+        self.fp8 = fp8  # dispatch and combine's backward send E4M3 rows (`fp8_comm`)
         # transfers in flight between the two halves of each operation
         self.pending: Pending | None = None  # forward dispatch, then forward combine (never both)
         self.dispatch_bwd: Pending | None = None  # dispatch's backward (a combine of gradients)
@@ -67,9 +74,11 @@ class _DispatchStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, topk_idx, dispatcher, handle):
         ctx.handle, ctx.stats = handle, dispatcher.stats
-        handle.pending = handle.route.forward_start([x, topk_weights, topk_idx], dispatcher.stats)
+        payload = fp8_comm.pack_rows(x) if handle.fp8 else x
+        handle.pending = handle.route.forward_start([payload, topk_weights, topk_idx], dispatcher.stats)
         x_buf, w_buf, _ = handle.pending.outputs
-        return x_buf, w_buf
+        # the packed bytes are no gradient's carrier: an empty tensor of x's dtype links x to _DispatchWait instead
+        return (x.new_empty(0) if handle.fp8 else x_buf), w_buf
 
     @staticmethod
     def backward(ctx, _gx_buf, _gw_buf):
@@ -86,6 +95,8 @@ class _DispatchWait(torch.autograd.Function):
         rows = dispatcher.stats.waited(handle.pending)
         handle.pending = None
         recv_x, recv_w, recv_idx = dispatcher._rest_of_dispatch(handle, rows)
+        if handle.fp8:
+            recv_x = fp8_comm.unpack_rows(recv_x, handle.hidden, x_buf.dtype)
         local = recv_idx - dispatcher.topo.local_experts.start
         local = torch.where((local >= 0) & (local < dispatcher.e_local), local, torch.full_like(local, -1))
         recv_w = torch.where(local >= 0, recv_w, torch.zeros_like(recv_w))
@@ -99,7 +110,7 @@ class _DispatchWait(torch.autograd.Function):
         x_shape, w_shape, x_dtype, w_dtype = ctx.bufs
         n = h.recv_local_idx.shape[0]
         if g_x is None:
-            g_x = torch.zeros((n,) + tuple(x_shape[1:]), dtype=x_dtype, device=h.recv_local_idx.device)
+            g_x = torch.zeros((n, h.hidden), dtype=x_dtype, device=h.recv_local_idx.device)
         if g_w is None:
             g_w = torch.zeros((n,) + tuple(w_shape[1:]), dtype=w_dtype, device=h.recv_local_idx.device)
         g_w = torch.where(h.recv_local_idx >= 0, g_w, torch.zeros_like(g_w))  # slots not held here
@@ -111,7 +122,7 @@ class _DispatchWait(torch.autograd.Function):
 class _CombineStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, dispatcher, handle):
-        ctx.handle, ctx.stats = handle, dispatcher.stats
+        ctx.handle, ctx.stats, ctx.y = handle, dispatcher.stats, (y.shape[1], y.dtype)
         handle.pending = handle.route.reverse_start([y.contiguous()], dispatcher.stats)
         return handle.pending.outputs[0]
 
@@ -120,6 +131,8 @@ class _CombineStart(torch.autograd.Function):
         (g,) = ctx.stats.waited(ctx.handle.combine_bwd)
         ctx.handle.combine_bwd = None
         (g_y,) = ctx.handle.route.forward_rest([g], ctx.stats, backward=True)
+        if ctx.handle.fp8:
+            g_y = fp8_comm.unpack_rows(g_y, *ctx.y)
         return g_y, None, None
 
 
@@ -133,7 +146,8 @@ class _CombineWait(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out):
-        ctx.handle.combine_bwd = ctx.handle.route.forward_start([g_out.contiguous()], ctx.stats, backward=True)
+        g = fp8_comm.pack_rows(g_out) if ctx.handle.fp8 else g_out.contiguous()
+        ctx.handle.combine_bwd = ctx.handle.route.forward_start([g], ctx.stats, backward=True)
         shape, dtype = ctx.buf
         return torch.zeros((), dtype=dtype, device=g_out.device).expand(shape), None, None
 
@@ -175,12 +189,14 @@ class Dispatcher:
         in_node = in_rank.view(t, self.n_nodes, self.ranks_per_ep_node).any(-1)
         return in_rank.sum(0), in_node.sum(0), in_rank
 
-    def dispatch_async(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
-        """Starts a dispatch; `.wait()` -> (recv_x, recv_local_expert_idx, recv_topk_weights, handle)."""
+    def dispatch_async(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                       fp8: bool = False) -> InFlight:
+        """Starts a dispatch; `.wait()` -> (recv_x, recv_local_expert_idx, recv_topk_weights, handle). fp8: x and
+        combine's backward travel as E4M3 rows (x must be on the power-of-2 tile grid already, or it is rounded)."""
         if topk_idx.shape != topk_weights.shape or x.shape[0] != topk_idx.shape[0]:
             raise ValueError(f"x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)} and topk_weights "
                              f"{tuple(topk_weights.shape)} must agree on tokens and slots")
-        handle = Handle(self._first_hop(topk_idx, x.device), x.shape[0])
+        handle = Handle(self._first_hop(topk_idx, x.device), x.shape[0], x.shape[1], fp8)
         x_buf, w_buf = _DispatchStart.apply(x, topk_weights, topk_idx, self, handle)
 
         def finish():
@@ -191,8 +207,8 @@ class Dispatcher:
 
         return InFlight(finish)
 
-    def dispatch(self, x, topk_idx, topk_weights):
-        return self.dispatch_async(x, topk_idx, topk_weights).wait()
+    def dispatch(self, x, topk_idx, topk_weights, fp8: bool = False):
+        return self.dispatch_async(x, topk_idx, topk_weights, fp8).wait()
 
     def combine_async(self, y: torch.Tensor, handle: Handle) -> InFlight:
         """Starts a combine of y [N_recv, H]; `.wait()` -> [T, H]."""
@@ -292,10 +308,10 @@ class ChunkedTwoHopDispatcher(Dispatcher):
         self.chunk_rows = chunk_rows
         self.tuning: dict[int, float] = {}  # chunk rows -> slowest rank's dispatch + combine seconds
 
-    def dispatch_async(self, x, topk_idx, topk_weights) -> InFlight:
+    def dispatch_async(self, x, topk_idx, topk_weights, fp8: bool = False) -> InFlight:
         if self.chunk_rows is None:
-            self._measure_chunk_rows(x, topk_idx, topk_weights)
-        return super().dispatch_async(x, topk_idx, topk_weights)
+            self._measure_chunk_rows(x, topk_idx, topk_weights, fp8)
+        return super().dispatch_async(x, topk_idx, topk_weights, fp8)
 
     def _first_hop(self, topk_idx, device):
         _, _, in_rank = self.layout(topk_idx)
@@ -305,7 +321,7 @@ class ChunkedTwoHopDispatcher(Dispatcher):
     def _rest_of_dispatch(self, handle, rows):
         return rows  # the route's Pending ran both hops
 
-    def _measure_chunk_rows(self, x, topk_idx, topk_weights) -> None:
+    def _measure_chunk_rows(self, x, topk_idx, topk_weights, fp8: bool) -> None:
         """Times a forward dispatch + combine of these very rows at a few chunk sizes (the slowest rank's time,
         best of 2) and keeps the fastest; every rank of the EP group takes the same choice."""
         group = self.topo.groups["ep"]
@@ -323,7 +339,7 @@ class ChunkedTwoHopDispatcher(Dispatcher):
                     dist.barrier(group=group)
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    recv_x, _, _, handle = super().dispatch_async(x, topk_idx, topk_weights).wait()
+                    recv_x, _, _, handle = super().dispatch_async(x, topk_idx, topk_weights, fp8).wait()
                     self.combine(recv_x, handle)
                 best = min(best, time.perf_counter() - t0)
             t = torch.tensor([best], dtype=torch.float64)

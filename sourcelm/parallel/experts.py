@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sourcelm.kernels import ops
 from sourcelm.model.moe import RoutedExperts, grouped_experts_forward
 from sourcelm.parallel.dispatch import Dispatcher, make_dispatcher
 from sourcelm.parallel.topology import Topology, build_topology
@@ -66,11 +67,13 @@ class ExpertParallelExperts(RoutedExperts):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 overlap: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, H], topk_idx [N, K] global ids, topk_weights [N, K] -> sum_k w_k expert_k(x) [N, H]
-        (+ overlap(), computed while the first all-to-all of the dispatch is in flight)."""
-        flight = self.dispatcher.dispatch_async(x, topk_idx, topk_weights)
+        (+ overlap(), computed while the first all-to-all of the dispatch is in flight). Under FP8 the tokens and
+        the output's gradient travel to the experts as E4M3 tiles (`fp8_comm`)."""
+        flight = self.dispatcher.dispatch_async(ops.routed_experts_input(x), topk_idx, topk_weights,
+                                                fp8=ops.fp8_dispatch())
         extra = overlap() if overlap is not None else None
         recv_x, local_idx, recv_w, handle = flight.wait()
-        out = self.dispatcher.combine(self.local_forward(recv_x, local_idx, recv_w), handle)
+        out = ops.routed_experts_output(self.dispatcher.combine(self.local_forward(recv_x, local_idx, recv_w), handle))
         return out if extra is None else out + extra
 
     def local_forward(self, recv_x: torch.Tensor, local_idx: torch.Tensor, recv_w: torch.Tensor) -> torch.Tensor:

@@ -78,3 +78,31 @@ def roundtrip_worker(rank, world, ranks_per_node, cases, kinds=("flat", "two_hop
                 res["chunk_rows"] = d.chunk_rows
     out["members"] = dict(topo.members)
     return out
+
+
+def fp8_wire_worker(rank, world, ranks_per_node, kinds, hidden):
+    """Rows already on the FP8 dispatch's grid (2 tiles, the second partial) through each dispatcher, once in the
+    compute dtype and once as E4M3 rows: the results, gradients and byte counters of both."""
+    from sourcelm.kernels import fp8_comm
+
+    n_experts, k = 8, 3
+    topo = build_topology(ep=world, ranks_per_node=ranks_per_node, n_routed_experts=n_experts)
+    _, idx, w = make_inputs(rank, "random", n_experts, k, dyadic=False)
+    g = torch.Generator().manual_seed(rank)
+    x = fp8_comm.round_input(torch.randn(idx.shape[0], hidden, generator=g) * 10.0 ** (rank - 2))
+    upstream = fp8_comm.round_input(torch.randn(idx.shape[0], hidden, generator=g))
+    out = {}
+    for kind in kinds:
+        d = make_dispatcher(kind, topo, 2 if kind == "two_hop_chunked" else None)
+        for fp8 in (False, True):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            d.stats.reset()
+            recv_x, local, recv_w, handle = d.dispatch(xr, idx, wr, fp8=fp8)
+            bytes_dispatch = d.stats.reset()
+            y = (recv_w[:, :, None] * recv_x[:, None, :] * (local >= 0)[:, :, None]).sum(1)
+            combined = d.combine(y, handle)
+            bytes_combine = d.stats.reset()
+            combined.backward(upstream)
+            out[(kind, fp8)] = {"recv_x": recv_x.detach(), "out": combined.detach(), "dx": xr.grad, "dw": wr.grad,
+                                "dispatch": bytes_dispatch, "combine": bytes_combine, "backward": d.stats.reset()}
+    return out
