@@ -86,9 +86,9 @@ def test_fp8_expert_parallel_matches_one_process(small_args, tmp_path):
     rounding unit (FP8 2^-4, BF16 2^-8), which later steps carry on and which can flip a routing decision. Measured
     over 10 steps (max relative loss difference, EP 4 against one process): fp32 6e-8, BF16 autocast 1.4e-4, FP8
     1.6e-4 (2.7e-4 before the FP8 dispatch's power-of-2 rounding, 4e-4 before the SwiGLU's FP8 input cache). So 1e-5
-    holds only in fp32; FP8 drifts about as far as BF16 (1.1x), asserted here as within 4x. What differs is the order of the sums, not the
-    processes: the same EP 4 layout hosted by one process (4 virtual ranks, the reductions of 4 processes) is
-    bit-identical to the 4-process run, FP8 and all."""
+    holds only in fp32; FP8 drifts about as far as BF16 (1.1x), asserted here as within 4x. What differs is the order
+    of the sums, not the processes: the same EP 4 layout hosted by one process (4 virtual ranks, the reductions of 4
+    processes) is bit-identical to the 4-process run, FP8 and all."""
     def train(run_dir, precision, *launch, module=("sourcelm", "train")):
         cmd = [sys.executable, "-m", *module, *small_args, "schedule.steps=10", "checkpoint.every=100",
                "schedule.micro_batch=1", *precision, *launch, "--run-dir", str(run_dir)]
