@@ -91,9 +91,9 @@ def keep_class_in_bf16(model, name: str) -> None:
             module.register_forward_hook(lambda *_: running.pop() and None)
     linear, expert_ffn = ops.linear, ops.expert_ffn
 
-    def patched_linear(x, weight):
+    def patched_linear(x, weight, **kwargs):
         with _precision_off() if running and running[-1] == name else contextlib.nullcontext():
-            return linear(x, weight)
+            return linear(x, weight, **kwargs)
 
     def patched_expert_ffn(*args, **kwargs):
         with _precision_off() if name == "experts" else contextlib.nullcontext():
