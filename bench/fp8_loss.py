@@ -89,7 +89,7 @@ def keep_class_in_bf16(model, name: str) -> None:
             # hooks return None: anything else would replace the module's inputs or output
             module.register_forward_pre_hook(lambda *_, k=kind: running.append(k))
             module.register_forward_hook(lambda *_: running.pop() and None)
-    linear, expert_ffn = ops.linear, ops.expert_ffn
+    linear, expert_ffn, attention_output = ops.linear, ops.expert_ffn, ops.attention_output
 
     def patched_linear(x, weight, **kwargs):
         with _precision_off() if running and running[-1] == name else contextlib.nullcontext():
@@ -99,7 +99,11 @@ def keep_class_in_bf16(model, name: str) -> None:
         with _precision_off() if name == "experts" else contextlib.nullcontext():
             return expert_ffn(*args, **kwargs)
 
-    ops.linear, ops.expert_ffn = patched_linear, patched_expert_ffn
+    def patched_attention_output(*args):
+        with _precision_off() if name == "attention" else contextlib.nullcontext():
+            return attention_output(*args)
+
+    ops.linear, ops.expert_ffn, ops.attention_output = patched_linear, patched_expert_ffn, patched_attention_output
 
 
 def worker(args) -> None:
@@ -423,13 +427,16 @@ def memory(args) -> None:
     from sourcelm.kernels import ops
     from sourcelm.model import build_model
 
-    cfg = load_config(args.preset, ["model.num_nextn_predict_layers=0"])
+    # BF16 runs flash attention too (sdpa, the GPU's kernel): FP8 always does (`fp8_attention`), and the CPU's
+    # default "bmm" kernel would keep the probabilities, crediting FP8 with the kernel's choice
+    cfg = load_config(args.preset, ["model.num_nextn_predict_layers=0", f"model.attn_impl={args.attn_impl}"])
     model = build_model(cfg.model, seed=0)
     tokens = args.batch * cfg.data.seq_len
     ids = torch.randint(0, cfg.model.vocab_size, (args.batch, cfg.data.seq_len),
                         generator=torch.Generator().manual_seed(0))
-    print(f"{args.preset} preset, batch {args.batch} × seq {cfg.data.seq_len} = {tokens} tokens, bf16 autocast; "
-          "bytes autograd saves for backward in one layer's forward (parameters excluded)")
+    print(f"{args.preset} preset, batch {args.batch} × seq {cfg.data.seq_len} = {tokens} tokens, bf16 autocast, "
+          f"BF16 attention {args.attn_impl}; bytes autograd saves for backward in one layer's forward (parameters "
+          f"excluded)")
     print(f"{'layer':8s} {'kind':5s} {'bf16 MiB':>9s} {'fp8 MiB':>8s} {'fp8/bf16':>8s}  bytes/token bf16 -> fp8   "
           "MiB by dtype, bf16 | fp8")
     for i, layer in enumerate(model.model.layers):
@@ -492,6 +499,7 @@ def main() -> None:
     me = sub.add_parser("memory")
     me.add_argument("--preset", default="tiny")
     me.add_argument("--batch", type=int, default=8)
+    me.add_argument("--attn-impl", default="sdpa", help="the BF16 side's attention kernel (FP8 runs flash attention)")
     sp = sub.add_parser("speed")
     sp.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     sp.add_argument("--preset", default="small")

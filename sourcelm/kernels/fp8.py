@@ -5,18 +5,21 @@ What runs in FP8 and what does not, per the report (§3.3; `reference/deepseek_v
 | op | precision |
 |---|---|
 | attention q_a, q_b (or q), kv_a, kv_b, o; dense FFN; routed and shared experts | E4M3, all three GEMMs (1) |
-| the activations those GEMMs keep for backward | E4M3 1×128 tiles + FP32 scales (2) |
+| the activations those GEMMs keep for backward | E4M3 1×128 tiles + FP32 scales |
+| the attention core's output (o_proj's input), kept once for o_proj's Wgrad and the core's backward | E5M6 1×128 tiles, power-of-2 scales (2) |
 | an FFN's SwiGLU: its input (gate, up) kept for backward, its output recomputed from it | E4M3 1×128 tiles (3) |
+| MoE dispatch, and combine's backward (the output's gradient to the experts) | E4M3 1×128 tiles, power-of-2 scales (4) |
+| MoE combine, and dispatch's backward | the compute dtype (BF16) |
 | embedding; output head; MTP `eh_proj` and shared head | BF16 (the release keeps `eh_proj` BF16) |
 | MoE gate (router) | BF16 in, FP32 scores (ours: FP32, as transformers) |
 | RMSNorms; the softmax(QKᵀ)V attention core; SwiGLU's math; the losses | BF16 storage, FP32 math |
 | master weights; weight gradients; AdamW moments | FP32; FP32; BF16 |
 
 (1) `fp8_linear`: FP32 accumulation promoted every 128 of K; BF16 output (FP32 for Wgrad). Everything
-else is the caller's plain linear / op. (2) The report's E5M6 o_proj input and its FP8 dispatch are not done
-here: o_proj keeps E4M3 tiles like the other projections, the attention core its own BF16 output, and tokens
-travel to the experts in the compute dtype. (3) `fp8_swiglu_linear`, the down projection with its SwiGLU: the
-report does this for the MoE's SwiGLUs; here every FFN's (the dense layers' too), one op for all three kinds.
+else is the caller's plain linear / op. (2) `fp8_attention.fp8_attention_output`: the core and o_proj as one op.
+(3) `fp8_swiglu_linear`, the down projection with its SwiGLU: the report does this for the MoE's SwiGLUs; here
+every FFN's (the dense layers' too), one op for all three kinds. (4) `fp8_comm`: rounded so on every layout, sent
+as E4M3 bytes under expert parallelism; the experts' up projection takes the dispatched tiles as they are.
 
 Granularity (report §3.3.2): activations and activation gradients in 1×128 tiles (one token, 128
 channels of the GEMM's reduction dim K), weights in 128×128 blocks. Scale = amax / 448 per tile or
@@ -48,7 +51,7 @@ on a GPU it follows torch's fp32 matmul precision, i.e. TF32 where that is switc
 with BlockWise1x128 / BlockWise128x128 recipes, cuBLAS on SM90 with CUDA >= 12.9), all dims padded to
 128. `check_fp8_setting` probes it against the emulation at start and refuses a device where it fails.
 THE CUDA PATH HAS NOT RUN ON A GPU YET: it is written against torch's documented scale layouts only.
-"""
+"""  # noqa: E501 (a markdown table row cannot wrap)
 
 from __future__ import annotations
 
@@ -258,12 +261,13 @@ def _wgrad(xt: Operand, g2: torch.Tensor, dtype: torch.dtype, backend: str) -> t
     return _mm(gt, xt, backend, torch.float32).to(dtype)
 
 
-def _file_or_run_wgrad(ctx, wgrad) -> torch.Tensor | None:
-    """The weight gradient: filed with the zero-bubble W split's sink to run when the W op does, else now."""
+def _file_or_run_wgrad(ctx, wgrad, weight_input: int = 1) -> torch.Tensor | None:
+    """The weight gradient: filed with the zero-bubble W split's sink to run when the W op does, else now (if the
+    weight, the autograd function's input number `weight_input`, wants one)."""
     if ctx.sink is not None:
         ctx.sink.file(wgrad)
         return None
-    return wgrad() if ctx.needs_input_grad[1] else None
+    return wgrad() if ctx.needs_input_grad[weight_input] else None
 
 
 class FP8Linear(torch.autograd.Function):

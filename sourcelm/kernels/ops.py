@@ -13,6 +13,7 @@ backend that takes it and logs each (op, backend, device, dtype) choice once:
 | `causal_attention` | AMX, bmm (short, CPU), sdpa; or as `model.attn_impl` says | `reference.eager_causal_attention` |
 | `linear` (and `expert_ffn` under FP8) | FP8 (`train.fp8`: `fp8.fp8_linear`), torch | `F.linear` |
 | `swiglu_linear` (an FFN's down projection) | FP8 (`fp8.fp8_swiglu_linear`), `swiglu` then `linear` | both |
+| `attention_output` (the core and o_proj) | FP8 (`fp8_attention`), `causal_attention` then `linear` | both |
 | `adamw_backend` | C (`cpu_adamw`), torch's fused AdamW | `torch._fused_adamw_` |
 
 The C and AMX kernels run on the CPU only; CUDA runs torch's own kernels (flash attention, grouped_mm,
@@ -226,6 +227,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if impl == "bmm":
         return attention.bmm_causal(q, k, v, scale)
     return reference.eager_causal_attention(q, k, v, scale)
+
+
+def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, impl: str,
+                     weight: torch.Tensor) -> torch.Tensor:
+    """The attention core and its output projection: q, k [B, heads, T, D], v [B, heads, T, Dv], weight (o_proj)
+    [out, heads · Dv] -> [B, T, out]. Under FP8 one op that keeps the core's output once, in E5M6, for both
+    backward passes that read it, as the report does (`fp8_attention`; flash attention whatever `impl` says);
+    otherwise `causal_attention` then `linear`."""
+    if _linear_precision == "off":
+        b, heads, t, dv = v.shape
+        return linear(causal_attention(q, k, v, scale, impl).transpose(1, 2).reshape(b, t, heads * dv), weight)
+    from sourcelm.kernels import fp8_attention
+
+    _chose("attention_output", f"fp8 {_linear_precision}, flash attention, its output kept in E5M6", q)
+    return fp8_attention.fp8_attention_output(q, k, v, scale, weight, _linear_precision, _weight_grad_sink(q, weight))
 
 
 # ------------------------------------------------------------------------------------- linear layers

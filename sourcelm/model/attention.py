@@ -69,5 +69,4 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
 
-        o = ops.causal_attention(q, k, v, self.scale, self.impl)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
+        return ops.attention_output(q, k, v, self.scale, self.impl, self.o_proj.weight)

@@ -30,6 +30,8 @@ from sourcelm.config import ModelConfig
 RECOMPUTE = ("norm_up_proj", "swiglu", "full")
 # bytes per element of a cached activation: FP8 E4M3 with one fp32 scale per 128 values (1 x 128 tiles)
 FP8_BYTES = 1 + 4 / 128
+# the attention core's output under FP8: 12-bit E5M6 codes with an fp32 scale per 128 (`kernels.fp8_attention`)
+E5M6_BYTES = 1.5 + 4 / 128
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}  # fp8 training computes and keeps non-matmul tensors in bf16
 
 
@@ -113,9 +115,10 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
     """Bytes per token a slot of `kind` keeps for its backward, by tensor. dtype: the layout's compute
     dtype ("fp32", "bf16" or "fp8": FP8 caches the inputs of the matmuls it runs in FP8). attention:
     "flash" keeps the softmax statistics only; "materialised" keeps the causal probabilities (the CPU
-    kernels: about S/2 per head and token). expert_outputs: the routing weights multiply the experts'
-    outputs, which are kept for the weights' gradient (sourcelm); False where the weight scales the
-    SwiGLU output before the down projection (the report's fused kernel) and nothing more is kept.
+    kernels: about S/2 per head and token); FP8 always runs flash attention (`kernels.fp8_attention`).
+    expert_outputs: the routing weights multiply the experts' outputs, which are kept for the weights'
+    gradient (sourcelm); False where the weight scales the SwiGLU output before the down projection (the
+    report's fused kernel) and nothing more is kept.
     residual_bytes: bytes per element of the residual stream (the norms' inputs); None: the compute dtype's.
     Under autocast (sourcelm) the stream keeps the fp32 of the master weights."""
     act = DTYPE_BYTES[dtype]
@@ -143,7 +146,11 @@ def activation_terms(cfg: ModelConfig, kind: str, seq_len: int, dtype: str, reco
     if not drop_norm_up:
         t["normed kv latent (kv up-projection input)"] = cfg.kv_lora_rank * mm_in
         t["q, k, v (up-projection outputs)"] = heads * (2 * qk + v) * act
-    t["attention output (o-projection input)"] = heads * v * mm_in
+    if dtype == "fp8":  # one op for the core and o_proj: flash attention, its output kept once in E5M6
+        attention = "flash"
+        t["attention output (E5M6: o-projection and attention backward)"] = heads * v * E5M6_BYTES
+    else:
+        t["attention output (o-projection input)"] = heads * v * act
     t["softmax statistics" if attention == "flash" else "attention probabilities"] = (
         heads * 4 if attention == "flash" else heads * seq_len / 2 * act)
     t["FFN-norm input"] = h * res

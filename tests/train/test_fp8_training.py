@@ -23,20 +23,27 @@ def _losses(run_dir):
 
 def test_fp8_reaches_every_projection_and_the_experts(small_config, tmp_path, monkeypatch):
     """One step: every GEMM of the linear layers, the routed experts' included, goes through the FP8 linear, the
-    FFNs' down projections through the FP8 SwiGLU + linear (which keeps the SwiGLU's input for backward); the head
-    and the gate do not (the report keeps them in BF16/FP32)."""
-    from sourcelm.kernels import fp8
+    FFNs' down projections through the FP8 SwiGLU + linear (which keeps the SwiGLU's input for backward), o_proj
+    through the FP8 attention output (which keeps the core's output in E5M6); the head and the gate do not (the
+    report keeps them in BF16/FP32)."""
+    from sourcelm.kernels import fp8, fp8_attention
 
-    calls, down = [], []
-    linear, swiglu_linear = fp8.fp8_linear, fp8.fp8_swiglu_linear
+    calls, down, attention = [], [], []
+    linear, swiglu_linear, attention_output = fp8.fp8_linear, fp8.fp8_swiglu_linear, fp8_attention.fp8_attention_output
     monkeypatch.setattr(fp8, "fp8_linear", lambda x, w, *a: calls.append(tuple(w.shape)) or linear(x, w, *a))
     monkeypatch.setattr(fp8, "fp8_swiglu_linear",
                         lambda gu, w, *a: down.append(tuple(w.shape)) or swiglu_linear(gu, w, *a))
+    monkeypatch.setattr(fp8_attention, "fp8_attention_output",
+                        lambda q, k, v, s, w, *a: attention.append(tuple(w.shape))
+                        or attention_output(q, k, v, s, w, *a))
     t = Trainer(small_config("train.fp8=emulate", "train.dtype=float32"), tmp_path, progress=False)
     t.train_step()
     cfg = t.cfg.model
     shapes = set(calls)
-    assert (cfg.hidden_size, cfg.num_attention_heads * cfg.v_head_dim) in shapes  # o_proj
+    # o_proj, with the attention core, keeping the core's output in E5M6: once per attention layer (MTP's included)
+    micro_batches = t.cfg.schedule.global_batch // t.cfg.schedule.micro_batch
+    attention_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    assert attention == [(cfg.hidden_size, cfg.num_attention_heads * cfg.v_head_dim)] * attention_layers * micro_batches
     assert (2 * cfg.moe_intermediate_size, cfg.hidden_size) in shapes  # an expert's stacked gate and up
     assert (2 * cfg.intermediate_size, cfg.hidden_size) in shapes  # the dense layer's stacked gate and up
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace

@@ -1,7 +1,7 @@
 """The zero-bubble W split (`sourcelm.train.weight_grad`): a backward whose weight gradients are deferred, then run
 by the store, gives the bits of the plain backward: `ops.linear` (autocast or not, stacked weights), the routed
 experts' grouped GEMMs (`torch._grouped_mm` in fp32, the AMX kernel in bf16), FP8's Wgrads (the linear's, the
-SwiGLU + down projection's), and a whole model (fp32, autocast bf16, FP8)."""
+SwiGLU + down projection's, the attention output's), and a whole model (fp32, autocast bf16, FP8)."""
 
 import dataclasses
 import gc
@@ -78,6 +78,18 @@ def test_fp8_swiglu_linear_wgrad():
             return ops.swiglu_linear(gu, w)
 
     _same_bits(fn, [w], gu)
+
+
+def test_fp8_attention_output_wgrad():
+    """o_proj's Wgrad under FP8, from the attention core's E5M6 output (`fp8_attention`); x stands for q, k and v."""
+    (w,) = _params((64, 3 * 16))
+
+    def fn(x):
+        q, k, v = x[..., :24], x[..., 24:48], x[..., 48:]
+        with ops.linear_precision("emulate"):
+            return ops.attention_output(q, k, v, 0.3, "auto", w)
+
+    _same_bits(fn, [w], torch.randn(2, 3, 40, 64))
 
 
 def _expert_ffn(counts, dtype, seed=0):
