@@ -7,8 +7,9 @@
 # It needs torch with CUDA, numpy, safetensors, tqdm and pytest, imports this checkout as it is (PYTHONPATH), and
 # downloads nothing. Each part's whole output goes to OUT_DIR/NAME.log; the summary (device, exit codes, times, the
 # logs' last lines) to the terminal and OUT_DIR/summary.txt.
-#   cuda_tests  the CUDA FP8 GEMM against the emulation, the trainer on CUDA against the CPU's, FP8 training on
-#               CUDA against the emulation (tests/kernels/test_fp8.py, tests/train/test_cuda_training.py)
+#   cuda_tests  the CUDA FP8 GEMM against the emulation, the FP8 attention output (flash on CUDA, O from E5M6)
+#               against the CPU's, the trainer on CUDA against the CPU's, FP8 training on CUDA against the emulation
+#               (tests/kernels/test_fp8.py, tests/kernels/test_fp8_attention.py, tests/train/test_cuda_training.py)
 #   fp8_speed   tokens/s, MFU and peak memory of FP8 against BF16 on one GPU, the `small` preset (issue 19)
 #   torchrun    the trainer launched by torchrun on one GPU (NCCL initialised, checkpoints written), 20 steps of
 #               the tiny preset on random tokens; a pipeline over NCCL needs 2 GPUs and is not among these checks
@@ -36,7 +37,7 @@ run() {  # run NAME LIMIT_S COMMAND...
     "$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(),
               "capability", torch.cuda.get_device_capability())'
     run cuda_tests 240 "$py" -m pytest -q -rs -p no:cacheprovider tests/kernels/test_fp8.py \
-        tests/train/test_cuda_training.py
+        tests/kernels/test_fp8_attention.py tests/train/test_cuda_training.py
     run fp8_speed 300 "$py" bench/fp8_loss.py speed --device cuda --steps 20 --warmup 5 --rounds 1
     tokens=$("$py" -c "from pathlib import Path; from sourcelm.plan.measure import write_token_shard
 print(write_token_shard(Path('$out/tokens'), 8192))")

@@ -1,6 +1,7 @@
 """The attention core and o_proj under FP8 (`fp8_attention`): the E5M6 format against a float64 reference over all
 its codes, its tiles, and the fused op that keeps the core's output once in E5M6 for both backward passes."""
 
+import pytest
 import torch
 
 from sourcelm.kernels import fp8, fp8_comm
@@ -162,3 +163,23 @@ def test_the_output_is_kept_once_in_e5m6():
     plain = run(unfused)
     nbytes = lambda ts: sum(t.untyped_storage().nbytes() for t in ts.values())  # noqa: E731
     assert nbytes(fused) < nbytes(plain) - o_elems  # at least O's E4M3 copy less, and the BF16 O's padding
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_FP8_CAPABILITY),
+                    reason="needs a CUDA GPU with FP8 tensor cores (cc >= 8.9)")
+@pytest.mark.parametrize("backend", ["emulate", "cuda"])
+def test_cuda_matches_the_cpu(backend):
+    """CUDA's flash attention and backward (ATen's CUDA ops) with O read from E5M6, against the CPU's; bf16."""
+    if backend == "cuda" and fp8.blockwise_scaled_mm_problem(torch.device("cuda", torch.cuda.current_device())):
+        pytest.skip("torch's blockwise scaled_mm does not run on this GPU")
+    inputs = _inputs(heads=2, t=64, d=192, dv=128, out=96)
+    grad_y = torch.randn(2, 64, 96, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for device, which in (("cpu", "emulate"), ("cuda", backend)):
+        q, k, v, w = [x.to(device).requires_grad_() for x in inputs]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = fa.fp8_attention_output(q, k, v, 0.3, w, which)
+        results[device] = [y.float().cpu()] + [g.float().cpu() for g in torch.autograd.grad(
+            y, (q, k, v, w), grad_y.to(device, torch.bfloat16))]
+    for got, want in zip(results["cuda"], results["cpu"]):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
