@@ -98,7 +98,7 @@ def exact_bytes(run: Run, data: Path, steps: int, work: Path, hidden: int) -> di
 
     res = run_ranks(_recording_worker, run.nproc, run.ranks_per_node, run.overrides(data, steps),
                     str(work / f"record-{run.nproc}"), steps, threads=1)
-    d_elem, c_elem = comms.row_element_bytes("sourcelm", "bf16")
+    row_bytes = comms.row_element_bytes("sourcelm", "bf16", hidden)
     checked, equal = [], 0
     rows_total, routed_tokens = {c: 0 for c in comms.LINK_CLASSES}, 0
     for s in range(steps):
@@ -112,7 +112,7 @@ def exact_bytes(run: Run, data: Path, steps: int, work: Path, hidden: int) -> di
                     rows[c] += per_rank[c]
         for c in rows:
             rows_total[c] += rows[c]
-        predicted = comms.step_link_bytes(rows, hidden, d_elem, c_elem)
+        predicted = comms.step_link_bytes(rows, hidden, row_bytes)
         equal += all(predicted[k] == res[0][s]["counters"][k] for k in predicted)
         checked.append((rows, predicted, res[0][s]["counters"]))
     return {"equal_steps": equal, "steps": steps, "last": checked[-1], "moe_calls_per_step": calls,

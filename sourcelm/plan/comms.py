@@ -10,7 +10,7 @@ Dispatch/combine (`dispatch_rows`) counts exactly what `sourcelm.parallel.dispat
 Only hidden-state rows count (the routing metadata is left out, as in DeepEP's bandwidth figures).
 A training step moves each row four times: dispatch, combine, and their two backwards (combine's
 backward is a dispatch of the output gradient, dispatch's a combine of the input gradient), so the
-bytes are rows x hidden x 2 x (dispatch element bytes + combine element bytes).
+bytes are rows x hidden x the four transfers' element bytes (`RowBytes`).
 
 Without a measured routing the rows per token come from a sampled one (`sampled_routing`): the
 model's own router on random inputs, i.e. the balanced routing the bias-based balancer aims at.
@@ -23,11 +23,12 @@ token could use up to 4 x 3.2 ≈ 13 experts at the communication cost of 8.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from sourcelm.plan.model_costs import DTYPE_BYTES, FP8_BYTES
+from sourcelm.plan.model_costs import DTYPE_BYTES
 
 LINK_CLASSES = ("inter_node", "intra_node")
 
@@ -74,20 +75,41 @@ def dispatch_rows(topk_idx: list[torch.Tensor], ep: int, ranks_per_node: int, n_
     return sent
 
 
-def row_element_bytes(recipe: str, dtype: str) -> tuple[float, float]:
-    """Bytes per hidden element of a dispatched and of a combined row. sourcelm dispatches the MoE norm's
-    output, which stays fp32 for the fp32 router under autocast, and combines the experts' outputs in the
-    compute dtype; the report dispatches FP8 (with its 1 x 128 scales) and combines BF16 (§3.3.2)."""
-    combine = float(DTYPE_BYTES[dtype])
+@dataclass(frozen=True)
+class RowBytes:
+    """Bytes per hidden element of the rows of a MoE layer's four transfers in a training step."""
+
+    dispatch: float  # the tokens to their experts
+    combine: float  # the experts' outputs back
+    combine_backward: float  # the output's gradient to the experts (a dispatch)
+    dispatch_backward: float  # the input's gradient back (a combine)
+
+    @property
+    def forward(self) -> float:
+        return self.dispatch + self.combine
+
+    @property
+    def backward(self) -> float:
+        return self.combine_backward + self.dispatch_backward
+
+
+def row_element_bytes(recipe: str, dtype: str, hidden: int) -> RowBytes:
+    """What each transfer moves per hidden element. sourcelm dispatches the MoE norm's output, which stays fp32
+    for the fp32 router under autocast (its gradient comes back fp32 too), and combines the experts' outputs in
+    the compute dtype; under FP8 the dispatch and combine's backward are E4M3 rows with an fp32 scale per 128
+    channels, the last tile's too when it is partial (`kernels.fp8_comm`). The report: FP8 to the experts, BF16
+    back (§3.3.3)."""
+    compute = float(DTYPE_BYTES[dtype])
+    to_experts = 1 + 4 * math.ceil(hidden / 128) / hidden if dtype == "fp8" else None
     if recipe == "sourcelm":
-        return 4.0, combine
-    return (FP8_BYTES if dtype == "fp8" else combine), combine
+        return RowBytes(to_experts or 4.0, compute, to_experts or compute, 4.0)
+    return RowBytes(to_experts or compute, compute, to_experts or compute, compute)
 
 
-def step_link_bytes(rows: dict[str, float], hidden: int, dispatch_elem_bytes: float, combine_elem_bytes: float,
+def step_link_bytes(rows: dict[str, float], hidden: int, row_bytes: RowBytes,
                     backward: bool = True) -> dict[str, float]:
     """Bytes per link class of the dispatch + combine (and their backwards) of the given forward-dispatch rows."""
-    per_row = hidden * (dispatch_elem_bytes + combine_elem_bytes) * (2 if backward else 1)
+    per_row = hidden * (row_bytes.forward + (row_bytes.backward if backward else 0.0))
     return {f"{c}_bytes": rows.get(c, 0) * per_row for c in LINK_CLASSES}
 
 

@@ -40,8 +40,6 @@ class Assumptions:
     efficiency: float = 0.5  # achieved FLOP/s of the compute kernels / the dtype's dense peak
     recipe: str = "sourcelm"  # memory.RECIPES
     routing: comms.RoutingStats | None = None  # None: sampled from the model's router (balanced)
-    dispatch_elem_bytes: float | None = None  # None: `element_bytes`
-    combine_elem_bytes: float | None = None
     compute_rate: float | None = None  # measured FLOP/s per rank; overrides efficiency x peak (the CPU box)
     # measured FLOP/s per rank of the output head's GEMM and fused loss (main and MTP passes); None: the rate of
     # the rest. On the CPU box one large GEMM runs at several times the rate of the MoE layers' small ones
@@ -53,11 +51,6 @@ class Assumptions:
         if self.head_rate:
             rate += f", the head {self.head_rate / 1e9:.0f} GFLOP/s"
         return f"{rate}; {self.recipe} precision recipe"
-
-
-def element_bytes(a: Assumptions, dtype: str) -> tuple[float, float]:
-    d, c = comms.row_element_bytes(a.recipe, dtype)
-    return a.dispatch_elem_bytes or d, a.combine_elem_bytes or c
 
 
 @dataclass
@@ -177,7 +170,7 @@ def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, clu
     tokens = lay.micro_batch * lay.seq_len
     rate = a.compute_rate or a.efficiency * cluster.peak(lay.dtype)
     head_rate = a.head_rate or rate
-    d_elem, c_elem = element_bytes(a, lay.dtype)
+    row_bytes = comms.row_element_bytes(a.recipe, lay.dtype, model.hidden_size)
     calls_f, calls_b = moe_collectives(lay.dispatcher, lay.ep, res.ep_nodes, min(lay.ep, cluster.gpus_per_node))
     def transfer(elem_bytes: float) -> float:
         """One dispatch or combine of a micro-batch's rows (or its backward, which moves the same rows)."""
@@ -189,13 +182,14 @@ def chunk_costs(model: ModelConfig, chunks: list[list[Slot]], res: Resolved, clu
         return max(inter, intra) if links_overlap else inter + intra
 
     # per MoE layer: forward = dispatch + combine; backward = combine's backward (a dispatch of the output
-    # gradients, combine-sized rows) + dispatch's backward (a combine of the input gradients, dispatch-sized)
-    layer_comm = transfer(d_elem) + transfer(c_elem)
+    # gradients) + dispatch's backward (a combine of the input gradients)
+    layer_f = transfer(row_bytes.dispatch) + transfer(row_bytes.combine)
+    layer_b = transfer(row_bytes.combine_backward) + transfer(row_bytes.dispatch_backward)
     out = []
     for chunk in chunks:
         n_moe = sum(1 for s in chunk if s.kind in ("moe", "mtp")) if routing is not None else 0
-        f_comm = n_moe * (layer_comm + calls_f * cluster.link_latency)
-        b_comm = n_moe * (layer_comm + calls_b * cluster.link_latency)
+        f_comm = n_moe * (layer_f + calls_f * cluster.link_latency)
+        b_comm = n_moe * (layer_b + calls_b * cluster.link_latency)
         if "full" in lay.recompute:  # the recomputed forward dispatches and combines again
             b_comm += f_comm
         redo = sum(recompute_flops(model, s, lay.recompute) for s in chunk)  # recomputation runs in the backward
@@ -292,7 +286,9 @@ def _step_extras(plan: Plan, held: list[list[int]]) -> None:
         tokens = lay.micro_batch * lay.seq_len * res.n_micro
         n_moe = max(sum(1 for c in h for s in plan.chunks[c] if s.kind in ("moe", "mtp")) for h in held)
         rows = {"inter_node": r.inter_node * tokens * n_moe, "intra_node": r.intra_node * tokens * n_moe}
-        moved = comms.step_link_bytes(rows, plan.model.hidden_size, *element_bytes(plan.assumptions, lay.dtype))
+        moved = comms.step_link_bytes(rows, plan.model.hidden_size,
+                                      comms.row_element_bytes(plan.assumptions.recipe, lay.dtype,
+                                                              plan.model.hidden_size))
         plan.comm_bytes["dispatch/combine inter-node"] = moved["inter_node_bytes"]
         plan.comm_bytes["dispatch/combine intra-node"] = moved["intra_node_bytes"]
     plan.comm_bytes["data-parallel reduction"] = dp_bytes

@@ -89,10 +89,13 @@ def comm_buffers(model: ModelConfig, res: Resolved, recipe: str, rows_per_token:
     if not held_moe:
         return 0.0
     tokens = lay.micro_batch * lay.seq_len
-    a2a = tokens * rows_per_token * model.hidden_size * sum(row_element_bytes(recipe, lay.dtype))
-    in_flight = 2 if res.chunks_per_rank == 2 else 1
+    row_bytes = row_element_bytes(recipe, lay.dtype, model.hidden_size)
+    # a forward's buffers and a backward's are live together when the schedule overlaps the two
+    per_element = (row_bytes.forward + row_bytes.backward if res.chunks_per_rank == 2
+                   else max(row_bytes.forward, row_bytes.backward))
+    a2a = tokens * rows_per_token * model.hidden_size * per_element
     p2p = 2 * 2 * tokens * model.hidden_size * DTYPE_BYTES[lay.dtype] if lay.pp > 1 else 0.0
-    return a2a * in_flight + p2p
+    return a2a + p2p
 
 
 def rank_memory(rank: int, model: ModelConfig, chunks: list[list[Slot]], held: list[int], peak_in_flight: int,

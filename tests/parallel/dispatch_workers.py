@@ -82,7 +82,8 @@ def roundtrip_worker(rank, world, ranks_per_node, cases, kinds=("flat", "two_hop
 
 def fp8_wire_worker(rank, world, ranks_per_node, kinds, hidden):
     """Rows already on the FP8 dispatch's grid (2 tiles, the second partial) through each dispatcher, once in the
-    compute dtype and once as E4M3 rows: the results, gradients and byte counters of both."""
+    compute dtype and once as E4M3 rows: the results, gradients and byte counters of both. As in training, the
+    dispatched rows are fp32 (the norm of the fp32 residual stream) and the experts' outputs bf16."""
     from sourcelm.kernels import fp8_comm
 
     n_experts, k = 8, 3
@@ -90,7 +91,7 @@ def fp8_wire_worker(rank, world, ranks_per_node, kinds, hidden):
     _, idx, w = make_inputs(rank, "random", n_experts, k, dyadic=False)
     g = torch.Generator().manual_seed(rank)
     x = fp8_comm.round_input(torch.randn(idx.shape[0], hidden, generator=g) * 10.0 ** (rank - 2))
-    upstream = fp8_comm.round_input(torch.randn(idx.shape[0], hidden, generator=g))
+    upstream = fp8_comm.round_input(torch.randn(idx.shape[0], hidden, generator=g)).bfloat16()
     out = {}
     for kind in kinds:
         d = make_dispatcher(kind, topo, 2 if kind == "two_hop_chunked" else None)
@@ -99,7 +100,7 @@ def fp8_wire_worker(rank, world, ranks_per_node, kinds, hidden):
             d.stats.reset()
             recv_x, local, recv_w, handle = d.dispatch(xr, idx, wr, fp8=fp8)
             bytes_dispatch = d.stats.reset()
-            y = (recv_w[:, :, None] * recv_x[:, None, :] * (local >= 0)[:, :, None]).sum(1)
+            y = (recv_w[:, :, None] * recv_x[:, None, :] * (local >= 0)[:, :, None]).sum(1).bfloat16()
             combined = d.combine(y, handle)
             bytes_combine = d.stats.reset()
             combined.backward(upstream)

@@ -48,7 +48,7 @@ def test_round_trip_bytes_are_rows_times_hidden_times_both_dtypes_twice(measured
             routes = [res[r][(kind, case)]["idx"] for r in range(WORLD)]
             rows = comms.dispatch_rows(routes, WORLD, rpn, N_EXPERTS, kind)
             total_rows = {c: sum(p[c] for p in rows) for c in comms.LINK_CLASSES}
-            expect = comms.step_link_bytes(total_rows, HIDDEN, dispatch_elem_bytes=4, combine_elem_bytes=2)
+            expect = comms.step_link_bytes(total_rows, HIDDEN, comms.row_element_bytes("sourcelm", "bf16", HIDDEN))
             for link in comms.LINK_CLASSES:
                 got = sum(res[r][(kind, case)]["round_trip"][f"{link}_bytes"] for r in range(WORLD))
                 assert got == expect[f"{link}_bytes"], (rpn, kind, case, link)
