@@ -393,13 +393,17 @@ def fp8_swiglu_linear(gu: torch.Tensor, weight: torch.Tensor, swiglu, backend: s
 # ------------------------------------------------------------------------------------------ the setting
 
 
-def check_fp8_setting(setting: str, device: torch.device | str) -> str:
-    """Validates `train.fp8` for `device` at start; returns the backend it will use, in words (for the
-    log). Raises ConfigError naming the field and the value that works."""
+def check_fp8_setting(setting: str, device: torch.device | str, dtype: str = "bfloat16") -> str:
+    """Validates `train.fp8` for `device` and the compute dtype (`train.dtype`, resolved) at start; returns the
+    backend it will use, in words (for the log). Raises ConfigError naming the field and the value that works."""
     if setting not in FP8_SETTINGS:
         raise ConfigError(f"train.fp8 = {setting!r}: expected one of {', '.join(map(repr, FP8_SETTINGS))}")
     if setting == "off":
         return "off (BF16/FP32 linears)"
+    if torch.device(device).type == "cuda" and dtype not in ("bfloat16", "float16"):
+        raise ConfigError(f"train.fp8 = {setting!r} on CUDA runs the attention core as flash attention "
+                          f"(`fp8_attention`), which takes bfloat16, not train.dtype = {dtype!r}: set train.dtype = "
+                          f"'bfloat16'")
     if setting == "emulate":
         choice = "emulate: E4M3 1x128/128x128 quantization, FP32 GEMMs with K promoted every 128"
         log.info("train.fp8 = 'emulate' -> %s", choice)

@@ -83,7 +83,8 @@ class Trainer:
             keep_freed_cpu_memory()
         # recorded resolved: config.json and every checkpoint name the dtype this run computes in
         cfg.train.dtype = resolve_dtype(cfg.train.dtype, self.device)
-        log.info("linear layers: %s", check_fp8_setting(cfg.train.fp8, self.device))  # fails at once if unusable
+        # fails at once if unusable
+        log.info("linear layers: %s", check_fp8_setting(cfg.train.fp8, self.device, cfg.train.dtype))
         # built and initialised on the CPU (the same bits on every device), then moved
         if base is None:
             self.model = self.ctx.prepare_model(build_model(cfg.model, seed=cfg.seed)).to(self.device)

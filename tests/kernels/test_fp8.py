@@ -338,6 +338,9 @@ def test_check_fp8_setting_names_the_field_and_the_value_that_works(monkeypatch)
         check_fp8_setting("fp8", "cpu")
     with pytest.raises(ConfigError, match=r"train\.fp8 = 'cuda' needs a CUDA device.*train\.fp8 = 'emulate'"):
         check_fp8_setting("cuda", "cpu")
+    with pytest.raises(ConfigError, match=r"train\.fp8 = 'emulate' on CUDA .*flash.*set train\.dtype = 'bfloat16'"):
+        check_fp8_setting("emulate", "cuda", "float32")
+    assert check_fp8_setting("emulate", "cpu", "float32").startswith("emulate")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an A100: CUDA, but no FP8 tensor cores
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
