@@ -3,6 +3,8 @@ place where the precision of the linear layers is chosen (BF16/FP32 by autocast,
 
 The report keeps the embedding, the output head, the MoE gate, the norms and the attention core out of FP8
 (§3.3.1): those are not this module (the head's matmul is the fused loss's, the gate's is an fp32 `F.linear`).
+Attention's `o_proj` is this module, but its matmul runs with the attention core as one op
+(`ops.attention_output`), so that FP8 can keep the core's output once for both backward passes that read it.
 """
 
 from __future__ import annotations
