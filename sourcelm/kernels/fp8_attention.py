@@ -18,8 +18,9 @@ where unfused, FP8 training would keep O twice: in BF16 for the core's backward 
 E5M6: sign, five exponent bits (bias 15, the top exponent reserved for inf/NaN, subnormals below 2^-14), six
 mantissa bits. Its values are the float16 values whose last four mantissa bits are zero, so a 12-bit code is a
 float16's bit pattern shifted right by four; two codes pack into three bytes. A tile's scale is the smallest power
-of 2 at or above amax / 65024 (E5M6's largest value), so a tile converts to any other power-of-2 scale exactly,
-which is why the report makes these scales powers of 2 (it converts the tiles to 128×1 for the Wgrad).
+of 2 at or above amax / 65024 (E5M6's largest value), so a tile converts to another power-of-2 scale exactly (as
+long as no value leaves E5M6's range), which is why the report makes these scales powers of 2 (it converts the
+tiles to 128×1 for the Wgrad).
 
 The attention core is torch's flash attention through its ATen ops (`_scaled_dot_product_flash_attention_for_cpu`
 and its backward on CPU; `_scaled_dot_product_flash_attention` and its backward on CUDA, which take BF16/FP16): the
