@@ -112,9 +112,12 @@ dist.destroy_process_group()
 
 
 def _launch(tmp_path, mode: str) -> subprocess.Popen:
+    # SIGINT at its default in the launcher, as from a terminal: a test run started in the background of a
+    # non-interactive shell ignores SIGINT, and the launcher would inherit that and never see the test's Ctrl-C
     return subprocess.Popen([PY, "-m", "sourcelm.parallel.netns", "--nproc", "4", "--ranks-per-node", "2",
                              "--links", LINKS, "--", PY, "-c", RANK, str(tmp_path), mode], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _rank_pids(tmp_path, launcher, n=4, timeout=120) -> list[int]:
