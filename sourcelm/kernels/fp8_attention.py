@@ -39,7 +39,6 @@ from sourcelm.kernels import fp8
 
 E5M6_MAX = 65024.0  # (2 - 2^-6) · 2^15
 E5M6_MIN_EXPONENT = -14  # of the smallest normal; below it the spacing stays 2^-20
-E5M6_BYTES = 1.5 + 4 / fp8.TILE  # per element kept: the packed code and its share of the tile's fp32 scale
 _SCALE_FLOOR = E5M6_MAX * torch.finfo(torch.float32).tiny  # an all-zero tile gets a normal scale, as in `fp8`
 
 
