@@ -7,7 +7,10 @@ s), 2P under DualPipeV (report §3.2.1; the "cut-in-half" DualPipe): rank r hold
 embedding and the head with the main model on one rank, as the report requires. The cut balances compute: each main
 layer costs its forward FLOPs per token (attention, and the dense FFN or the activated experts and router), the first
 chunk also the embedding lookup (free), the last chunk the head and every MTP depth (a block, `eh_proj` and the head
-again); the cut minimises the largest chunk's cost, every chunk keeping at least one main layer.
+again); every chunk keeps at least one main layer. Under 1F1B the cut minimises the largest chunk's cost; under
+DualPipeV, where a rank runs both its chunks for every micro-batch, the largest rank's (its two chunks together),
+then the largest chunk's: cutting chunks alone can leave one rank a chunk's worth busier than the others (for
+DeepSeek-V3 at P 16, rank 0 holds 1.7x the mean; `partition_layers`).
 
 Schedules (`schedule`): the list of (kind, chunk, micro-batch) a rank runs, in order. Sends are asynchronous and a
 receive waits for its sender, so a list is runnable when every op's inputs were produced earlier on their ranks.
@@ -32,6 +35,8 @@ planner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from sourcelm.config import ConfigError, ModelConfig
 
@@ -90,30 +95,51 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float]:
     return costs, tail
 
 
-def partition_layers(cfg: ModelConfig, chunks: int, seq_len: int, counts: list[int] | None = None) -> list[range]:
-    """Contiguous ranges of main layers, one per chunk: `counts` layers each where given (parallel.pp_layers, checked
-    by the config), else minimising the largest chunk cost (`layer_costs`, the tail on the last chunk), each chunk
-    at least one layer; ties go to the cut that puts fewer layers late (the last chunk already carries the head)."""
+def partition_layers(cfg: ModelConfig, pp: int, schedule: str, seq_len: int,
+                     counts: list[int] | None = None) -> list[range]:
+    """Contiguous ranges of main layers, one per chunk (`n_chunks`): `counts` layers each where given
+    (parallel.pp_layers, checked by the config), else the cut that balances compute (`layer_costs`, the tail on the
+    last chunk; every chunk at least one layer). Under 1F1B a rank runs one chunk: the cut minimises the largest
+    chunk's cost. Under DualPipeV a rank runs chunks r and 2P-1-r for every micro-batch, so its steady phase lasts
+    as long as its two chunks together: the cut minimises the largest rank's cost, and among those cuts the largest
+    chunk's (`_v_cut`)."""
+    chunks = n_chunks(pp, schedule)
     if counts:
         bounds = [sum(counts[:k]) for k in range(len(counts) + 1)]
         return [range(a, b) for a, b in zip(bounds, bounds[1:])]
     costs, tail = layer_costs(cfg, seq_len)
-    n = len(costs)
-    if chunks > n:
+    if chunks > len(costs):
         raise ConfigError(f"{chunks} pipeline chunks need at least {chunks} main layers; model.num_hidden_layers = "
-                          f"{n}: lower parallel.pp (DualPipeV cuts 2 x pp chunks) or add layers")
-    prefix = [0.0]
+                          f"{len(costs)}: lower parallel.pp (DualPipeV cuts 2 x pp chunks) or add layers")
+    bounds = balanced_cut([round(c) for c in costs], round(tail), pp, schedule)
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def balanced_cut(costs: list[int], tail: int, pp: int, schedule: str) -> list[int]:
+    """The chunk bounds [0, .., len(costs)] of `partition_layers`' cut, given each layer's cost and the last
+    chunk's tail (integer FLOPs, so that cuts of equal cost compare equal)."""
+    bounds = _chunk_cut(costs, tail, n_chunks(pp, schedule))
+    if schedule == "dualpipev":
+        bounds = _v_cut(costs, tail, pp, max(rank_costs(costs, tail, bounds, pp, schedule)))
+    return bounds
+
+
+def _chunk_cut(costs: list[int], tail: int, chunks: int) -> list[int]:
+    """Chunk bounds minimising the largest chunk's cost; ties go to the cut that puts fewer layers late (the last
+    chunk already carries the head)."""
+    n = len(costs)
+    prefix = [0]
     for c in costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
     # best[k][i]: the smallest largest-cost of cutting layers [0, i) into k chunks; cut[k][i]: where chunk k starts
     best = [[inf] * (n + 1) for _ in range(chunks + 1)]
     cut = [[0] * (n + 1) for _ in range(chunks + 1)]
-    best[0][0] = 0.0
+    best[0][0] = 0
     for k in range(1, chunks + 1):
         for i in range(k, n + 1):
             for j in range(k - 1, i):
-                cost = prefix[i] - prefix[j] + (tail if k == chunks and i == n else 0.0)
+                cost = prefix[i] - prefix[j] + (tail if k == chunks and i == n else 0)
                 value = max(best[k - 1][j], cost)
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
@@ -121,8 +147,83 @@ def partition_layers(cfg: ModelConfig, chunks: int, seq_len: int, counts: list[i
     for k in range(chunks, 0, -1):
         i = cut[k][i]
         bounds.append(i)
-    bounds.reverse()
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return bounds[::-1]
+
+
+def rank_costs(costs: list[float], tail: float, bounds: list[int], pp: int, schedule: str) -> list[float]:
+    """Each pipeline rank's cost under a cut: its chunk's, or under DualPipeV its two chunks' together."""
+    chunk = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    chunk[-1] += tail
+    return [sum(chunk[c] for c in rank_chunks(r, pp, schedule)) for r in range(pp)]
+
+
+def _v_cut(costs: list[int], tail: int, pp: int, bound: int) -> list[int]:
+    """DualPipeV's cut: the smallest largest rank cost (a rank's two chunks together), and among the cuts that
+    reach it the most even chunks (the smallest sum of squared chunk costs). Even chunks matter once one rank's
+    cost is fixed by the head: rank 0 holds the last chunk, so the others could otherwise take any cut below it.
+    `bound`, the largest rank cost of a known cut, limits the search."""
+    best_rank = _v_search(costs, tail, pp, bound, even=False)[0]
+    return _v_search(costs, tail, pp, best_rank, even=True)[1]
+
+
+def _v_search(costs: list[int], tail: int, pp: int, bound: float, even: bool) -> tuple[float, list[int]]:
+    """The V cut from the outside in, every rank costing at most `bound`: at depth d < P-1, rank d takes chunk
+    d = [i, i + a) from the left of the layers left, [i, j), and chunk 2P-1-d = [j - b, j) from their right; the
+    innermost rank takes the rest as two chunks. The state after a depth is (i, j), holding the best value of the
+    depths so far: the largest rank cost (even=False), or the sum of squared chunk costs (even=True). Returns the
+    best value and its chunk bounds. No chunk costs more than `bound`, which limits the lengths a and b tried."""
+    n, inf = len(costs), float("inf")
+    s = np.concatenate([[0], np.cumsum(costs)]).astype(np.float64)  # integers below 2**53: exact
+    run_min = [0.0] + [float((s[a:] - s[:-a]).min()) for a in range(1, n + 1)]  # the cheapest run of a layers
+    lengths = [a for a in range(1, n + 1) if run_min[a] <= bound]
+    value = np.full((n + 1, n + 1), inf)
+    value[0, n] = 0.0
+    steps = []  # per depth: the (a, b) that reached each state
+    for d in range(pp - 1):
+        left_after = 2 * (pp - 1 - d)  # chunks still to cut after this depth's two
+        rows, cols = np.nonzero(value < inf)  # the states reached so far span [i0, i1] x [j0, j1]
+        i0, i1, j0, j1 = rows.min(), rows.max(), cols.min(), cols.max()
+        new, took = np.full_like(value, inf), np.zeros((2, n + 1, n + 1), np.int64)
+        for a in lengths:
+            for b in lengths:
+                if run_min[a] + run_min[b] > bound:
+                    break
+                i, j = np.arange(i0, min(i1, n - a) + 1), np.arange(max(j0, b), j1 + 1)
+                if not len(i) or not len(j):
+                    continue
+                src, dst = np.ix_(i, j), np.ix_(i + a, j - b)
+                left = (s[i + a] - s[i])[:, None]
+                right = (s[j] - s[j - b] + np.where(j == n, tail, 0))[None, :]
+                if even:
+                    v = value[src] + left ** 2 + right ** 2
+                else:
+                    v = np.maximum(value[src], left + right)
+                ok = (left + right <= bound) & ((j - b)[None, :] - (i + a)[:, None] >= left_after)
+                better = ok & (v < new[dst])
+                new[dst] = np.where(better, v, new[dst])
+                took[0][dst] = np.where(better, a, took[0][dst])
+                took[1][dst] = np.where(better, b, took[1][dst])
+        value = new
+        steps.append(took)
+    # the innermost rank: [i, j) as two chunks split at m
+    best = (inf, 0, 0, 0)
+    for i, j in zip(*np.nonzero(value < inf)):
+        i, j = int(i), int(j)
+        inner = s[j] - s[i] + (tail if j == n else 0)
+        if j - i < 2 or inner > bound:
+            continue
+        m = min(range(i + 1, j), key=lambda m: abs(2 * (s[m] - s[i]) - inner))  # the most even split
+        parts = (s[m] - s[i], inner - (s[m] - s[i]))
+        v = value[i, j] + parts[0] ** 2 + parts[1] ** 2 if even else max(value[i, j], inner)
+        if v < best[0]:
+            best = (v, i, j, m)
+    v, i, j, m = best
+    lefts, rights = [i, m], [j]
+    for took in reversed(steps):
+        i, j = i - int(took[0][i, j]), j + int(took[1][i, j])
+        lefts.insert(0, i)
+        rights.append(j)
+    return v, lefts + rights
 
 
 def describe_partition(cfg: ModelConfig, ranges: list[range], pp: int, schedule: str, seq_len: int) -> str:
@@ -136,6 +237,10 @@ def describe_partition(cfg: ModelConfig, ranges: list[range], pp: int, schedule:
             if c == len(ranges) - 1 else [])
         lines.append(f"chunk {c} on pipeline rank {chunk_rank(c, pp, schedule)}: {', '.join(parts)} "
                      f"({100 * cost / total:.0f}% of the FLOPs)")
+    if schedule == "dualpipev":
+        ranks = rank_costs(costs, tail, [r.start for r in ranges] + [ranges[-1].stop], pp, schedule)
+        lines.append(f"per rank {', '.join(f'{100 * x / total:.0f}%' for x in ranks)} (largest "
+                     f"{max(ranks) / (total / pp):.2f}x the mean)")
     return "; ".join(lines)
 
 

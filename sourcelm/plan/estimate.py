@@ -222,7 +222,8 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: PlanLayout, assump
     lay = layout
     links_overlap = cluster.nvlink_bw != cluster.ib_bw if links_overlap is None else links_overlap
     key = json.dumps(dataclasses.asdict(model), sort_keys=True)  # the model, hashable for the caches
-    chunks = cut_chunks(list(_slots(key, lay.seq_len)), model, res.chunks, lay.seq_len, lay.pp_layers)
+    chunks = cut_chunks(list(_slots(key, lay.seq_len)), model, lay.pp, lay.schedule, lay.seq_len,
+                        lay.pp_layers)
     routing = assumptions.routing
     if routing is None and lay.ep > 1:
         routing = _sampled_routing(key, lay.ep, min(cluster.gpus_per_node, res.dp), lay.dispatcher)

@@ -211,18 +211,19 @@ def recompute_flops(cfg: ModelConfig, slot: Slot, recompute: tuple[str, ...]) ->
 # ------------------------------------------------------------------------------------ stage cutting
 
 
-def cut_chunks(slots: list[Slot], cfg: ModelConfig, chunks: int, seq_len: int,
+def cut_chunks(slots: list[Slot], cfg: ModelConfig, pp: int, schedule: str, seq_len: int,
                counts: tuple[int, ...] = ()) -> list[list[Slot]]:
     """The slots of each pipeline chunk, cut as the trainer cuts them (`sourcelm.parallel.pipeline_plan`:
-    main layers in contiguous ranges, `counts` layers each or balancing forward FLOPs, the embedding on the first
+    main layers in contiguous ranges, `counts` layers each or balancing forward FLOPs over the chunks, or under
+    DualPipeV over the ranks, each holding two chunks; the embedding on the first
     chunk, the final norm, head and MTP depths on the last). Raises ConfigError when there are more chunks than
     layers."""
     from sourcelm.parallel.pipeline_plan import partition_layers
 
-    if chunks == 1:
+    if pp == 1:
         return [list(slots)]
     layers = [s for s in slots if s.kind in ("dense", "moe")]
-    out = [[layers[i] for i in r] for r in partition_layers(cfg, chunks, seq_len, list(counts))]
+    out = [[layers[i] for i in r] for r in partition_layers(cfg, pp, schedule, seq_len, list(counts))]
     out[0] = [slots[0], *out[0]]
     out[-1] = [*out[-1], *[s for s in slots if s.kind in ("mtp", "head")]]
     return out

@@ -35,7 +35,7 @@ from sourcelm.parallel.experts import (
     load_expert_state,
     topology_from_config,
 )
-from sourcelm.parallel.pipeline_plan import describe_partition, n_chunks, partition_layers, rank_chunks
+from sourcelm.parallel.pipeline_plan import describe_partition, partition_layers, rank_chunks
 from sourcelm.train.executor import MicroBatchLoop
 from sourcelm.train.optim import FlatAdamW
 from sourcelm.train.pipeline import PipelineExecutor, prune_to_chunks
@@ -70,8 +70,8 @@ class DistributedContext:
         self.launch = {"nproc": lay.world, "ranks_per_node": lay.ranks_per_node, "threads": torch.get_num_threads()}
         self.dispatcher = None
         self.shards = {}
-        self.ranges = (partition_layers(cfg.model, n_chunks(lay.pp, par.pp_schedule), cfg.data.seq_len,
-                                        par.pp_layers) if lay.pp > 1 else None)
+        self.ranges = (partition_layers(cfg.model, lay.pp, par.pp_schedule, cfg.data.seq_len, par.pp_layers)
+                       if lay.pp > 1 else None)
         self.remote_biases: dict[str, torch.Tensor] = {}  # expert biases of the MoE layers other stages hold
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

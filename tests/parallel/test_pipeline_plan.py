@@ -4,16 +4,20 @@ bubble against the report's Table 2, the cost-balanced cut, and the layouts that
 through the one pipeline simulator, the planner's (`sourcelm.plan.pipeline_sim`)."""
 
 import dataclasses
+import itertools
+import random
 
 import pytest
 
 from sourcelm.config import ConfigError, load_config
 from sourcelm.parallel.pipeline_plan import (
     Op,
+    balanced_cut,
     chunk_rank,
     layer_costs,
     partition_layers,
     rank_chunks,
+    rank_costs,
     schedule,
 )
 from sourcelm.parallel.topology import Layout, partitions, validate_layout
@@ -139,7 +143,7 @@ def test_too_few_micro_batches_are_refused_naming_the_minimum():
 
 def test_partition_balances_compute_and_keeps_every_chunk_non_empty():
     cfg = dataclasses.replace(load_config("deepseek-v3-671b").model)  # 3 dense layers, 58 MoE, MTP 1
-    ranges = partition_layers(cfg, 16, 4096)
+    ranges = partition_layers(cfg, 16, "1f1b", 4096)
     assert [r.start for r in ranges] == sorted(r.start for r in ranges) and ranges[0].start == 0
     assert ranges[-1].stop == cfg.num_hidden_layers and all(len(r) >= 1 for r in ranges)
     costs, tail = layer_costs(cfg, 4096)
@@ -150,15 +154,55 @@ def test_partition_balances_compute_and_keeps_every_chunk_non_empty():
     assert len(ranges[0]) >= len(ranges[1])  # the first holds the three cheap dense layers
 
 
+def _v_score(costs, tail, pp, bounds):
+    """DualPipeV's cut objective: the largest rank cost, then the sum of squared chunk costs."""
+    chunks = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    chunks[-1] += tail
+    return max(rank_costs(costs, tail, bounds, pp, "dualpipev")), sum(c * c for c in chunks)
+
+
+def test_dualpipev_cut_balances_ranks_then_chunks_as_exhaustive_search_does():
+    """Every cut of up to 11 layers tried: the cut has the smallest largest rank (two chunks, r and 2P-1-r), and
+    among those the smallest sum of squared chunk costs."""
+    rng = random.Random(0)
+    for trial in range(40):
+        pp = rng.choice([2, 3])
+        n = rng.randint(2 * pp, 11)
+        costs = [rng.choice([3, 5, 8, 8, 8, 13]) for _ in range(n)]  # repeats: ties must resolve the same way
+        tail = rng.choice([0, 4, 11, 30])
+        best = min(_v_score(costs, tail, pp, [0, *inner, n])
+                   for inner in itertools.combinations(range(1, n), 2 * pp - 1))
+        got = balanced_cut(costs, tail, pp, "dualpipev")
+        assert len(got) == 2 * pp + 1 and got[0] == 0 and got[-1] == n and all(a < b for a, b in zip(got, got[1:]))
+        assert _v_score(costs, tail, pp, got) == best, (trial, costs, tail, got)
+
+
+def test_dualpipev_cut_of_deepseek_v3_at_pp_16_balances_ranks_not_only_chunks():
+    """The report's layout: 61 layers in 32 chunks. Cutting chunks alone leaves rank 0 (the first chunk, and the
+    last with the head and MTP) 1.7x the mean; the rank cut brings it to its floor: one layer in each of its chunks."""
+    cfg = load_config("deepseek-v3-671b").model
+    costs, tail = layer_costs(cfg, 4096)
+    costs, tail = [round(c) for c in costs], round(tail)
+    ranges = partition_layers(cfg, 16, "dualpipev", 4096)
+    bounds = [r.start for r in ranges] + [ranges[-1].stop]
+    ranks = rank_costs(costs, tail, bounds, 16, "dualpipev")
+    assert max(ranks) == ranks[0] == costs[0] + costs[-1] + tail  # rank 0 can hold no less
+    chunk_only = rank_costs(costs, tail, balanced_cut(costs, tail, 32, "1f1b"), 16, "dualpipev")
+    mean = (sum(costs) + tail) / 16
+    assert max(chunk_only) / mean > 1.7 and max(ranks) / mean < 1.46
+    assert max(ranks[1:]) <= 4 * costs[-1]  # the other ranks: two chunks of two MoE layers each, at most
+
+
 def test_partition_refuses_more_chunks_than_layers():
     cfg = load_config("tiny").model  # 4 layers
     with pytest.raises(ConfigError, match="num_hidden_layers = 4"):
-        partition_layers(cfg, 8, 256)
+        partition_layers(cfg, 4, "dualpipev", 256)
 
 
 def test_layer_counts_given_by_hand_cut_there_and_bad_ones_are_refused():
     cfg = load_config("tiny", ["model.num_hidden_layers=8"]).model
-    assert partition_layers(cfg, 4, 256, [1, 3, 3, 1]) == [range(0, 1), range(1, 4), range(4, 7), range(7, 8)]
+    assert partition_layers(cfg, 2, "dualpipev", 256, [1, 3, 3, 1]) == [range(0, 1), range(1, 4), range(4, 7),
+                                                                        range(7, 8)]
     ok = load_config("tiny", ["model.num_hidden_layers=8", "parallel.pp=2", "parallel.pp_schedule=dualpipev",
                               "parallel.pp_layers=[1, 3, 3, 1]"])
     assert ok.parallel.pp_layers == [1, 3, 3, 1]
