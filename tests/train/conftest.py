@@ -60,6 +60,36 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
+def assert_same_run(reference: list[dict], got: list[dict], name: str, routes_per_token: int) -> None:
+    """Two layouts' step records agree as fp32 allows.
+
+    Layouts agree to the last bits, not bit for bit: they sum gradients, norms and the experts' rows in other
+    orders. Where a token's routing is a near tie, those bits can send it to other experts in one layout, and from
+    that step on the runs part as two trajectories do. So every step up to the first whose expert counts differ
+    agrees: loss within 1e-5, gradient norm 1e-4, expert counts exactly, expert biases 1e-5; at that step the
+    counts may differ in one layer by one token's routes (a near tie's mark, not a wrong count), the loss still
+    within 1e-5; later steps' losses within 1e-3. Which step parts, if any, depends on the CPU's kernels: the
+    PP 2 x EP 2 run parts at step 13 of 20 on an AMD EPYC and not at all on the CI machine."""
+    assert len(got) == len(reference) > 0, name
+    parted = False
+    for a, b in zip(reference, got):
+        where = (name, a["step"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3 if parted else 1e-5), where
+        if parted:
+            continue
+        if b["expert_load"] != a["expert_load"]:
+            layers = [(x, y) for x, y in zip(a["expert_load"], b["expert_load"]) if x != y]
+            moved = sum(abs(i - j) for i, j in zip(*layers[0]))
+            assert len(layers) == 1 and moved <= 2 * routes_per_token, (where, layers)
+            parted = True
+            continue
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), where
+        if "bias_norm" in a:
+            assert b["bias_norm"] == pytest.approx(a["bias_norm"], rel=1e-5), where
+        if "valid_loss" in a:
+            assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-5), where
+
+
 @pytest.fixture(params=["native", "torch"])
 def update_path(request, monkeypatch):
     """Every FlatAdamW test runs on both update paths: the CPU kernel and torch's fused AdamW (other devices)."""

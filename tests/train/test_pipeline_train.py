@@ -1,5 +1,6 @@
 """Pipeline parallel training on gloo: PP 2 and PP 4 under 1F1B and DualPipeV, and PP 2 x EP 2 over two pretend
-nodes, against one process (fp32: losses, gradient norms and the balancer's bias updates within 1e-5); DualPipeV's
+nodes, against one process (fp32: losses, gradient norms and the balancer's bias updates within 1e-5, up to a
+near-tie routing that parts the runs, `conftest.assert_same_run`); DualPipeV's
 zero-bubble W split against full backwards (bit for bit); a SIGKILL mid-run then a resume gives the uninterrupted
 run's bits; checkpoints are keyed by global names, so a PP run resumes on one process."""
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from sourcelm.plan import pipeline_sim
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.pipeline import Lane, covered
+from tests.train.conftest import assert_same_run
 
 # 8 main layers (DualPipeV at PP 4 cuts 8 chunks) and 8 micro-batches a step (its minimum, 2 x PP)
 PIPELINE = ["model.num_hidden_layers=8", "schedule.global_batch=8", "schedule.micro_batch=1", "train.dtype=float32"]
@@ -31,23 +33,15 @@ def _train(args, run_dir, *extra, nproc=1, rpn=0, timeout=900):
 
 
 STEPS = ["schedule.steps=20", "checkpoint.every=100", "logging.valid_every=20"]
+ROUTES = 4  # SMALL's experts per token
 
 
 @pytest.fixture(scope="module")
 def single(small_args, tmp_path_factory):
     """The one-process reference, 20 steps."""
-    return _train(small_args, tmp_path_factory.mktemp("single"), *STEPS)
-
-
-def _assert_same_run(reference, got, name):
-    assert len(got) == len(reference) == 20, name
-    for a, b in zip(reference, got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (name, a["step"])
-        # the norm sums squares over ranks and stages in another order: its last bits move first
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
-        assert b["max_violation"] == pytest.approx(a["max_violation"]), (name, a["step"])  # the same routing
-        assert b["bias_norm"] == pytest.approx(a["bias_norm"], rel=1e-5), (name, a["step"])  # every layer's bias
-    assert reference[-1]["valid_loss"] == pytest.approx(got[-1]["valid_loss"], rel=1e-5), name
+    run = _train(small_args, tmp_path_factory.mktemp("single"), *STEPS)
+    assert len(run) == 20 and "valid_loss" in run[-1]
+    return run
 
 
 def test_a_pairs_busy_time_is_when_either_thread_computed():
@@ -63,7 +57,7 @@ def test_a_pairs_busy_time_is_when_either_thread_computed():
 def test_pp2_matches_one_process(kind, cut, single, small_args, tmp_path):
     got = _train(small_args, tmp_path, *STEPS, "parallel.pp=2", f"parallel.pp_schedule={kind}",
                  f"parallel.pp_layers={cut}", nproc=2)
-    _assert_same_run(single, got, f"pp2 {kind} {cut or 'balanced'}")
+    assert_same_run(single, got, f"pp2 {kind} {cut or 'balanced'}", ROUTES)
 
 
 def test_dualpipev_zero_bubble_split_gives_the_bits_of_full_backwards(small_args, tmp_path):
@@ -89,7 +83,7 @@ def test_dualpipev_zero_bubble_split_gives_the_bits_of_full_backwards(small_args
 @pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])
 def test_pp4_matches_one_process(kind, single, small_args, tmp_path):
     got = _train(small_args, tmp_path, *STEPS, "parallel.pp=4", f"parallel.pp_schedule={kind}", nproc=4, rpn=2)
-    _assert_same_run(single, got, f"pp4 {kind}")
+    assert_same_run(single, got, f"pp4 {kind}", ROUTES)
 
 
 @pytest.mark.slow
@@ -98,7 +92,7 @@ def test_pp2_by_ep2_over_two_nodes_matches_one_process(single, small_args, tmp_p
     pairs overlapped, and in order: the same bits."""
     layout = ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipev"]
     got = _train(small_args, tmp_path / "overlap", *STEPS, *layout, nproc=4, rpn=2)
-    _assert_same_run(single, got, "pp2 x ep2")
+    assert_same_run(single, got, "pp2 x ep2", ROUTES)
     assert got[-1]["a2a_intra_node_bytes"] > 0
     # DualPipeV's F&B pairs ran overlapped (two threads, two sets of groups): the same bits as run in order
     in_order = _train(small_args, tmp_path / "in_order", *STEPS, *layout, "parallel.pp_overlap=false", nproc=4, rpn=2)
