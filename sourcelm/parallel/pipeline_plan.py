@@ -9,7 +9,7 @@ layer costs its forward FLOPs per token (attention, and the dense FFN or the act
 chunk also the embedding lookup (free), the last chunk the head and every MTP depth (a block, `eh_proj` and the head
 again); every chunk keeps at least one main layer. Under 1F1B the cut minimises the largest chunk's cost; under
 DualPipeV, where a rank runs both its chunks for every micro-batch, the largest rank's (its two chunks together),
-then the largest chunk's: cutting chunks alone can leave one rank a chunk's worth busier than the others (for
+then the chunks are made as even as they can be: cutting chunks alone can leave one rank a chunk's worth busier than the others (for
 DeepSeek-V3 at P 16, rank 0 holds 1.7x the mean; `partition_layers`).
 
 Schedules (`schedule`): the list of (kind, chunk, micro-batch) a rank runs, in order. Sends are asynchronous and a
@@ -101,8 +101,8 @@ def partition_layers(cfg: ModelConfig, pp: int, schedule: str, seq_len: int,
     (parallel.pp_layers, checked by the config), else the cut that balances compute (`layer_costs`, the tail on the
     last chunk; every chunk at least one layer). Under 1F1B a rank runs one chunk: the cut minimises the largest
     chunk's cost. Under DualPipeV a rank runs chunks r and 2P-1-r for every micro-batch, so its steady phase lasts
-    as long as its two chunks together: the cut minimises the largest rank's cost, and among those cuts the largest
-    chunk's (`_v_cut`)."""
+    as long as its two chunks together: the cut minimises the largest rank's cost, and among those cuts makes the
+    chunks as even as it can (`_v_cut`)."""
     chunks = n_chunks(pp, schedule)
     if counts:
         bounds = [sum(counts[:k]) for k in range(len(counts) + 1)]
