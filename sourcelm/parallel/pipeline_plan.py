@@ -9,8 +9,8 @@ layer costs its forward FLOPs per token (attention, and the dense FFN or the act
 chunk also the embedding lookup (free), the last chunk the head and every MTP depth (a block, `eh_proj` and the head
 again); every chunk keeps at least one main layer. Under 1F1B the cut minimises the largest chunk's cost; under
 DualPipeV, where a rank runs both its chunks for every micro-batch, the largest rank's (its two chunks together),
-then the chunks are made as even as they can be: cutting chunks alone can leave one rank a chunk's worth busier than the others (for
-DeepSeek-V3 at P 16, rank 0 holds 1.7x the mean; `partition_layers`).
+then it makes the chunks as even as it can. Cutting chunks alone can leave one rank a chunk's worth busier than the
+others (DeepSeek-V3 at P 16: rank 0 held 1.7x the mean rank, now 1.46x, its floor; `partition_layers`).
 
 Schedules (`schedule`): the list of (kind, chunk, micro-batch) a rank runs, in order. Sends are asynchronous and a
 receive waits for its sender, so a list is runnable when every op's inputs were produced earlier on their ranks.
