@@ -14,6 +14,7 @@ from sourcelm.parallel.pipeline_plan import (
     Op,
     balanced_cut,
     chunk_rank,
+    describe_partition,
     layer_costs,
     partition_layers,
     rank_chunks,
@@ -191,6 +192,10 @@ def test_dualpipev_cut_of_deepseek_v3_at_pp_16_balances_ranks_not_only_chunks():
     mean = (sum(costs) + tail) / 16
     assert max(chunk_only) / mean > 1.7 and max(ranks) / mean < 1.46
     assert max(ranks[1:]) <= 4 * costs[-1]  # the other ranks: two chunks of two MoE layers each, at most
+    printed = describe_partition(cfg, ranges, 16, "dualpipev", 4096)  # what the trainer logs at start
+    assert printed.startswith("chunk 0 on pipeline rank 0: embedding, layers 0-0 (")
+    assert "chunk 31 on pipeline rank 0: layers 60-60, norm, head, MTP x 1" in printed
+    assert printed.endswith(f"(largest {max(ranks) / mean:.2f}x the mean)") and "1.46x" in printed
 
 
 def test_partition_refuses_more_chunks_than_layers():
