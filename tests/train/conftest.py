@@ -69,7 +69,7 @@ def assert_same_run(reference: list[dict], got: list[dict], name: str, routes_pe
     agrees: loss within 1e-5, gradient norm 1e-4, expert counts exactly, expert biases 1e-5; at that step the
     counts may differ in one layer by one token's routes (a near tie's mark, not a wrong count), the loss still
     within 1e-5; later steps' losses within 1e-3. Which step parts, if any, depends on the CPU's kernels: the
-    PP 2 x EP 2 run parts at step 13 of 20 on an AMD EPYC and not at all on the CI machine."""
+    PP 2 x EP 2 run parts at step 13 of 20 on an AMD EPYC, while CI's machine passed a check without parting."""
     assert len(got) == len(reference) > 0, name
     parted = False
     for a, b in zip(reference, got):
@@ -77,7 +77,7 @@ def assert_same_run(reference: list[dict], got: list[dict], name: str, routes_pe
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3 if parted else 1e-5), where
         if parted:
             continue
-        if b["expert_load"] != a["expert_load"]:
+        if b.get("expert_load") != a.get("expert_load"):  # a skipped step has none
             layers = [(x, y) for x, y in zip(a["expert_load"], b["expert_load"]) if x != y]
             moved = sum(abs(i - j) for i, j in zip(*layers[0]))
             assert len(layers) == 1 and moved <= 2 * routes_per_token, (where, layers)
