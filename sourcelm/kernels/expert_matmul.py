@@ -1,7 +1,9 @@
 """The routed experts' grouped matmuls in torch: one `torch._grouped_mm` per projection over rows grouped by
 expert, where this torch build runs it for the device and dtype (checked once, on a small problem, against
-the per-expert loop), and the alignment the CPU wants for the groups. `ops.expert_ffn` chooses between these,
-the AMX kernel, a batched matmul for equal groups and the per-expert loop (`reference.grouped_linear_loop`).
+the per-expert loop), and the alignment the CPU wants for the groups; a batched matmul for equal groups and
+the per-expert loop (`reference.grouped_linear_loop`). `ops.expert_ffn` chooses between these and the AMX
+kernel. Each takes a `sink` for the zero-bubble W split, so the experts' weight gradients wait for the W
+whichever backend runs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from sourcelm.kernels import reference
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +86,56 @@ def grouped_linear_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sink
     if sink is not None:
         return _DeferredGroupedMM.apply(x, w.detach(), offs, sink)
     return torch._grouped_mm(_ContiguousGrad.apply(x), w.transpose(-2, -1), offs=offs)
+
+
+class _DeferredBatchedLinear(torch.autograd.Function):
+    """`torch.bmm(x, w^T)` ([G, n, in] by [G, out, in]) whose backward returns x's gradient and files w's in `sink`:
+    the bmms autograd runs for it (dx = g w; dw = (x^T g)^T, the gradient of the transposed view), so the bits
+    are the same."""
+
+    @staticmethod
+    def forward(ctx, x, w, sink):
+        ctx.save_for_backward(x, w)
+        ctx.sink = sink
+        return torch.bmm(x, w.transpose(-2, -1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        ctx.sink.file(lambda: torch.bmm(x.transpose(-2, -1), grad).transpose(-2, -1))
+        return torch.bmm(grad, w), None, None
+
+
+def batched_linear(x: torch.Tensor, w: torch.Tensor, sink=None) -> torch.Tensor:
+    """Equal groups of rows x [G, n, in] times their expert's w[g]^T ([G, out, in]) -> [G, n, out]. sink as in
+    `grouped_linear_mm`."""
+    if sink is not None:
+        return _DeferredBatchedLinear.apply(x, w.detach(), sink)
+    return torch.bmm(x, w.transpose(-2, -1))
+
+
+class _DeferredLinearLoop(torch.autograd.Function):
+    """`reference.grouped_linear_loop` whose backward returns x's gradient and files w's in `sink`: per expert the
+    GEMMs autograd runs for F.linear (dx = g w[e], dw[e] = g^T x), an expert without rows gets zeros as autograd
+    would give it, so the bits are the same."""
+
+    @staticmethod
+    def forward(ctx, x, w, sizes, sink):
+        ctx.save_for_backward(x, w)
+        ctx.sizes, ctx.sink = sizes, sink
+        return reference.grouped_linear_loop(x, w, torch.tensor(sizes))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        groups = list(zip(grad.split(ctx.sizes), x.split(ctx.sizes), w))
+        ctx.sink.file(lambda: torch.stack([g.t().mm(rows) if len(rows) else torch.zeros_like(we)
+                                           for g, rows, we in groups]))
+        return torch.cat([g.mm(we) for g, rows, we in groups if len(rows)]), None, None, None
+
+
+def grouped_linear_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, sink=None) -> torch.Tensor:
+    """`reference.grouped_linear_loop` (one matmul per non-empty expert), sink as in `grouped_linear_mm`."""
+    if sink is not None:
+        return _DeferredLinearLoop.apply(x, w.detach(), counts.tolist(), sink)
+    return reference.grouped_linear_loop(x, w, counts)

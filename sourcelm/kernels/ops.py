@@ -184,16 +184,16 @@ def expert_ffn(x_grouped: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, 
             chosen = used.nonzero().squeeze(1)
             w13, w2 = w13.index_select(0, chosen), w2.index_select(0, chosen)
         xb = x_grouped.view(sizes.numel(), -1, x_grouped.shape[1])
-        h = swiglu(torch.bmm(xb, w13.transpose(-2, -1)))
-        return torch.bmm(h, w2.transpose(-2, -1)).view(x_grouped.shape[0], w2.shape[1])
+        h = swiglu(expert_matmul.batched_linear(xb, w13, _weight_grad_sink(xb, w13)))
+        return expert_matmul.batched_linear(h, w2, _weight_grad_sink(h, w2)).view(x_grouped.shape[0], w2.shape[1])
     if expert_matmul.grouped_mm_supported(x_grouped.device, dt):
         _chose("expert_ffn", "torch._grouped_mm", x_grouped)
         offs = counts.cumsum(0).to(torch.int32)
         h = swiglu(expert_matmul.grouped_linear_mm(x_grouped, w13, offs, _weight_grad_sink(x_grouped, w13)))
         return expert_matmul.grouped_linear_mm(h, w2, offs, _weight_grad_sink(h, w2))
     _chose("expert_ffn", "per-expert loop", x_grouped)
-    h = swiglu(reference.grouped_linear_loop(x_grouped, w13, counts))
-    return reference.grouped_linear_loop(h, w2, counts)
+    h = swiglu(expert_matmul.grouped_linear_loop(x_grouped, w13, counts, _weight_grad_sink(x_grouped, w13)))
+    return expert_matmul.grouped_linear_loop(h, w2, counts, _weight_grad_sink(h, w2))
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -327,11 +327,11 @@ _deferral = threading.local()  # .bucket: where this thread's forward files its 
 
 @contextlib.contextmanager
 def deferring_weight_grads(bucket: list):
-    """The forward run inside (in this thread) builds its weight-carrying GEMMs (`linear`, and `expert_ffn` on the
-    AMX kernel or `torch._grouped_mm`) so that their backward computes the input gradient only and appends
-    (weight, compute) to `bucket`: `torch.autograd.backward(weight, compute())` later gives the weight (and through
-    its own graph, casts and concatenations, the parameters) the gradient backward would have given it
-    (`sourcelm.train.weight_grad`, the zero-bubble W split). Decided at forward, not at backward: on a GPU the
+    """The forward run inside (in this thread) builds its weight-carrying GEMMs (`linear`, `expert_ffn` on every
+    backend) so that their backward computes the input gradient only and appends (weight, compute) to `bucket`:
+    `torch.autograd.backward(weight, compute())` later gives the weight (and through its own graph, casts and
+    concatenations, the parameters) the gradient backward would have given it (`sourcelm.train.weight_grad`, the
+    zero-bubble W split). Decided at forward, not at backward: on a GPU the
     autograd engine runs backward in its own device threads, where a flag of the caller's thread is not seen."""
     previous = getattr(_deferral, "bucket", None)
     _deferral.bucket = bucket

@@ -27,7 +27,7 @@ What is deferred (the GEMMs whose weights are parameters and which run through o
 | routed experts, bf16 on an AMX CPU | `ops.expert_ffn` -> `amx.grouped_linear` | yes |
 | routed experts, `torch._grouped_mm` (fp32 on the CPU, GPUs) | `ops.expert_ffn` -> `expert_matmul` | yes |
 | routed experts under FP8 (per expert through `ops.linear`) | `ops.expert_ffn` | yes |
-| routed experts, bmm of equal groups / per-expert loop (fallbacks) | `ops.expert_ffn` | no |
+| routed experts, bmm of equal groups / per-expert loop (fallbacks) | `ops.expert_ffn` -> `expert_matmul` | yes |
 | router gate (fp32 `F.linear`), MTP's `eh_proj` (`nn.Linear`), head (fused loss), embedding, norms | model | no |
 
 Not deferred means computed in the B as before: correct, only not moved. A GEMM is deferred only where its input
@@ -39,8 +39,8 @@ one micro-batch's gradient per parameter, in micro-batch order, and a step gives
 without (tests/train/test_pipeline_train.py). Each weight tensor must feed one GEMM per forward (true of this
 model): a weight used twice would have its two gradients accumulated separately.
 
-Where it has run: on the CPU only (fp32, bf16 with the AMX kernel, FP8 emulated). The `torch._grouped_mm` and
-FP8 "cuda" paths are written for GPUs and have not run on one.
+Where it has run: on the CPU only (fp32, bf16 with and without the AMX kernel, FP8 emulated). The
+`torch._grouped_mm` and FP8 "cuda" paths are written for GPUs and have not run on one.
 """
 
 from __future__ import annotations

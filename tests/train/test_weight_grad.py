@@ -1,6 +1,7 @@
 """The zero-bubble W split (`sourcelm.train.weight_grad`): a backward whose weight gradients are deferred, then run
 by the store, gives the bits of the plain backward: `ops.linear` (autocast or not, stacked weights), the routed
-experts' grouped GEMMs (`torch._grouped_mm` in fp32, the AMX kernel in bf16), FP8's Wgrads (the linear's, the
+experts' GEMMs on every backend (`torch._grouped_mm`, the batched matmul of equal groups, the per-expert loop,
+the AMX kernel), FP8's Wgrads (the linear's, the
 SwiGLU + down projection's, the attention output's), and a whole model (fp32, autocast bf16, FP8)."""
 
 import dataclasses
@@ -98,24 +99,41 @@ def _expert_ffn(counts, dtype, seed=0):
     return (lambda x: ops.expert_ffn(x, torch.tensor(counts), w1, w2, w3)), [w1, w3, w2], x
 
 
-def _backend(fn, x, monkeypatch) -> str:
+def _backend(fn, x) -> str:
     chosen = {}
-    monkeypatch.setattr(ops, "_chose", lambda op, backend, *a, **k: chosen.setdefault(op, backend))
-    fn(x)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ops, "_chose", lambda op, backend, *a, **k: chosen.setdefault(op, backend))
+        fn(x)
     return chosen["expert_ffn"]
 
 
-def test_experts_grouped_mm_fp32(monkeypatch):
+def test_experts_grouped_mm_fp32():
     fn, params, x = _expert_ffn([40, 0, 70, 18], torch.float32)  # uneven and empty groups
-    assert _backend(fn, x, monkeypatch) == "torch._grouped_mm"
+    assert _backend(fn, x) == "torch._grouped_mm"
+    _same_bits(fn, params, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_bmm_equal_groups(dtype, monkeypatch):
+    monkeypatch.setenv("SOURCELM_KERNELS", "torch")  # not the AMX kernel, which takes bf16 groups of 32
+    fn, params, x = _expert_ffn([32, 0, 32, 32], dtype)  # a collapsed router: the used experts' groups equal
+    assert _backend(fn, x) == "bmm (equal groups)"
+    _same_bits(fn, params, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_per_expert_loop(dtype, monkeypatch):
+    monkeypatch.setenv("SOURCELM_KERNELS", "torch")
+    fn, params, x = _expert_ffn([40, 0, 70, 18], dtype)
+    monkeypatch.setattr(ops.expert_matmul, "grouped_mm_supported", lambda *a: False)  # as where it cannot run
+    assert _backend(fn, x) == "per-expert loop"
     _same_bits(fn, params, x)
 
 
 @pytest.mark.skipif(not amx.ready(), reason="no AMX on this CPU (or no C compiler)")
-def test_experts_amx_bf16(monkeypatch):
+def test_experts_amx_bf16():
     fn, params, x = _expert_ffn([64, 128, 0, 64], torch.bfloat16)
-    assert _backend(fn, x, monkeypatch) == "AMX"
+    assert _backend(fn, x) == "AMX"
     _same_bits(fn, params, x)
 
 
