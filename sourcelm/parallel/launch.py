@@ -19,8 +19,6 @@ def launch_local(args, cfg=None, rank_command: list[str] | None = None) -> int:
     """cfg: the resolved config (default: args.config with args.overrides); rank_command: the module and arguments
     each rank runs (default: `sourcelm.train` with the train options of args), to which the rank options are
     added."""
-    from torch.distributed.run import get_args_parser, run
-
     from sourcelm.config import check_batch_layout, load_config
     from sourcelm.parallel.topology import validate_layout
 
@@ -31,7 +29,20 @@ def launch_local(args, cfg=None, rank_command: list[str] | None = None) -> int:
         check_batch_layout(cfg, args.nproc // pp)  # the data-parallel ranks: those of one pipeline stage
     validate_layout(args.nproc, args.ranks_per_node or args.nproc, cfg.parallel.ep, m.n_routed_experts, m.n_group, pp)
 
+    before = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores; one BLAS thread each
+    try:
+        return _start_ranks(args, rank_command)
+    finally:  # the ranks' setting, not this process's: a caller that goes on (a test, a notebook) keeps its own
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+def _start_ranks(args, rank_command: list[str] | None) -> int:
+    from torch.distributed.run import get_args_parser, run
+
     module, *rank_argv = rank_command or ["sourcelm.train", args.config, *args.overrides]
     rank_argv += ["--run-dir", args.run_dir, "--ranks-per-node", str(args.ranks_per_node or args.nproc)]
     if args.no_resume:

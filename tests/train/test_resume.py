@@ -86,7 +86,8 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(small_config, small_args, 
     cfg = small_config("schedule.steps=12", "checkpoint.every=1")
     ref = straight(cfg, tmp_path / "straight")
     cmd = [sys.executable, "-m", "sourcelm", "train", *args, "--run-dir", str(tmp_path / "killed")]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the subprocess on this process's thread count: torch's CPU matmuls may give other bits with other counts
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 120
