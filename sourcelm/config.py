@@ -277,6 +277,7 @@ class LoggingConfig:
     valid_batches: int = 4
     tensorboard: bool = True
     progress: bool = True
+    plots: bool = True  # the run's curves as PNGs when it completes (`sourcelm plot RUN_DIR` draws them any time)
 
 
 @dataclass

@@ -111,8 +111,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq, self.attention_factor = rope_frequencies(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # computed on the CPU, then moved to the default device: a model built on the meta device (FLOPs, plans)
+        # would otherwise run these few ops through torch's decompositions, which import torch._dynamo (2.5 s)
+        with torch.device("cpu"):
+            inv_freq, self.attention_factor = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[..., None] * self.inv_freq.to(positions.device)

@@ -92,10 +92,19 @@ class MTPLayer(DecoderLayer):
         return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
 
 
+class TokenEmbedding(nn.Embedding):
+    """nn.Embedding without its N(0, 1) fill: `init_weights` draws every weight from its name anyway, and on the meta
+    device (counting FLOPs, planning) the fill goes through torch's decompositions, which import torch._dynamo: 2.5 s
+    of every training process's start."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -75,7 +75,7 @@ def train_main(config: str, overrides: list[str], run_dir: str, resume: bool = T
     except TooManyBadSteps as e:
         logging.getLogger("sourcelm.train").error("%s", e)
         return 3
-    if ctx.is_main and trainer.state.step == cfg.schedule.steps:
+    if ctx.is_main and trainer.state.step == cfg.schedule.steps and cfg.logging.plots:
         from sourcelm.train.plot import plot_run
 
         plot_run(run)

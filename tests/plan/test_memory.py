@@ -23,7 +23,7 @@ def test_weights_and_optimizer_state_equal_the_trainers(tmp_path: Path, dtype):
 
     data = write_token_shard(tmp_path, 8192, tokens=20_000)
     cfg = load_config("tiny", [f"data.train=['{data}']", f"train.dtype={dtype}", "train.device=cpu",
-                               "logging.tensorboard=false", "logging.progress=false"])
+                               "logging.tensorboard=false", "logging.progress=false", "logging.plots=false"])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     masters = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     copies = 2 * (trainer.dense_opt.flat_copy.numel() + trainer.expert_opt.flat_copy.numel())

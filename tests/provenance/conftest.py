@@ -38,7 +38,8 @@ MODEL = ["model.hidden_size=64", "model.intermediate_size=128", "model.moe_inter
          "model.topk_group=2"]
 TRAIN = ["data.seq_len=32", "schedule.steps=6", "schedule.global_batch=4", "schedule.micro_batch=2",
          "schedule.warmup_steps=2", "checkpoint.every=2", "checkpoint.keep=0", "logging.valid_every=3",
-         "logging.valid_batches=1", "logging.tensorboard=false", "logging.progress=false", "optim.lr=3e-3"]
+         "logging.valid_batches=1", "logging.tensorboard=false", "logging.progress=false", "logging.plots=false",
+         "optim.lr=3e-3"]
 VOCAB = 400
 
 

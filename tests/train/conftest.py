@@ -15,7 +15,8 @@ SMALL = [
     "model.n_routed_experts=8", "model.num_experts_per_tok=4", "model.n_group=4", "model.topk_group=2",
     "data.seq_len=32", "schedule.steps=6", "schedule.global_batch=4", "schedule.micro_batch=2",
     "schedule.warmup_steps=2", "checkpoint.every=2", "checkpoint.keep=5", "logging.valid_every=3",
-    "logging.valid_batches=1", "logging.tensorboard=false", "logging.progress=false", "optim.lr=3e-3",
+    "logging.valid_batches=1", "logging.tensorboard=false", "logging.progress=false", "logging.plots=false",
+    "optim.lr=3e-3",
 ]
 
 

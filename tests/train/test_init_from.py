@@ -111,7 +111,8 @@ def test_a_continued_run_starts_from_the_weights_and_links_the_base_in_its_prove
     # lr 0 and γ 0: the run's weights stay the base's, so what it starts from is seen exactly
     assert train_main("tiny", ["schedule.steps=2", "checkpoint.every=1", "checkpoint.keep=0", "logging.valid_every=1",
                                "logging.valid_batches=1", "logging.tensorboard=false", "logging.progress=false",
-                               "data.seq_len=32", "schedule.global_batch=4", "schedule.micro_batch=2", "optim.lr=0.0",
+                               "logging.plots=false", "data.seq_len=32", "schedule.global_batch=4",
+                               "schedule.micro_batch=2", "optim.lr=0.0",
                                "schedule.bias_update_speed=0.0", train, valid], str(run), init_from=str(out)) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     base = next(r for r in records if r.get("kind") == "base")

@@ -82,7 +82,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(small_config, digest, t
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_identical(small_config, small_args, digest, tmp_path):
-    args = [*small_args, "schedule.steps=12", "checkpoint.every=1"]
+    args = [*small_args, "schedule.steps=12", "checkpoint.every=1", "logging.plots=true"]
     cfg = small_config("schedule.steps=12", "checkpoint.every=1")
     ref = straight(cfg, tmp_path / "straight")
     cmd = [sys.executable, "-m", "sourcelm", "train", *args, "--run-dir", str(tmp_path / "killed")]
@@ -100,3 +100,5 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(small_config, small_args, 
     resumed = Trainer(cfg, tmp_path / "killed", progress=False)
     assert resumed.resume() and resumed.state.step == 12
     assert digest(resumed.model) == digest(ref.model)
+    # the run that completed drew its curves (`logging.plots`; the other tests turn them off, to save time)
+    assert (tmp_path / "killed" / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
