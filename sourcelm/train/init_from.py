@@ -92,10 +92,13 @@ class BaseWeights:
         recomputed = set(dict(model.named_buffers())) - set(model.state_dict())
         if recomputed != {"rotary.inv_freq"}:  # non-persistent buffers come from the config, not the files
             raise RuntimeError(f"non-persistent buffers {sorted(recomputed)}: only rotary.inv_freq is rebuilt here")
-        for module in model.modules():  # buffers are small: real zeros first (the router's `_apply` copies its bias)
+        # model.to_empty(device), less its empty_like of meta tensors, which runs through torch's decompositions and
+        # imports sympy and torch.fx (33 MB, a second) in the middle of the load; buffers are small: real zeros
+        for module in model.modules():
             for name, buf in module.named_buffers(recurse=False):
                 setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
-        model.to_empty(device=device)
+            for name, p in module.named_parameters(recurse=False):
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad))
         model.rotary = RotaryEmbedding(cfg).to(device)
         read = self.checkpoint.load_into(model)
         self.load_stats = {"read_bytes": read, "checkpoint_bytes": self.checkpoint.nbytes,

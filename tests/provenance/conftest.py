@@ -71,7 +71,7 @@ def build_run(run):
                 "--output", str(run / "tokens"), "--no-progress", "--valid-fraction", "0.05"]) == 0
     assert cli(["train", "tiny", *MODEL, *TRAIN, f"model.vocab_size={VOCAB}",
                 f"data.train=['{run / 'tokens' / 'train'}']", f"data.valid=['{run / 'tokens' / 'valid'}']",
-                "--run-dir", str(run / "train")]) == 0
+                "logging.plots=true", "--run-dir", str(run / "train")]) == 0  # the card shows the plots
     export(run)
 
 
