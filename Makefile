@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One worker per CPU (at most 4), a test file per worker, one BLAS thread each: most tests are small ops that a
+# second thread barely speeds up, and the multi-process ones start their ranks with one thread anyway.
+PARALLEL := -n logical --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check sourcelm tests bench
