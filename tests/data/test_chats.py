@@ -3,7 +3,6 @@ section or record skipped and counted by reason, the same bytes from the same in
 curated Python pages give conversations whose answers are the curated text itself."""
 
 import json
-import shutil
 
 import pytest
 import zstandard
@@ -159,16 +158,11 @@ def test_no_usable_section_is_an_error_that_says_why(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def curated_python_docs(tmp_path_factory):
+def curated_python_docs(demo_corpus, tmp_path_factory):
     """The demo corpus (fetched once into the test cache) and its Python docs curated by the demo pipeline."""
     from sourcelm.cli import main
-    from sourcelm.data.corpus import demo
 
-    root = demo.cache_dir()
-    if not (root / "manifest.json").is_file():
-        if shutil.which("apt-get") is None or shutil.which("npm") is None:
-            pytest.skip("the demo corpus is absent and fetching it needs apt-get, npm and wget")
-        demo.fetch(root, quiet=True)
+    root = demo_corpus
     out = tmp_path_factory.mktemp("curated")
     assert main(["curate", "demo", "--output", str(out), "--workers", "1", "--input",
                  str(root / "warc" / "python-docs.warc.gz")]) == 0

@@ -4,6 +4,7 @@ from the registries into the shared test cache, checked against its manifest."""
 import gzip
 import json
 import shutil
+import threading
 import time
 
 import pytest
@@ -65,6 +66,27 @@ def test_loopback_crawl_writes_genuine_warc(tmp_path):
     assert responses["book/a.html"][:2] == ("200", "text/html")  # XHTML served as text/html
     assert b"Page A" in responses["book/a.html"][2]
     assert responses["book/missing.html"][0] == "404"
+
+
+def test_fetches_into_one_directory_run_one_at_a_time(tmp_path, monkeypatch):
+    """Two fetches into the same directory at once (parallel test workers, two jobs): the second starts when the
+    first has finished, so it finds a complete corpus instead of replacing its files under it."""
+    inside, overlapped = [], []
+
+    def slow_fetch(out_dir, full, quiet):
+        overlapped.append(bool(inside))
+        inside.append(1)
+        time.sleep(0.3)
+        inside.pop()
+        return {}
+
+    monkeypatch.setattr(demo, "_fetch", slow_fetch)
+    threads = [threading.Thread(target=demo.fetch, args=(tmp_path / "corpus",)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlapped == [False, False]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The shipped demo pipeline on the real demo corpus (fetched once into the test cache)."""
 
 import json
-import shutil
 
 import pytest
 
@@ -14,14 +13,8 @@ from sourcelm.data.pipeline.run import run_plan
 
 
 @pytest.mark.slow
-def test_demo_pipeline_on_the_demo_corpus(tmp_path, monkeypatch):
-    from sourcelm.data.corpus import demo
-
-    root = demo.cache_dir()
-    if not (root / "manifest.json").is_file():
-        if shutil.which("apt-get") is None or shutil.which("npm") is None:
-            pytest.skip("the demo corpus is absent and fetching it needs apt-get, npm and wget")
-        demo.fetch(root, quiet=True)
+def test_demo_pipeline_on_the_demo_corpus(demo_corpus, tmp_path, monkeypatch):
+    root = demo_corpus
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "raw").symlink_to(root)  # the demo's globs are data/raw/... from the CWD
     monkeypatch.chdir(tmp_path)

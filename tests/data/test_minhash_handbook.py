@@ -1,13 +1,12 @@
 """MinHash on real near-duplicates: the Debian handbook's partly translated pages (which fall back to
 English) against their en-US originals, with exact 5-gram Jaccard as the ground truth. Uses the
-demo corpus in the test cache (test_corpus.py fetches it); skipped when it is absent."""
+demo corpus in the test cache (fetched when absent; skipped where it cannot be)."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from sourcelm.data.corpus import demo
 from sourcelm.data.dedup.minhash import MinhashDedup, MinhashParams, words
 from sourcelm.data.pipeline.document import Document
 
@@ -35,10 +34,8 @@ def shingle_set(text, n=5):
 
 
 @pytest.mark.slow
-def test_handbook_translations_precision_recall_at_075(tmp_path):
-    root = demo.cache_dir()
-    if not all((root / "warc" / f"handbook-{loc}.warc.gz").is_file() for loc in LOCALES):
-        pytest.skip(f"demo corpus not in {root}; run `sourcelm corpus fetch --dir {root}` or the corpus tests")
+def test_handbook_translations_precision_recall_at_075(demo_corpus, tmp_path):
+    root = demo_corpus
     by_locale = {loc: handbook_pages(root, loc) for loc in LOCALES}
     step = MinhashDedup()
     for task, loc in enumerate(LOCALES):

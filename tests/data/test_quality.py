@@ -6,7 +6,6 @@ test cache, as the corpus tests do)."""
 import collections
 import json
 import re
-import shutil
 import statistics
 
 import pytest
@@ -103,15 +102,8 @@ def test_extraction_time_limit_and_errors():
 
 
 @pytest.fixture(scope="module")
-def corpus_dir():
-    from sourcelm.data.corpus import demo
-
-    root = demo.cache_dir()
-    if not (root / "manifest.json").is_file():
-        if shutil.which("apt-get") is None or shutil.which("npm") is None:
-            pytest.skip("the demo corpus is absent and fetching it needs apt-get, npm and wget")
-        demo.fetch(root, quiet=True)
-    return root
+def corpus_dir(demo_corpus):
+    return demo_corpus
 
 
 @pytest.mark.slow

@@ -148,10 +148,21 @@ def _build(build: Path, full: bool, say) -> tuple[dict, list[dict]]:
 
 
 def fetch(out_dir: str | Path, full: bool = False, quiet: bool = False) -> dict:
-    """Builds the corpus in out_dir unless it is already there; returns its manifest."""
-    from sourcelm.artifacts import read_manifest, write_manifest
+    """Builds the corpus in out_dir unless it is already there; returns its manifest. One fetch into a directory
+    at a time (an exclusive lock on `.NAME.fetch.lock` beside it, so that out_dir holds only the corpus): a second
+    one, another job's or a parallel test worker's, waits for the first and then finds the corpus up to date,
+    instead of replacing its files under it."""
+    import fcntl
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch(out_dir, full, quiet)
+
+
+def _fetch(out_dir: Path, full: bool, quiet: bool) -> dict:
+    from sourcelm.artifacts import read_manifest, write_manifest
 
     def say(msg: str) -> None:
         if not quiet:
@@ -161,7 +172,6 @@ def fetch(out_dir: str | Path, full: bool = False, quiet: bool = False) -> dict:
         say(f"{out_dir} is up to date (manifest matches every file); nothing to do")
         return read_manifest(out_dir)
     t0 = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
     build = out_dir / f".build-{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
     try:
