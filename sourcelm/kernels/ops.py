@@ -331,8 +331,8 @@ def deferring_weight_grads(bucket: list):
     backend) so that their backward computes the input gradient only and appends (weight, compute) to `bucket`:
     `torch.autograd.backward(weight, compute())` later gives the weight (and through its own graph, casts and
     concatenations, the parameters) the gradient backward would have given it (`sourcelm.train.weight_grad`, the
-    zero-bubble W split). Decided at forward, not at backward: on a GPU the
-    autograd engine runs backward in its own device threads, where a flag of the caller's thread is not seen."""
+    zero-bubble W split). Decided at forward, not at backward: on a GPU the autograd engine runs backward in its own
+    device threads, where a flag of the caller's thread is not seen."""
     previous = getattr(_deferral, "bucket", None)
     _deferral.bucket = bucket
     try:
