@@ -101,17 +101,12 @@ def test_extraction_time_limit_and_errors():
     assert broken.counters == {"error_RuntimeError": 1}
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(demo_corpus):
-    return demo_corpus
-
-
 @pytest.mark.slow
-def test_language_id_accuracy_on_udhr_pages(corpus_dir):
+def test_language_id_accuracy_on_udhr_pages(demo_corpus):
     """Every UDHR page whose BCP-47 tag is a two-letter code the model knows (118 pages): overall
     accuracy, and exactness on the widely spoken languages. Measured: 0.86 overall; the misses are
     dialects and small languages (Occitan, Walloon, Manx, Somali...), a known limit of lid.176.ftz."""
-    labels = json.loads((corpus_dir / "udhr" / "labels.json").read_text())
+    labels = json.loads((demo_corpus / "udhr" / "labels.json").read_text())
     model = load_model()
     known = {label for label, _ in predict(model, "x", k=400)}
     extract = resiliparse_extractor()
@@ -119,7 +114,7 @@ def test_language_id_accuracy_on_udhr_pages(corpus_dir):
     for name, label in sorted(labels.items()):
         code = label["bcp47"]
         if len(code) == 2 and code in known:
-            text = extract(decode_html((corpus_dir / "udhr" / name).read_bytes(), None))
+            text = extract(decode_html((demo_corpus / "udhr" / name).read_bytes(), None))
             results[name] = (code, predict(model, text)[0][0])
     accuracy = sum(c == p for c, p in results.values()) / len(results)
     assert len(results) > 100 and accuracy >= 0.84, accuracy
@@ -129,14 +124,14 @@ def test_language_id_accuracy_on_udhr_pages(corpus_dir):
 
 
 @pytest.mark.slow
-def test_extraction_quality_on_python_docs_against_their_sources(corpus_dir):
+def test_extraction_quality_on_python_docs_against_their_sources(demo_corpus):
     """The crawled Python doc pages against their own .rst sources (word bags; rst markup makes the
     gold a little noisy). Measured with resiliparse main-content: precision 0.99, recall 0.87."""
     from warcio.archiveiterator import ArchiveIterator
 
-    gold = json.loads((corpus_dir / "gold" / "python" / "pages.json").read_text())
+    gold = json.loads((demo_corpus / "gold" / "python" / "pages.json").read_text())
     pages = {}
-    with open(corpus_dir / "warc" / "python-docs.warc.gz", "rb") as f:
+    with open(demo_corpus / "warc" / "python-docs.warc.gz", "rb") as f:
         for rec in ArchiveIterator(f):
             if rec.rec_type == "response" and rec.http_headers.get_statuscode() == "200":
                 path = "/" + rec.rec_headers.get_header("WARC-Target-URI").split("/", 3)[3]
@@ -145,7 +140,7 @@ def test_extraction_quality_on_python_docs_against_their_sources(corpus_dir):
     assert len(pages) >= 50
     for name, extract, n_pages, min_p, min_r in (("resiliparse", resiliparse_extractor(), len(pages), 0.95, 0.8),
                                                  ("trafilatura", trafilatura_extractor(), 10, 0.9, 0.8)):
-        scores = [precision_recall(extract(html), (corpus_dir / "gold" / "python" / gold[path]).read_text())
+        scores = [precision_recall(extract(html), (demo_corpus / "gold" / "python" / gold[path]).read_text())
                   for path, html in sorted(pages.items())[:n_pages]]
         p = statistics.mean(s[0] for s in scores)
         r = statistics.mean(s[1] for s in scores)
