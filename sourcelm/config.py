@@ -291,6 +291,9 @@ class TrainConfig:
     # the linear layers' GEMMs in DeepSeek-V3's FP8 recipe (sourcelm/kernels/fp8.py): "off", "emulate" (the exact
     # quantization on any device, GEMMs in fp32) or "cuda" (FP8 tensor cores, compute capability >= 8.9)
     fp8: str = "off"
+    # Python's garbage collector runs between steps only: the young objects every gc_every steps, everything after
+    # each checkpoint; 0: Python's automatic collector, which pauses inside any op (sourcelm/train/device.py)
+    gc_every: int = 1
 
 
 @dataclass
@@ -366,6 +369,9 @@ class Config:
         _choice("train", "dtype", self.train.dtype, ("auto", "float32", "bfloat16"))
         _choice("train", "device", self.train.device, ("auto", "cpu", "cuda"))
         _choice("train", "fp8", self.train.fp8, ("off", "emulate", "cuda"))
+        if self.train.gc_every < 0:
+            raise ConfigError(f"train.gc_every = {self.train.gc_every} must be >= 0 (1: collect after every step, 0: "
+                              "Python's automatic collector)")
         _choice("optim", "state_dtype", self.optim.state_dtype, ("float32", "bfloat16"))
         _choice("parallel", "pp_schedule", self.parallel.pp_schedule, ("1f1b", "dualpipev"))
         pp = self.parallel.pp

@@ -38,6 +38,7 @@ def test_overrides_are_typed_toml_values():
     ("schedule.micro_batch=3", "schedule.micro_batch"),
     ("parallel.ep=3", "parallel.ep = 3 must divide model.n_routed_experts"),
     ("optim.betas=[0.9]", "optim.betas"),
+    ("train.gc_every=-1", "train.gc_every = -1 must be >= 0"),
     ("nosuch.key=1", "unknown key 'nosuch'"),
 ])
 def test_bad_values_fail_at_load_naming_the_field(override, message):

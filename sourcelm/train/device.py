@@ -1,11 +1,15 @@
-"""Process-level tuning for training on the CPU: `keep_freed_cpu_memory` (see its docstring). Which device
-and compute dtype a run uses is `sourcelm.kernels.hardware`."""
+"""Process-level tuning for training: `keep_freed_cpu_memory` (on the CPU) and `collect_between_steps` (Python's
+garbage collector, on any device; see their docstrings). Which device and compute dtype a run uses is
+`sourcelm.kernels.hardware`."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import logging
 import platform
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +37,38 @@ def keep_freed_cpu_memory() -> bool:
     ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     log.debug("glibc malloc: blocks under %d MiB stay in the heap: %s", MMAP_THRESHOLD_MAX >> 20, ok)
     return ok
+
+
+@contextlib.contextmanager
+def collect_between_steps(every: int) -> Iterator[Callable[[int, bool], None]]:
+    """Python's garbage collector only between training steps, inside the `with`; yields `after_step(step,
+    checkpointed)`, to be called once a step is done. Outside, the collector is as it was.
+
+    Left to itself the collector pauses wherever allocations cross its thresholds, inside any op of any rank: 20
+    young collections of up to 1 ms per step on the tiny preset, and every 20-odd steps a full one that scans each
+    of the ~215k objects the imports and the model left (110-150 ms, 2 cores). In a pipeline or an all-to-all, a
+    pause on one rank is idle time on the others. So: the objects alive at the start are frozen (`gc.freeze`: no
+    collection scans them again), automatic collection is off, the young generations are collected every `every`
+    steps (measured: the first collection 45 ms, later ones under 0.1 ms, none grows over 40 steps) and a full
+    collection runs after each checkpoint, a pause every rank takes anyway. `every` = 0: the automatic collector.
+    The same choice as torchtitan's `gc_freq` and Megatron's `--manual-gc`; it changes no bits."""
+    if every <= 0:
+        yield lambda step, checkpointed: None
+        return
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+    def after_step(step: int, checkpointed: bool) -> None:
+        if checkpointed:
+            gc.collect()
+        elif step % every == 0:
+            gc.collect(1)
+
+    try:
+        yield after_step
+    finally:
+        gc.unfreeze()  # a later collection may free what this run leaves behind (tests train many runs a process)
+        if was_enabled:
+            gc.enable()

@@ -35,7 +35,7 @@ from sourcelm.kernels.hardware import resolve_device, resolve_dtype
 from sourcelm.train import checkpoint as ckpt
 from sourcelm.train.balancer import LoadBalancer
 from sourcelm.train.context import SingleProcess
-from sourcelm.train.device import keep_freed_cpu_memory
+from sourcelm.train.device import collect_between_steps, keep_freed_cpu_memory
 from sourcelm.train.executor import StepWork
 from sourcelm.train.init_from import BASE_MANIFEST
 from sourcelm.train.lr_schedule import (
@@ -323,10 +323,12 @@ class Trainer:
                               "flops_per_token": self.flops_per_token, "layout": self.ctx.description, **memory})
         end = cfg.schedule.steps if stop_after is None else min(cfg.schedule.steps, s.step + stop_after)
         bar = _ProgressBar(end, s.step, enabled=self.show_progress and self.ctx.is_main)
-        with bar:
+        with bar, collect_between_steps(cfg.train.gc_every) as collect:
             while s.step < end:
                 t0 = time.perf_counter()
                 record = self.train_step()
+                checkpointed = s.step % cfg.checkpoint.every == 0 or s.step == cfg.schedule.steps
+                collect(s.step, checkpointed)
                 dt = time.perf_counter() - t0
                 tokens = record["global_batch"] * cfg.data.seq_len
                 record.update(step_time=dt, tokens_per_s=tokens / dt,
@@ -338,7 +340,7 @@ class Trainer:
                 if s.step % cfg.logging.every == 0 or s.step == end:
                     self.metrics.log(record)
                 bar.update(s.step, record)
-                if s.step % cfg.checkpoint.every == 0 or s.step == cfg.schedule.steps:
+                if checkpointed:
                     self.save()
         self.metrics.close()
         return s

@@ -65,12 +65,12 @@ def _saved_bytes(cfg, dtype: torch.dtype, micro_batch: int, fp8: bool = False) -
                                                           (torch.bfloat16, "bmm", "materialised", "bf16"),
                                                           (torch.bfloat16, "bmm", "materialised", "fp8")])
 def test_activation_bytes_per_token_track_autograd(dtype, attn, attention, name):
-    """Per token (the difference between 8 and 2 sequences of 256, which cancels the fixed buffers),
-    the formula is within 10 % of what the tiny model saves (measured: 4.4 %, 0.8 %, 6.0 %, FP8 2.7 % under; FP8
+    """Per token (the difference between 4 and 2 sequences of 256, which cancels the fixed buffers),
+    the formula is within 10 % of what the tiny model saves (measured: 4.4 %, 0.8 %, 6.5 %, FP8 2.9 % under; FP8
     runs flash attention whatever attn_impl says, and the formula knows it)."""
     cfg = dataclasses.replace(load_config("tiny").model, attn_impl=attn)
     fp8 = name == "fp8"
-    measured = (_saved_bytes(cfg, dtype, 8, fp8) - _saved_bytes(cfg, dtype, 2, fp8)) / (6 * 256)
+    measured = (_saved_bytes(cfg, dtype, 4, fp8) - _saved_bytes(cfg, dtype, 2, fp8)) / (2 * 256)
     formula = sum(activation_bytes(cfg, s.kind, 256, name, (), attention, residual_bytes=4)
                   for s in model_slots(cfg, 256))
     assert abs(formula / measured - 1) < 0.10, (formula, measured)

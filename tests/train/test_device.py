@@ -1,6 +1,10 @@
-"""The glibc allocator tuning for CPU training (`keep_freed_cpu_memory`)."""
+"""Process-level tuning for training: the glibc allocator on the CPU (`keep_freed_cpu_memory`) and Python's garbage
+collector between steps (`collect_between_steps`)."""
 
+import gc
+import json
 import platform
+import weakref
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +43,51 @@ def test_keep_freed_cpu_memory_serves_activations_from_the_heap():
         return int(out.stdout.split()[-1])
     assert mapped_blocks("default") == 1
     assert mapped_blocks("tuned") == 0
+
+
+class _Node:
+    """An object in a reference cycle: only the garbage collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_garbage_is_collected_between_steps_and_only_there(small_config, tmp_path):
+    """With train.gc_every = 1 (the default) no collection runs inside a step: each step ends with a collection of
+    the young generations, a checkpoint's step with a full one, and what a step left in a reference cycle is freed;
+    afterwards the collector is as it was. With 0, Python's automatic collector runs, and the losses are the same."""
+    from sourcelm.train.loop import Trainer
+
+    generations, cycles = [], []
+
+    def on_collection(phase, info):
+        if phase == "start":
+            generations.append(info["generation"])
+
+    def train(name, *overrides):
+        trainer = Trainer(small_config("schedule.steps=5", "checkpoint.every=2", *overrides), tmp_path / name,
+                          progress=False)
+        step = trainer.train_step
+
+        def step_leaving_a_cycle():
+            cycles.append(weakref.ref(_Node()))
+            return step()
+
+        trainer.train_step = step_leaving_a_cycle
+        generations.clear()
+        gc.callbacks.append(on_collection)
+        try:
+            trainer.fit()
+        finally:
+            gc.callbacks.remove(on_collection)
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    managed = train("managed")
+    # the collection before the freeze, then steps 1-5 (checkpoints after 2, 4 and the last); after the run,
+    # Python's automatic ones again
+    assert generations[:6] == [2, 1, 2, 1, 2, 2]
+    assert [c() for c in cycles] == [None] * 5
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert train("auto", "train.gc_every=0") == managed
+    assert 0 in generations  # the automatic collector's young collections
