@@ -4,9 +4,9 @@ collector between steps (`collect_between_steps`)."""
 import gc
 import json
 import platform
-import weakref
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
