@@ -357,7 +357,8 @@ def speed_worker(args) -> None:
 def speed(args) -> None:
     """tokens/s, MFU and peak device memory of FP8 against BF16 on one device, the `small` preset on random tokens:
     the variants alternate for --rounds rounds, each a fresh process; medians over the timed steps (after
-    --warmup) of every round. On a CPU the FP8 variant is the emulation (its cost, not FP8's speed)."""
+    --warmup) of every round. On a CPU the FP8 variant is the emulation (its cost, not FP8's speed). A variant
+    whose run fails is reported with its error and left out; the other's figures still print (exit status 1)."""
     import tempfile
 
     from sourcelm.config import load_config
@@ -367,6 +368,7 @@ def speed(args) -> None:
     cfg = load_config(args.preset)
     rows: dict[str, list[dict]] = {"off": [], fp8: []}
     peaks: dict[str, float] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_token_shard(Path(tmp), cfg.model.vocab_size,
                                  tokens=2 * (args.steps + 1) * args.batch * cfg.data.seq_len)
@@ -378,18 +380,21 @@ def speed(args) -> None:
                        str(args.steps), "--run-dir", str(run)]
                 out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                 if out.returncode:
-                    sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+                    failed[variant] = f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}"
+                    continue
                 peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_device_bytes"]
                 recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                 rows[variant] += [x for x in recs if "step_time" in x][args.warmup:]
     print(f"{args.preset} preset on {args.device}, batch {args.batch}, bf16 autocast; medians over "
           f"{args.rounds} rounds x {args.steps - args.warmup} timed steps")
     med = {v: {k: statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "mfu", "step_time")}
-           for v, rs in rows.items()}
+           for v, rs in rows.items() if v not in failed}
     for v, m in med.items():
         memory = f"   peak device memory {peaks[v] / 2**30:.2f} GiB" if args.device == "cuda" else ""
         print(f"  fp8={v:8s} {m['tokens_per_s']:10.0f} tokens/s   MFU {100 * m['mfu']:5.1f} %   step "
               f"{m['step_time'] * 1e3:7.1f} ms{memory}")
+    if failed:
+        sys.exit("\n".join(failed.values()))
     print(f"  FP8 / BF16 tokens/s: {med[fp8]['tokens_per_s'] / med['off']['tokens_per_s']:.2f}")
 
 

@@ -1,6 +1,6 @@
 """This machine as a cluster: measured, because the CPU trainer runs on what these numbers describe.
 
-  peak          a square matmul's FLOP/s in the compute dtype (`sourcelm.train.metrics.measure_cpu_peak`)
+  peak          the fastest square matmul's FLOP/s for the compute dtype (`sourcelm.train.metrics.measure_cpu_peak`)
   memory copy   bytes/s of copying a large tensor (the optimizer's update is memory-bound)
   links         gloo all-to-all between local processes, pairs of ranks at once as the dispatcher's hops
                 run: latency (tiny messages) and bandwidth (4 MB per peer). Every "link" is the loopback.
