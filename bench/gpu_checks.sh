@@ -14,8 +14,9 @@
 #   torchrun    the trainer launched by torchrun on one GPU (NCCL initialised, checkpoints written), 20 steps of
 #               the tiny preset on random tokens; a pipeline over NCCL needs 2 GPUs and is not among these checks
 #   pipeline_cpu  issue 18's bench at P 2 and P 4 on the machine's CPU cores, one core per rank (the development box
-#               has 2, so P 4 shared them): bench/pipeline.py --max-pp 4, figures in pipeline_cpu.json. It runs
-#               beside the GPU parts on cores of its own (the upper half), which are pinned to the lower half.
+#               has 2, so P 4 shared them), on the model whose chunks are equal (16 MoE layers, no MTP, vocabulary
+#               256: where Table 2's formulas apply; bench/RESULTS_pipeline.md), figures in pipeline_cpu.json. It
+#               runs beside the GPU parts on cores of its own (the upper half), which are pinned to the lower half.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-gpu_checks}
@@ -44,7 +45,9 @@ run() {  # run NAME LIMIT_S CORES COMMAND...
     "$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(),
               "capability", torch.cuda.get_device_capability())'
     echo "$cores cores: GPU parts on $gpu_cores, the pipeline bench on $cpu_cores"
-    run pipeline_cpu 400 "$cpu_cores" "$py" bench/pipeline.py --max-pp 4 --steps 8 --json "$out/pipeline_cpu.json" &
+    run pipeline_cpu 400 "$cpu_cores" "$py" bench/pipeline.py --max-pp 4 --layers 16 --hidden 256 --seq 256 \
+        --vocab 256 --steps 6 --warm 2 --set model.num_nextn_predict_layers=0 --set model.first_k_dense_replace=0 \
+        --json "$out/pipeline_cpu.json" &
     run cuda_tests 150 "$gpu_cores" "$py" -m pytest -q -rs -p no:cacheprovider tests/kernels/test_fp8.py \
         tests/kernels/test_fp8_attention.py tests/train/test_cuda_training.py
     run fp8_speed 180 "$gpu_cores" "$py" bench/fp8_loss.py speed --device cuda --steps 20 --warmup 5 --rounds 1

@@ -172,6 +172,8 @@ def main() -> None:
         for pp, kind, overlap, zb in [layout for layout in LAYOUTS if layout[0] <= args.max_pp]:
             records, trace = run(args, root, pp, kind, overlap, zb)
             rows.append(summarise(records, trace, pp, kind, overlap, zb, args.global_batch // args.ep, args.warm))
+            if args.json:  # after every layout, so that a run stopped at a time limit keeps what it measured
+                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
             r = rows[-1]
             if pp == 1:
                 print(f"no pipeline{'':33s} {r['tokens_per_s']:8.0f} tok/s")
@@ -212,8 +214,6 @@ def main() -> None:
                   f"simulated, per rank: with each chunk's mean times "
                   f"{_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_measured_s'])], 2)}; with each "
                   f"op's own time {_ranks([m / s for m, s in zip(r['bubble_s'], r['simulated_per_op_s'])], 2)}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def _ranks(values, digits: int) -> str:
