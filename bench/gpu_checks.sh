@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a GPU machine (issues 18 and 19), in one run of about 7 minutes (7 min 30 s at most), so that the first machine
-# with an H100/H200 runs all of them at once. NOT YET RUN ON A GPU (none so far).
+# The checks that need a GPU machine (issues 18 and 19), in one run of about 7 minutes (7 min 30 s at most), so
+# that the first machine with an H100/H200 runs all of them at once. NOT YET RUN ON A GPU (none so far).
 #
 #   bench/gpu_checks.sh [OUT_DIR]          # default OUT_DIR: gpu_checks/ ; PYTHON=... picks the interpreter
 #
